@@ -1,0 +1,358 @@
+"""Batched, sync-free solver of the (clipped) CAGrad dual.
+
+Everything here works on Gram matrices ``H[..., i, j] = <g_i, g_j>`` of shape ``(..., m, m)``;
+the gradients themselves never enter. One step of RACO's Algorithm 1 (CAGrad-Clip,
+arXiv 2602.02495) reads, with user weights ``w`` on the simplex:
+
+* anchor ``g0 = sum_i w_i g_i``, ``b = H w`` and radius ``s = c ||g0||``;
+* dual (Eq. CAGrad-dual) ``p = argmin_{p in simplex} F(p) = b^T p + s sqrt(p^T H p)``;
+* clip ``p~ = min(p, w)`` (``clip=True``) or ``p~ = p`` (``clip=False``, CAGrad);
+* direction ``d = g0 + s G p~ / ||G p~||``, i.e. coefficients ``a = w + (s / ||G p~||) p~``.
+
+The dual is solved by pairwise Frank-Wolfe with an exact closed-form line search, for a fixed
+number of iterations, with converged problems frozen by masks. There is no ``.item()``,
+``.cpu()``, ``.tolist()`` or Python branch on a tensor value, so the solve can be captured by
+``torch.compile(fullgraph=True)`` or a CUDA graph and runs wholly on the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RESCALE_OPTIONS",
+    "CAGradSolution",
+    "combination_coefficients",
+    "default_max_iter",
+    "solve_cagrad",
+]
+
+#: Accepted values of ``rescale`` and the factor the direction is divided by.
+RESCALE_OPTIONS: dict[str | None, str] = {
+    None: "no rescaling (RACO paper, TorchJD)",
+    "1+c": "divide by 1 + c (official CAGrad toy script)",
+    "1+c^2": "divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)",
+}
+
+
+class CAGradSolution(NamedTuple):
+    """Everything one solve produces; all tensors stay on the input's device.
+
+    Shapes use ``B`` for the broadcast batch shape of ``gram`` and ``weights``.
+    """
+
+    coefficients: Tensor
+    """``a`` of shape ``(*B, m)``: the direction is ``sum_i a_i g_i``."""
+    dual: Tensor
+    """``p`` of shape ``(*B, m)``: the dual solution on the simplex."""
+    clipped_dual: Tensor
+    """``p~ = min(p, w)`` with ``clip=True``, else ``p``; shape ``(*B, m)``."""
+    weights: Tensor
+    """The normalised user weights ``w``, broadcast to ``(*B, m)``."""
+    anchor_norm: Tensor
+    """``||g0|| = sqrt(w^T H w)``, shape ``B``."""
+    dual_value: Tensor
+    """``F(p) = b^T p + c ||g0|| sqrt(p^T H p)``, shape ``B``."""
+    fw_gap: Tensor
+    """Frank-Wolfe gap at ``p``: an upper bound on ``F(p) - min F``, shape ``B``."""
+
+
+def default_max_iter(m: int) -> int:
+    """Iteration budget used when ``max_iter`` is ``None``.
+
+    ``m = 1`` needs no iteration and ``m = 2`` is solved exactly by one exact line search.
+    Each further iteration is a pairwise Frank-Wolfe step (finds the face) and a Newton step on
+    the face (converges on it); ``m + 8`` iterations reach float64 rounding level on the random
+    instances of ``python -m benchmarks.solver_accuracy`` up to ``m = 16``.
+    """
+    if m <= 1:
+        return 0
+    if m == 2:
+        return 1
+    return m + 8
+
+
+def _check_gram(gram: Tensor) -> None:
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"gram must be a torch.Tensor of shape (..., m, m), got {type(gram).__name__}")
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must have shape (..., m, m) with square last two dimensions, got {tuple(gram.shape)}")
+    if gram.shape[-1] < 1:
+        raise ValueError("gram describes zero objectives (m = 0); pass at least one objective")
+    if not (gram.is_floating_point()):
+        raise TypeError(f"gram must be a floating-point tensor, got dtype {gram.dtype}")
+
+
+def check_c(c: float) -> float:
+    """Validate the trust-region radius ``c`` (finite, >= 0) and return it as a float."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"c must be a real number >= 0, got {type(c).__name__}")
+    c = float(c)
+    if not (c >= 0.0 and c < float("inf")):
+        raise ValueError(f"c must be finite and >= 0, got {c}")
+    return c
+
+
+def rescale_divisor(rescale: str | None, c: float) -> float:
+    """The factor the direction is divided by for ``rescale`` and ``c``."""
+    if rescale not in RESCALE_OPTIONS:
+        raise ValueError(f"unknown rescale={rescale!r}; choose one of {list(RESCALE_OPTIONS)}")
+    if rescale == "1+c":
+        return 1.0 + c
+    if rescale == "1+c^2":
+        return 1.0 + c * c
+    return 1.0
+
+
+def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = None) -> Tensor:
+    """Check user weights on the host and return them normalised to sum 1 (float64, CPU).
+
+    ``weights`` must be finite and non-negative with a positive sum; ``None`` means uniform
+    (then ``m`` is required). Raises ``ValueError`` naming what is wrong.
+    """
+    if weights is None:
+        if m is None:
+            raise ValueError("weights=None needs the number of objectives m")
+        return torch.full((m,), 1.0 / m, dtype=torch.float64)
+    w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+    if w.dim() < 1 or w.shape[-1] < 1:
+        raise ValueError(f"weights must have shape (m,) or (..., m) with m >= 1, got shape {tuple(w.shape)}")
+    if m is not None and w.shape[-1] != m:
+        raise ValueError(f"got {w.shape[-1]} weights for {m} objectives; pass one weight per objective")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise ValueError(f"weights must be >= 0, got {w.tolist()}")
+    total = w.sum(-1, keepdim=True)
+    if not bool((total > 0).all()):
+        raise ValueError(f"weights must have a positive sum, got {w.tolist()}")
+    return w / total
+
+
+def solve_cagrad(
+    gram: Tensor,
+    weights: Sequence[float] | Tensor | None = None,
+    c: float = 0.4,
+    clip: bool = True,
+    rescale: str | None = None,
+    max_iter: int | None = None,
+    *,
+    validate: bool = True,
+) -> CAGradSolution:
+    """Solve the clipped CAGrad dual for a batch of Gram matrices (RACO Algorithm 1).
+
+    Args:
+        gram: Gram matrices ``H[..., i, j] = <g_i, g_j>`` of shape ``(..., m, m)``, symmetric PSD.
+            Half-precision input is solved in float32; float64 in float64.
+        weights: user weights ``w`` of shape ``(m,)`` or ``(..., m)`` (broadcast against the
+            batch of ``gram``); finite, ``>= 0``, positive sum; normalised to sum 1. ``None``
+            means uniform.
+        c: trust-region radius, finite and ``>= 0`` (``c = 0`` gives ``a = w``).
+        clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
+        rescale: ``None``, ``"1+c"`` or ``"1+c^2"``: divide the direction by that factor.
+        max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
+        validate: check the values of tensor ``weights`` on the host (a device sync for CUDA
+            tensors). Shapes, ``c`` and ``rescale`` are always checked. Skipped under
+            ``torch.compile``. Pass ``False`` on a hot path with weights already checked.
+
+    Returns:
+        A :class:`CAGradSolution`; ``coefficients`` ``a`` give the direction ``sum_i a_i g_i``.
+
+    Non-finite entries of ``gram`` give non-finite coefficients for that problem only.
+    """
+    _check_gram(gram)
+    c = check_c(c)
+    divisor = rescale_divisor(rescale, c)
+    m = gram.shape[-1]
+    if max_iter is None:
+        max_iter = default_max_iter(m)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    dtype = torch.promote_types(gram.dtype, torch.float32)
+    if weights is None:
+        w = torch.full((m,), 1.0 / m, dtype=dtype, device=gram.device)
+    else:
+        if isinstance(weights, Tensor) and (torch.compiler.is_compiling() or not validate):
+            w = weights.to(device=gram.device, dtype=dtype)
+            if w.dim() < 1 or w.shape[-1] != m:
+                raise ValueError(f"weights must have shape (..., {m}) for m = {m} objectives, got {tuple(w.shape)}")
+            w = w / w.sum(-1, keepdim=True)
+        else:
+            w = normalize_weights(weights, m).to(device=gram.device, dtype=dtype)
+    return _solve(gram.to(dtype), w, c, clip, divisor, max_iter)
+
+
+def combination_coefficients(
+    gram: Tensor,
+    weights: Sequence[float] | Tensor | None = None,
+    c: float = 0.4,
+    clip: bool = True,
+    rescale: str | None = None,
+    max_iter: int | None = None,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """Coefficients ``a`` (shape ``(..., m)``) with direction ``d = sum_i a_i g_i``.
+
+    Shorthand for ``solve_cagrad(...).coefficients``; see :func:`solve_cagrad` for the
+    arguments. ``c = 0`` returns exactly the normalised weights.
+    """
+    return solve_cagrad(gram, weights, c, clip, rescale, max_iter, validate=validate).coefficients
+
+
+def _quad_form(H: Tensor, x: Tensor) -> Tensor:
+    return (x * (H @ x.unsqueeze(-1)).squeeze(-1)).sum(-1)
+
+
+def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter: int) -> CAGradSolution:
+    """The solver proper: inputs checked, ``w`` normalised, ``H`` and ``w`` of one float dtype."""
+    m = H.shape[-1]
+    batch = torch.broadcast_shapes(H.shape[:-2], w.shape[:-1])
+    H = H.expand(*batch, m, m)
+    w = w.expand(*batch, m)
+    eps = torch.finfo(H.dtype).eps
+    zero_tol = 100.0 * m * eps
+
+    # Work on H / max_i H_ii: p is scale invariant, all numbers are O(1), no overflow.
+    H = 0.5 * (H + H.mT)
+    diag = H.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+    scale = diag.amax(-1)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Hn = H / safe_scale[..., None, None]
+    diag_n = diag / safe_scale[..., None]
+
+    b = (Hn @ w.unsqueeze(-1)).squeeze(-1)
+    anchor_n = (w * b).sum(-1).clamp_min(0.0).sqrt()
+    s = (c * anchor_n).unsqueeze(-1)  # (*B, 1)
+
+    # Start at the best vertex: F(e_j) = b_j + s sqrt(H_jj). For m = 2 one step is then exact.
+    vertex_values = b + s * diag_n.sqrt()
+    idx = torch.arange(m, device=H.device)
+    p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
+
+    s = s.squeeze(-1)
+    for _ in range(max_iter):
+        p = _pairwise_fw_step(Hn, b, s, p, zero_tol, idx)
+        p = _face_newton_step(Hn, b, s, p, zero_tol)
+
+    grad, _, quad = _dual_gradient(Hn, b, s.unsqueeze(-1), p, zero_tol)
+    fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)
+    dual_n = (b * p).sum(-1) + s * quad.clamp_min(0.0).sqrt()
+
+    p_clipped = torch.minimum(p, w) if clip else p
+    n2 = _quad_form(Hn, p_clipped).clamp_min(0.0)
+    mass = p_clipped.sum(-1)
+    usable = n2 > zero_tol * mass * mass
+    ratio = s / torch.where(usable, n2, torch.ones_like(n2)).sqrt()
+    ratio = torch.where(usable, ratio, torch.zeros_like(ratio))
+    coefficients = w + ratio.unsqueeze(-1) * p_clipped
+    if divisor != 1.0:
+        coefficients = coefficients / divisor
+    return CAGradSolution(
+        coefficients=coefficients,
+        dual=p,
+        clipped_dual=p_clipped,
+        weights=w,
+        anchor_norm=anchor_n * scale.sqrt(),
+        dual_value=dual_n * scale,
+        fw_gap=fw_gap_n * scale,
+    )
+
+
+def _dual_gradient(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``grad F(p) = b + s H p / sqrt(p^T H p)`` (``b`` where ``p^T H p`` vanishes)."""
+    Hp = (Hn @ p.unsqueeze(-1)).squeeze(-1)
+    quad = (p * Hp).sum(-1, keepdim=True)
+    positive = quad > zero_tol
+    inv_norm = torch.where(positive, quad, torch.ones_like(quad)).rsqrt()
+    grad = b + torch.where(positive, s * inv_norm, torch.zeros_like(inv_norm)) * Hp
+    return grad, Hp, quad.squeeze(-1)
+
+
+def _exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor) -> Tensor:
+    """Minimiser on ``[0, gamma_max]`` of ``h(g) = beta1 g + s sqrt(q2 g^2 + q1 g + q0)`` (ALGORITHM.md §4).
+
+    ``h`` is the dual objective along a segment. The minimiser is an endpoint or a real root of
+    ``(beta1^2 q2 - s^2 q2^2) g^2 + (beta1^2 q1 - s^2 q1 q2) g + beta1^2 q0 - s^2 q1^2 / 4``;
+    squaring adds spurious roots, so ``h`` is evaluated at all four candidates and the smallest
+    wins (ties go to ``g = 0``: no move). Roots come from the cancellation-free quadratic formula.
+    """
+    beta_sq, s_sq = beta1 * beta1, s * s
+    qa = beta_sq * q2 - s_sq * q2 * q2
+    qb = beta_sq * q1 - s_sq * q1 * q2
+    qc = beta_sq * q0 - 0.25 * s_sq * q1 * q1
+    root = (qb * qb - 4.0 * qa * qc).clamp_min(0.0).sqrt()
+    half = -0.5 * (qb + torch.where(qb >= 0, root, -root))
+    candidates = torch.stack([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half], dim=-1)
+    candidates = torch.nan_to_num(candidates, nan=0.0, posinf=0.0, neginf=0.0)
+    candidates = torch.minimum(candidates.clamp_min(0.0), gamma_max.unsqueeze(-1))
+    quad = (q0.unsqueeze(-1) + candidates * (q1.unsqueeze(-1) + candidates * q2.unsqueeze(-1))).clamp_min(0.0)
+    values = beta1.unsqueeze(-1) * candidates + s.unsqueeze(-1) * quad.sqrt()
+    return candidates.gather(-1, values.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _move(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, Hp: Tensor, q0: Tensor, d: Tensor, gamma_max: Tensor,
+          frozen: Tensor, blocking: Tensor) -> Tensor:
+    """``p + gamma d`` with the exact line-search ``gamma`` on ``[0, gamma_max]``; frozen problems stay.
+
+    ``blocking`` (one-hot) marks the vertex whose mass reaches zero at ``gamma_max``: a step of
+    full length sets it to an exact zero, so the face shrinks instead of keeping rounding dust.
+    """
+    Hd = (Hn @ d.unsqueeze(-1)).squeeze(-1)
+    gamma = _exact_line_search((b * d).sum(-1), s, q0, 2.0 * (d * Hp).sum(-1), (d * Hd).sum(-1).clamp_min(0.0), gamma_max)
+    gamma = torch.where(frozen, torch.zeros_like(gamma), gamma)
+    p_next = (p + gamma.unsqueeze(-1) * d).clamp_min(0.0)
+    dropped = blocking & (gamma >= gamma_max).unsqueeze(-1)
+    return torch.where(dropped, torch.zeros_like(p_next), p_next)
+
+
+def _pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float, idx: Tensor) -> Tensor:
+    """One pairwise Frank-Wolfe step: move mass from the worst active vertex to the best vertex.
+
+    Moving the whole mass of the away vertex (a drop step) leaves an exact zero, so the active
+    set stays clean. Problems whose FW gap is at rounding level do not move.
+    """
+    grad, Hp, q0 = _dual_gradient(Hn, b, s.unsqueeze(-1), p, zero_tol)
+    best = grad.argmin(-1, keepdim=True)
+    away = torch.where(p > 0, grad, torch.full_like(grad, -torch.inf)).argmax(-1, keepdim=True)
+    gap = (grad * p).sum(-1) - grad.gather(-1, best).squeeze(-1)
+    to_best, from_away = (idx == best).to(p.dtype), (idx == away).to(p.dtype)
+    gamma_max = p.gather(-1, away).squeeze(-1)
+    frozen = gap <= 4.0 * torch.finfo(p.dtype).eps
+    return _move(Hn, b, s, p, Hp, q0, to_best - from_away, gamma_max, frozen, idx == away)
+
+
+def _face_newton_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float) -> Tensor:
+    """A Newton step on the face of the simplex spanned by the active vertices, then exact line search.
+
+    Pairwise FW finds the face; on it the dual is smooth and Newton converges fast where FW
+    zig-zags (ill-conditioned, rank-deficient Grams). The Hessian restricted to the face is
+    ``(s / n) (H - H p p^T H / n^2)`` with ``n^2 = p^T H p``, plus a small ridge for null
+    directions; the equality-constrained system is solved with ``linalg.solve_ex`` (no sync).
+    """
+    m = p.shape[-1]
+    grad, Hp, q0 = _dual_gradient(Hn, b, s.unsqueeze(-1), p, zero_tol)
+    active = p > 0
+    act = active.to(p.dtype)
+    both = act.unsqueeze(-1) * act.unsqueeze(-2)
+    inv_n = torch.where(q0 > zero_tol, q0, torch.ones_like(q0)).rsqrt()
+    inv_n = torch.where(q0 > zero_tol, inv_n, torch.zeros_like(inv_n))
+    curvature = (s * inv_n)[..., None, None] * (Hn - Hp.unsqueeze(-1) * Hp.unsqueeze(-2) * (inv_n * inv_n)[..., None, None])
+    ridge = 1e3 * torch.finfo(p.dtype).eps * (1.0 + curvature.diagonal(dim1=-2, dim2=-1).abs().amax(-1))
+    Q = curvature * both + torch.diag_embed(torch.where(active, ridge.unsqueeze(-1), torch.ones_like(p)))
+    kkt = torch.cat([torch.cat([Q, act.unsqueeze(-1)], -1), torch.cat([act, torch.zeros_like(act[..., :1])], -1).unsqueeze(-2)], -2)
+    rhs = torch.cat([-grad * act, torch.zeros_like(act[..., :1])], -1)
+    d = torch.linalg.solve_ex(kkt, rhs.unsqueeze(-1))[0].squeeze(-1)[..., :m] * act
+    d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+    d = d - act * (d.sum(-1, keepdim=True) / act.sum(-1, keepdim=True))  # stay on the face exactly
+    shrinking = d < 0
+    ratio = torch.where(shrinking, p / torch.where(shrinking, -d, torch.ones_like(d)), torch.full_like(d, torch.inf))
+    gamma_max, blocking = ratio.min(-1, keepdim=True)
+    gamma_max = gamma_max.squeeze(-1).clamp_max(1.0 / torch.finfo(p.dtype).eps)
+    frozen = ((grad * p).sum(-1) - grad.amin(-1)) <= 4.0 * torch.finfo(p.dtype).eps
+    idx = torch.arange(m, device=p.device)
+    return _move(Hn, b, s, p, Hp, q0, d, gamma_max, frozen, idx == blocking)
