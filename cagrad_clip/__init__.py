@@ -1,1 +1,27 @@
-"""cagrad-clip."""
+"""cagrad-clip: conflict-averse multi-objective optimisation for PyTorch.
+
+RACO's clipped conflict-averse gradient (CAGrad-Clip, arXiv 2602.02495) as a drop-in wrapper
+around any ``torch.optim`` optimizer, with a batched, sync-free dual solver.
+"""
+
+from .dual import (
+    RESCALE_OPTIONS,
+    CAGradSolution,
+    combination_coefficients,
+    default_max_iter,
+    solve_cagrad,
+)
+from .optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnostics
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "RESCALE_OPTIONS",
+    "CAGradSolution",
+    "ConflictAverseOptimizer",
+    "StepDiagnostics",
+    "combination_coefficients",
+    "default_max_iter",
+    "solve_cagrad",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Per-objective gradients in one flat ``(m, D)`` buffer: accumulate, Gram, write back.
+
+The buffer holds row ``i`` = the gradient of objective ``i`` with respect to every trainable
+parameter, flattened and concatenated (shared parameters first, so the shared block is the
+column slice ``[:, :shared_numel]``). The Gram is one matmul on that slice and the combined
+direction ``sum_i a_i g_i`` is one vector-matrix product, written into ``.grad`` through views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ObjectiveGradients", "check_losses"]
+
+
+def check_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """Return ``losses`` as a list of scalar tensors that require grad, or raise naming the problem."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(
+                "losses must be a sequence of scalar tensors (one per objective) or a 1-D tensor of them, "
+                f"got a tensor of shape {tuple(losses.shape)}"
+            )
+        losses = list(losses.unbind())
+    elif not isinstance(losses, Sequence) or isinstance(losses, (str, bytes)):
+        raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
+    losses = list(losses)
+    if len(losses) == 0:
+        raise ValueError("losses is empty: pass one scalar loss per objective")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss {i} is a {type(loss).__name__}, not a torch.Tensor")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss {i} has shape {tuple(loss.shape)}; each objective's loss must be a scalar (reduce it, e.g. .mean())"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss {i} does not require grad: it was computed without autograd (torch.no_grad(), .detach(), "
+                "or from parameters with requires_grad=False)"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(f"loss {i} has dtype {loss.dtype}; losses must be floating point")
+    return losses
+
+
+class ObjectiveGradients:
+    """The per-objective gradients of a fixed list of parameters, accumulated over backward calls.
+
+    Args:
+        params: trainable parameters, shared ones first; all on one device.
+        shared_count: how many of ``params`` (from the front) are shared: the Gram is measured there.
+        dtype: the buffer's dtype; at least float32 so reductions never run in half precision.
+    """
+
+    def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype) -> None:
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all trainable parameters must be on one device to share a gradient buffer, found {sorted(map(str, devices))}"
+            )
+        self.params = list(params)
+        self.device = params[0].device
+        self.dtype = dtype
+        self.numels = [p.numel() for p in self.params]
+        self.shared_numel = sum(self.numels[:shared_count])
+        self.numel = sum(self.numels)
+        self.buffer: Tensor | None = None
+        self.accumulated = False
+
+    @property
+    def num_objectives(self) -> int | None:
+        """``m`` of the current accumulation, or ``None`` when nothing is accumulated."""
+        return self.buffer.shape[0] if (self.buffer is not None and self.accumulated) else None
+
+    def reset(self) -> None:
+        """Forget what was accumulated; the next :meth:`accumulate` overwrites the buffer."""
+        self.accumulated = False
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.params)]
+
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        """Add ``d loss_i / d params`` to row ``i`` for every objective (m backward passes).
+
+        The graph is retained for all but the last objective, so it is freed as soon as possible.
+        Parameters an objective does not reach get a zero gradient for it; an objective that
+        reaches no parameter raises ``ValueError``.
+        """
+        m = len(losses)
+        if self.accumulated and self.buffer is not None and self.buffer.shape[0] != m:
+            raise ValueError(
+                f"got {m} losses, but {self.buffer.shape[0]} objectives were accumulated since the last zero_grad(); "
+                "pass the same objectives in every micro-batch"
+            )
+        fresh = not self.accumulated
+        if self.buffer is None or self.buffer.shape[0] != m:
+            self.buffer = torch.empty((m, self.numel), dtype=self.dtype, device=self.device)
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, self.params, retain_graph=i < m - 1, allow_unused=True)
+            if all(g is None for g in grads):
+                raise ValueError(
+                    f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is "
+                    "computed from the model the optimizer updates"
+                )
+            views = self._views(self.buffer[i])
+            present = [(v, g) for v, g in zip(views, grads) if g is not None]
+            if fresh:
+                torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
+                absent = [v for v, g in zip(views, grads) if g is None]
+                if absent:
+                    torch._foreach_zero_(absent)
+            else:
+                torch._foreach_add_([v for v, _ in present], [g for _, g in present])
+        self.accumulated = True
+
+    def gram(self) -> Tensor:
+        """``H = G_shared G_shared^T`` (one matmul in the buffer's dtype, at least float32)."""
+        assert self.buffer is not None
+        shared = self.buffer[:, : self.shared_numel]
+        return shared @ shared.T
+
+    def add_combination_to_grads(self, coefficients: Tensor, alpha: float = 1.0) -> None:
+        """``p.grad += alpha * sum_i a_i g_i`` for every parameter (``.grad`` created if ``None``)."""
+        assert self.buffer is not None
+        direction = coefficients.to(self.dtype) @ self.buffer
+        if alpha != 1.0:
+            direction = direction * alpha
+        existing_grads, existing_views = [], []
+        for view, p in zip(self._views(direction), self.params):
+            if p.grad is None:
+                p.grad = view.to(p.dtype) if p.dtype != self.dtype else view
+            else:
+                existing_grads.append(p.grad)
+                existing_views.append(view)
+        if existing_grads:
+            torch._foreach_add_(existing_grads, existing_views)
