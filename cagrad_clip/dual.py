@@ -252,14 +252,24 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
     coefficients = w + ratio.unsqueeze(-1) * p_clipped
     if divisor != 1.0:
         coefficients = coefficients / divisor
+    # A non-finite Gram entry must not pass silently: the masks above (e.g. ``usable`` is False
+    # for NaN) would otherwise return ``a = w``. Poison every output of that problem only.
+    finite = torch.isfinite(H).flatten(-2).all(-1)
+    nan = torch.full_like(scale, torch.nan)
+
+    def poison(x: Tensor) -> Tensor:
+        if x.dim() > finite.dim():
+            return torch.where(finite.unsqueeze(-1), x, nan.unsqueeze(-1))
+        return torch.where(finite, x, nan)
+
     return CAGradSolution(
-        coefficients=coefficients,
-        dual=p,
-        clipped_dual=p_clipped,
+        coefficients=poison(coefficients),
+        dual=poison(p),
+        clipped_dual=poison(p_clipped),
         weights=w,
-        anchor_norm=anchor_n * scale.sqrt(),
-        dual_value=dual_n * scale,
-        fw_gap=fw_gap_n * scale,
+        anchor_norm=poison(anchor_n * scale.sqrt()),
+        dual_value=poison(dual_n * scale),
+        fw_gap=poison(fw_gap_n * scale),
     )
 
 
