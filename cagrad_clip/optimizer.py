@@ -37,7 +37,7 @@ class StepDiagnostics(NamedTuple):
     fw_gap: Tensor
     """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
     finite: Tensor
-    """``(m,)`` bool: objective ``i``'s gradient (its squared norm) and coefficient are finite."""
+    """``(m,)`` bool: whether objective ``i``'s gradient (its squared norm) is finite."""
 
 
 class ConflictAverseOptimizer(torch.optim.Optimizer):
@@ -291,7 +291,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         max_iter = default_max_iter(m) if self.max_iter is None else self.max_iter
         solution = _solve(gram, w, self.c, self.clip, self._divisor, max_iter)
         diag = gram.diagonal()
-        finite = torch.isfinite(diag) & torch.isfinite(solution.coefficients)
+        finite = torch.isfinite(diag)
         norms = diag.clamp_min(0.0).sqrt()
         outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
         cosines = torch.where(outer > 0, gram / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(gram))
@@ -332,13 +332,17 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         if self.nonfinite != "ignore":
             assert self.last is not None
             finite = self.last.finite
-            if not bool(finite.all()):  # the one host read of the default policy
+            if not bool(finite.all() & torch.isfinite(self.last.coefficients).all()):  # the one host read
                 bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-                message = f"objective(s) {bad} have a non-finite gradient (Inf/NaN)"
+                message = (
+                    f"objective(s) {bad} have a non-finite gradient (Inf/NaN)"
+                    if bad
+                    else "the combination overflowed (the Gram of finite gradients is not finite)"
+                )
                 if self.nonfinite == "raise":
                     raise FloatingPointError(message + "; the parameters were not updated")
                 self.skipped_steps += 1
-                warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=2)
+                warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
                 return None
         self.optimizer.step()
         return None

@@ -1,0 +1,379 @@
+"""Tests of ConflictAverseOptimizer against independent numpy references and torch.optim contracts."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cagrad_clip import ConflictAverseOptimizer
+from tests.reference import reference_coefficients
+
+torch.set_default_dtype(torch.float64)
+
+
+def quadratic_problem(m: int = 3, dim: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    mats = []
+    for _ in range(m):
+        q = rng.standard_normal((dim, dim))
+        mats.append(q @ q.T / dim + 0.1 * np.eye(dim))
+    centers = rng.standard_normal((m, dim)) * 2
+    return np.array(mats), centers
+
+
+def quadratic_losses(x: torch.Tensor, mats: np.ndarray, centers: np.ndarray) -> list[torch.Tensor]:
+    out = []
+    for A, u in zip(mats, centers):
+        r = x - torch.as_tensor(u)
+        out.append(0.5 * r @ torch.as_tensor(A) @ r)
+    return out
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("rescale", [None, "1+c^2"])
+def test_sgd_trajectory_matches_numpy_algorithm1(clip, rescale):
+    """20 SGD steps on quadratics equal a numpy re-implementation of Algorithm 1 with a scipy dual."""
+    mats, centers = quadratic_problem()
+    w, c, lr = np.array([0.5, 0.3, 0.2]), 0.4, 0.05
+    x_ref = np.zeros(6)
+    x = torch.zeros(6, requires_grad=True)
+    opt = ConflictAverseOptimizer(torch.optim.SGD([x], lr=lr), weights=w.tolist(), c=c, clip=clip, rescale=rescale)
+    for _ in range(20):
+        G = np.stack([A @ (x_ref - u) for A, u in zip(mats, centers)])
+        a = reference_coefficients(G @ G.T, w, c, clip=clip, rescale=rescale)
+        x_ref = x_ref - lr * (a @ G)
+        opt.zero_grad()
+        opt.step(quadratic_losses(x, mats, centers))
+    np.testing.assert_allclose(x.detach().numpy(), x_ref, rtol=1e-8, atol=1e-9)
+
+
+def test_c_zero_is_the_weighted_sum_gradient():
+    mats, centers = quadratic_problem()
+    x = torch.randn(6, requires_grad=True)
+    w = [0.6, 0.3, 0.1]
+    opt = ConflictAverseOptimizer(torch.optim.SGD([x], lr=0.1), weights=w, c=0.0)
+    opt.backward(quadratic_losses(x, mats, centers))
+    expected = torch.autograd.grad(sum(wi * li for wi, li in zip(w, quadratic_losses(x, mats, centers))), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-13, atol=1e-13)
+    assert torch.equal(opt.last.coefficients, torch.tensor(np.array(w) / np.sum(w)))  # a = w exactly
+
+
+def test_single_objective_rescaled_is_exactly_the_base_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = torch.randn(8, 5), torch.randn(8, 1)
+    twin = copy.deepcopy(model)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), c=0.4, rescale="1+c")
+    base = torch.optim.SGD(twin.parameters(), lr=0.1)
+    opt.step([((model(x) - y) ** 2).mean()])
+    ((twin(x) - y) ** 2).mean().backward()
+    base.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    # Unscaled, one objective is the step inflated by (1 + c).
+    opt2 = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), c=0.4)
+    opt2.zero_grad()
+    opt2.backward([((model(x) - y) ** 2).mean()])
+    g = torch.autograd.grad(((model(x) - y) ** 2).mean(), model.weight)[0]
+    torch.testing.assert_close(model.weight.grad, 1.4 * g, rtol=1e-14, atol=1e-14)
+
+
+def mlp_with_heads(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)])
+    return trunk, heads
+
+
+def head_losses(trunk, heads, x, y):
+    z = trunk(x)
+    return [((heads[0](z) - y) ** 2).mean(), ((heads[1](z) + y) ** 2).mean() + 0.1 * (heads[0](z) ** 2).mean()]
+
+
+@pytest.mark.parametrize("combine_each", [True, False])
+def test_accumulating_two_halves_equals_one_full_batch(combine_each):
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def make(t, h):
+        params = list(t.parameters()) + list(h.parameters())
+        return ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9), weights=[0.7, 0.3], c=0.5)
+
+    full, halves = make(trunk, heads), make(twin_trunk, twin_heads)
+    for _ in range(3):
+        full.zero_grad()
+        full.step(head_losses(trunk, heads, x, y))
+        halves.zero_grad()
+        for k, sl in enumerate([slice(0, 8), slice(8, 16)]):
+            losses = [0.5 * loss for loss in head_losses(twin_trunk, twin_heads, x[sl], y[sl])]
+            halves.backward(losses, combine=combine_each or k == 1)
+        halves.step()
+    for p, q in zip(list(trunk.parameters()) + list(heads.parameters()), list(twin_trunk.parameters()) + list(twin_heads.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def per_objective_grads(losses, params):
+    return [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+
+
+def test_shared_parameters_define_the_gram_and_heads_use_the_same_coefficients():
+    trunk, heads = mlp_with_heads()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.5, 0.5], c=0.6, shared=trunk.parameters())
+    losses = head_losses(trunk, heads, x, y)
+    grads = per_objective_grads(losses, params)
+    opt.backward(losses)
+    flat_shared = torch.stack([torch.cat([g.flatten() for g in gs[:2]]) for gs in grads])
+    torch.testing.assert_close(opt.last.gram, flat_shared @ flat_shared.T)
+    a = opt.last.coefficients
+    for j, p in enumerate(params):
+        expected = sum(a[i] * (grads[i][j] if grads[i][j] is not None else torch.zeros_like(p)) for i in range(2))
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-12)
+    # Head 1 is not reached by objective 0: its gradient is objective 1's part only.
+    assert grads[0][4] is None
+    torch.testing.assert_close(heads[1].weight.grad, a[1] * grads[1][4])
+
+
+def test_frozen_parameters_are_skipped():
+    trunk, heads = mlp_with_heads()
+    trunk[0].bias.requires_grad_(False)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
+    before = trunk[0].bias.detach().clone()
+    opt.step(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
+    assert trunk[0].bias.grad is None
+    assert torch.equal(trunk[0].bias, before)
+    assert trunk[0].weight.grad is not None
+
+
+def test_is_a_torch_optimizer_and_delegates_state():
+    trunk, heads = mlp_with_heads()
+    base = torch.optim.Adam(list(trunk.parameters()) + list(heads.parameters()), lr=0.01)
+    opt = ConflictAverseOptimizer(base, weights=[0.8, 0.2])
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    for _ in range(4):
+        opt.zero_grad()
+        opt.step(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
+        sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.01 * 0.25)
+    assert calls == ["pre", "post"] * 4
+    assert len(base.state) == len(list(trunk.parameters()) + list(heads.parameters()))
+    text = repr(opt)
+    for piece in ["weights=[0.8, 0.2]", "c=0.4", "clip=True", "rescale=None", "Adam"]:
+        assert piece in text
+
+
+def test_state_dict_round_trip_continues_identically():
+    trunk, heads = mlp_with_heads()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.Adam(params, lr=0.01), weights=[0.3, 0.7], c=0.2, clip=False, rescale="1+c")
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(head_losses(trunk, heads, x, y))
+    state = copy.deepcopy(opt.state_dict())
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    twin = ConflictAverseOptimizer(torch.optim.Adam(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.5))
+    twin.load_state_dict(state)
+    assert (twin.c, twin.clip, twin.rescale) == (0.2, False, "1+c")
+    torch.testing.assert_close(twin.weights, torch.tensor([0.3, 0.7]))
+    assert twin.param_groups[0]["lr"] == 0.01
+    for o, t, h in [(opt, trunk, heads), (twin, twin_trunk, twin_heads)]:
+        o.zero_grad()
+        o.step(head_losses(t, h, x, y))
+    for p, q in zip(params, list(twin_trunk.parameters()) + list(twin_heads.parameters())):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="ConflictAverseOptimizer.state_dict"):
+        twin.load_state_dict(torch.optim.Adam(params).state_dict())
+
+
+def test_diagnostics_are_on_device_and_consistent():
+    trunk, heads = mlp_with_heads()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.8, 0.2], c=0.4)
+    losses = head_losses(trunk, heads, torch.randn(16, 4), torch.randn(16, 1))
+    grads = per_objective_grads(losses, params)
+    opt.step(losses)
+    last = opt.last
+    g = torch.stack([torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten() for gi, p in zip(gs, params)]) for gs in grads])
+    cos = torch.nn.functional.cosine_similarity(g[0], g[1], dim=0)
+    torch.testing.assert_close(last.cosines[0, 1], cos)
+    torch.testing.assert_close(last.anchor_norm, (0.8 * g[0] + 0.2 * g[1]).norm())
+    torch.testing.assert_close(last.clipped_dual, torch.minimum(last.dual, torch.tensor([0.8, 0.2])))
+    assert last.finite.all() and last.fw_gap >= 0
+    for t in last:
+        assert isinstance(t, torch.Tensor)
+
+
+def test_backward_then_step_equals_step_with_losses_and_combine_is_idempotent():
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    a = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
+    b = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1))
+    a.step(head_losses(trunk, heads, x, y))
+    b.backward(head_losses(twin_trunk, twin_heads, x, y))
+    grad_before = twin_trunk[0].weight.grad.clone()
+    b.combine()
+    b.combine()
+    assert torch.equal(twin_trunk[0].weight.grad, grad_before)
+    b.step()
+    for p, q in zip(trunk.parameters(), twin_trunk.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_closure_is_supported():
+    trunk, heads = mlp_with_heads()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
+    before = trunk[0].weight.detach().clone()
+    opt.step(closure=lambda: head_losses(trunk, heads, x, y))
+    assert not torch.equal(before, trunk[0].weight)
+
+
+def test_grad_scaler_combines_scaled_gradients_exactly_and_skips_overflow():
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    plain = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1), weights=[0.8, 0.2])
+    scaled = ConflictAverseOptimizer(
+        torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1), weights=[0.8, 0.2]
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plain.step(head_losses(trunk, heads, x, y))
+    scaled.backward([scaler.scale(loss) for loss in head_losses(twin_trunk, twin_heads, x, y)])
+    scaler.unscale_(scaled)
+    torch.nn.utils.clip_grad_norm_(twin_trunk.parameters(), max_norm=1e9)  # clipping sees the combined direction
+    scaler.step(scaled)
+    scaler.update()
+    for p, q in zip(trunk.parameters(), twin_trunk.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    # Injected overflow: Inf reaches .grad, the scaler skips the step and lowers the scale.
+    before = [p.detach().clone() for p in twin_trunk.parameters()]
+    scaled.zero_grad()
+    losses = head_losses(twin_trunk, twin_heads, x, y)
+    scaled.backward([scaler.scale(losses[0]) * float("inf"), scaler.scale(losses[1])])
+    assert not torch.isfinite(twin_trunk[0].weight.grad).all()
+    scale_before = scaler.get_scale()
+    scaler.step(scaled)
+    scaler.update()
+    assert scaler.get_scale() < scale_before
+    for p, q in zip(before, twin_trunk.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_gradient_never_reaches_parameters(policy):
+    trunk, heads = mlp_with_heads()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.1), nonfinite=policy)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt.step(head_losses(trunk, heads, x, y))
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.optimizer.state_dict())
+    opt.zero_grad()
+    losses = head_losses(trunk, heads, x, y)
+    bad = [losses[0], losses[1] * torch.tensor(float("nan"))]
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"objective\(s\) \[1\]"):
+            opt.step(bad)
+    else:
+        with pytest.warns(RuntimeWarning, match=r"objective\(s\) \[1\].*skipped"):
+            opt.step(bad)
+        assert opt.skipped_steps == 1
+    for p, q in zip(before, params):
+        assert torch.equal(p, q)
+    assert opt.optimizer.state_dict()["state"][0]["step"] == state_before["state"][0]["step"]
+
+
+def test_bf16_parameters_accumulate_the_gram_in_fp32_and_track_fp32():
+    trunk, heads = mlp_with_heads()
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    t16, h16 = copy.deepcopy(trunk).to(torch.bfloat16), copy.deepcopy(heads).to(torch.bfloat16)
+    t32, h32 = copy.deepcopy(trunk).float(), copy.deepcopy(heads).float()
+    o16 = ConflictAverseOptimizer(torch.optim.SGD(list(t16.parameters()) + list(h16.parameters()), lr=0.05), weights=[0.8, 0.2])
+    o32 = ConflictAverseOptimizer(torch.optim.SGD(list(t32.parameters()) + list(h32.parameters()), lr=0.05), weights=[0.8, 0.2])
+    o16.step(head_losses(t16, h16, x.bfloat16(), y.bfloat16()))
+    o32.step(head_losses(t32, h32, x.float(), y.float()))
+    assert o16.last.gram.dtype == torch.float32
+    assert t16[0].weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(o16.last.coefficients, o32.last.coefficients, rtol=0.05, atol=0.02)
+    for p, q in zip(t16.parameters(), t32.parameters()):
+        torch.testing.assert_close(p.float(), q, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ bad input
+def make_opt(**kwargs):
+    trunk, heads = mlp_with_heads()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1), **kwargs)
+    return opt, trunk, heads
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"weights": [0.5, -0.5]}, ValueError, ">= 0"),
+        ({"weights": [float("nan"), 1.0]}, ValueError, "finite"),
+        ({"weights": [0.0, 0.0]}, ValueError, "positive sum"),
+        ({"weights": [[0.5, 0.5]]}, ValueError, "one number per objective"),
+        ({"c": -0.1}, ValueError, "c must be finite and >= 0"),
+        ({"c": float("inf")}, ValueError, "c must be finite"),
+        ({"c": True}, TypeError, "c must be a real number"),
+        ({"rescale": "1+c^3"}, ValueError, "unknown rescale"),
+        ({"nonfinite": "zero"}, ValueError, "unknown nonfinite"),
+        ({"max_iter": -1}, ValueError, "max_iter"),
+        ({"clip": "yes"}, TypeError, "clip must be True or False"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_opt(**kwargs)
+
+
+def test_bad_optimizer_and_shared_raise():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        ConflictAverseOptimizer(object())  # type: ignore[arg-type]
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        ConflictAverseOptimizer(torch.optim.SGD(frozen.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="not a parameter of the base optimizer"):
+        make_opt(shared=[torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_bad_losses_raise_clear_errors():
+    opt, trunk, heads = make_opt(weights=[0.5, 0.5])
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    losses = head_losses(trunk, heads, x, y)
+    with pytest.raises(ValueError, match="losses is empty"):
+        opt.step([])
+    with pytest.raises(ValueError, match="must be a scalar"):
+        opt.step([losses[0], (trunk(x) ** 2).mean(0)])
+    with pytest.raises(ValueError, match="does not require grad"):
+        opt.step([losses[0], losses[1].detach()])
+    with pytest.raises(ValueError, match="got 3 losses but 2 weights"):
+        opt.step(losses + [losses[0]])
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        opt.step([losses[0], 1.0])
+    stray = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match="loss 1 does not depend on any trainable parameter"):
+        opt.step([losses[0], (stray * 2).sum()])
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="no per-objective gradients are accumulated"):
+        opt.step()
+
+
+def test_losses_count_must_stay_fixed_within_an_accumulation():
+    opt, trunk, heads = make_opt()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.backward(head_losses(trunk, heads, x, y))
+    with pytest.raises(ValueError, match="2 objectives were accumulated"):
+        opt.backward(head_losses(trunk, heads, x, y) + [(trunk(x) ** 2).mean()])
