@@ -11,7 +11,15 @@ import torch
 from cagrad_clip import ConflictAverseOptimizer
 from tests.reference import reference_coefficients
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These tests compare against float64 references; restore the default dtype afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def quadratic_problem(m: int = 3, dim: int = 6, seed: int = 0):

@@ -1,0 +1,30 @@
+"""The Python code blocks of the README and the user guide run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "docs/guide.md"]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_code_blocks_run(doc):
+    blocks = python_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no python code block"
+    namespace: dict = {}
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        for block in blocks:
+            exec(compile(block, str(doc), "exec"), namespace)
+    finally:
+        torch.set_default_dtype(default_dtype)
