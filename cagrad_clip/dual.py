@@ -288,8 +288,8 @@ def _exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Ten
 
     ``h`` is the dual objective along a segment. The minimiser is an endpoint or a real root of
     ``(beta1^2 q2 - s^2 q2^2) g^2 + (beta1^2 q1 - s^2 q1 q2) g + beta1^2 q0 - s^2 q1^2 / 4``;
-    squaring adds spurious roots, so ``h`` is evaluated at all four candidates and the smallest
-    wins (ties go to ``g = 0``: no move). Roots come from the cancellation-free quadratic formula.
+    squaring adds spurious roots, so ``h(g) - h(0)`` is evaluated (cancellation-free) at all four
+    candidates and the smallest wins (ties go to ``g = 0``: no move). Roots come from the cancellation-free quadratic formula.
     """
     beta_sq, s_sq = beta1 * beta1, s * s
     qa = beta_sq * q2 - s_sq * q2 * q2
@@ -300,8 +300,15 @@ def _exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Ten
     candidates = torch.stack([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half], dim=-1)
     candidates = torch.nan_to_num(candidates, nan=0.0, posinf=0.0, neginf=0.0)
     candidates = torch.minimum(candidates.clamp_min(0.0), gamma_max.unsqueeze(-1))
-    quad = (q0.unsqueeze(-1) + candidates * (q1.unsqueeze(-1) + candidates * q2.unsqueeze(-1))).clamp_min(0.0)
-    values = beta1.unsqueeze(-1) * candidates + s.unsqueeze(-1) * quad.sqrt()
+    # Compare h(g) - h(0) = beta1 g + s (Q(g) - q0) / (sqrt(Q(g)) + sqrt(q0)), Q(g) - q0 = g (q1 + q2 g):
+    # free of the cancellation in sqrt(Q(g)) - sqrt(q0), so improvements far below eps |F| (the
+    # last digits of p near the optimum) are still seen and taken instead of tying with g = 0.
+    increase = candidates * (q1.unsqueeze(-1) + candidates * q2.unsqueeze(-1))
+    quad = (q0.unsqueeze(-1) + increase).clamp_min(0.0)
+    denominator = quad.sqrt() + q0.clamp_min(0.0).sqrt().unsqueeze(-1)
+    positive = denominator > 0
+    root_change = torch.where(positive, increase / torch.where(positive, denominator, torch.ones_like(denominator)), torch.zeros_like(denominator))
+    values = beta1.unsqueeze(-1) * candidates + s.unsqueeze(-1) * root_change
     return candidates.gather(-1, values.argmin(-1, keepdim=True)).squeeze(-1)
 
 
