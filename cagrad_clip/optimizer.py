@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .distributed import active_group, average_across_ranks, check_distributed
 from .dual import _solve, check_c, default_max_iter, normalize_weights, rescale_divisor
 from .gradients import ObjectiveGradients, check_losses
 
@@ -68,6 +69,13 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
             ``FloatingPointError``; ``"ignore"`` steps anyway (no check and so no host sync; use it
             with ``GradScaler``, which does its own check). In every policy the non-finite
             combination stays visible in ``.grad``, so a ``GradScaler`` skips the step itself.
+        distributed: when ``torch.distributed`` is initialised with a world size above one,
+            average every objective's gradient across ranks (one all-reduce of the ``(m, D)``
+            buffer) before the Gram, so every rank gets identical coefficients and the update
+            equals one process on the full batch. ``False`` turns it off (each rank combines its
+            own gradients). With ``DistributedDataParallel``, run the forward under
+            ``model.no_sync()``: this optimizer does the averaging (see ``docs/distributed.md``).
+        process_group: the group to average over; ``None`` (default) is the default group.
 
     Example::
 
@@ -87,7 +95,12 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         shared: Iterable[Tensor] | None = None,
         max_iter: int | None = None,
         nonfinite: str = "skip",
+        distributed: bool = True,
+        process_group: Any = None,
     ) -> None:
+        check_distributed(distributed, process_group)
+        self.distributed = distributed
+        self.process_group = process_group
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ConflictAverseOptimizer):
@@ -285,6 +298,10 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         if self._combined:
             assert self.last is not None
             return self.last
+        group, world_size = active_group(self.distributed, self.process_group)
+        if world_size > 1:  # host-side check; the all-reduce itself never syncs
+            assert self._grads.buffer is not None
+            average_across_ranks(self._grads.buffer, group, world_size)
         gram = self._grads.gram()
         m = gram.shape[-1]
         w = self._weights_for(m, gram.device, gram.dtype)

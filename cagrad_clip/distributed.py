@@ -1,0 +1,64 @@
+"""Data-parallel glue: average every objective's gradient across ranks before the Gram.
+
+With ``torch.distributed`` initialised and a world size above one, each rank holds the
+per-objective gradients of its own micro-batch in a flat ``(m, D)`` buffer. Averaging that buffer
+over the ranks (one all-reduce of ``m * D`` numbers) gives every rank the gradients of the full
+batch, so every rank forms the same Gram, solves the same dual, gets the same coefficients and
+writes the same direction: the update equals one process on the concatenated batch (for losses
+that are means over equally sized per-rank batches).
+
+This is what RACO's authors' multi-GPU path did not do (ALGORITHM.md section 6): combining
+un-averaged per-rank gradients gives each rank its own coefficients, and DDP then averages
+directions that were combined with different weights.
+
+The collective is asynchronous on accelerators (NCCL) and never reads a value on the host.
+See ``docs/distributed.md`` for DDP (``no_sync()``) and for the sharded (FSDP2) design.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["check_distributed", "active_group", "average_across_ranks"]
+
+
+def check_distributed(distributed: Any, process_group: Any) -> None:
+    """Validate the ``distributed`` / ``process_group`` constructor arguments, or raise naming the problem."""
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
+    if process_group is not None:
+        if not distributed:
+            raise ValueError("process_group was given but distributed=False; drop one of them")
+        if not dist.is_available():
+            raise ValueError("process_group was given but this torch build has no torch.distributed")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+
+
+def active_group(distributed: bool, process_group: Any) -> tuple[Any, int]:
+    """``(group, world_size)`` to average over now, or ``(None, 1)`` when there is nothing to do.
+
+    Decided at every combination (``torch.distributed`` may be initialised after the optimizer is
+    built); a pure host-side check, no collective and no device sync.
+    """
+    if not distributed or not dist.is_available() or not dist.is_initialized():
+        return None, 1
+    world = dist.get_world_size(process_group)
+    if world <= 1:
+        return None, 1
+    return process_group, world
+
+
+def average_across_ranks(tensor: Tensor, group: Any, world_size: int) -> Tensor:
+    """Average ``tensor`` in place over ``group`` (all-reduce SUM, then divide; gloo has no AVG).
+
+    Averaging is idempotent on a tensor that is already identical on every rank, so averaging a
+    buffer again after more local gradients were added to an averaged one is still exact (it
+    averages only the new part); with power-of-two world sizes it is bit-exact.
+    """
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    tensor.div_(world_size)
+    return tensor

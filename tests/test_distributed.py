@@ -1,0 +1,160 @@
+"""Exact data parallelism: 2 gloo ranks (forked CPU processes) against one process on the full batch."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cagrad_clip import ConflictAverseOptimizer
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD = 2
+STEPS = 3
+BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
+WEIGHTS = [0.8, 0.2]
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        f64 = dict(dtype=torch.float64)  # explicit: init draws must not depend on the default dtype
+        self.trunk = nn.Sequential(nn.Linear(5, 8, **f64), nn.Tanh(), nn.Linear(8, 6, **f64), nn.Tanh())
+        self.head_a = nn.Linear(6, 1, **f64)
+        self.head_b = nn.Linear(6, 1, **f64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.head_a(h), self.head_b(h)
+
+
+def make_model() -> TwoHeads:
+    torch.manual_seed(0)
+    return TwoHeads()
+
+
+def make_data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 5, generator=g, dtype=torch.float64)
+        ya = x[:, :1] * 2 + 0.1 * torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
+        yb = -x[:, :1] + x[:, 1:2] ** 2  # conflicts with ya on the shared trunk
+        out.append((x, ya, yb))
+    return out
+
+
+def losses_of(model: nn.Module, x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor) -> list[torch.Tensor]:
+    a, b = model(x)
+    return [((a - ya) ** 2).mean(), ((b - yb) ** 2).mean()]
+
+
+def train(model: nn.Module, params, batches, *, distributed: bool = True, micro: int = 1, combine_each: bool = False,
+          ddp: nn.Module | None = None):
+    """3 AdamW steps; ``micro`` micro-batches per step; returns (parameters, coefficients per step)."""
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4, distributed=distributed)
+    coefs = []
+    for x, ya, yb in batches:
+        opt.zero_grad()
+        n = x.shape[0] // micro
+        for k in range(micro):
+            sl = slice(k * n, (k + 1) * n)
+            if ddp is not None:
+                with ddp.no_sync():  # the optimizer averages; DDP's reducer must stay out of it
+                    losses = losses_of(ddp, x[sl], ya[sl], yb[sl])
+            else:
+                losses = losses_of(model, x[sl], ya[sl], yb[sl])
+            # Each loss is a mean over its micro-batch; scale so the sum over micro-batches is the batch mean.
+            opt.backward([loss / micro for loss in losses], combine=combine_each or k == micro - 1)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)  # clipping sees the combined, averaged direction
+        opt.step()
+        coefs.append(opt.last.coefficients.clone())
+    return [p.detach().clone() for p in params], torch.stack(coefs)
+
+
+SCENARIOS = {
+    "plain": dict(),
+    "ddp": dict(ddp=True),
+    "accumulate_combine_each": dict(micro=2, combine_each=True),
+    "ddp_accumulate": dict(ddp=True, micro=2),
+    "off": dict(distributed=False),
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        per = BATCH // WORLD
+        shards = [(x[rank * per:(rank + 1) * per], ya[rank * per:(rank + 1) * per], yb[rank * per:(rank + 1) * per])
+                  for x, ya, yb in make_data()]
+        results = {}
+        for name, cfg in SCENARIOS.items():
+            cfg = dict(cfg)
+            model = make_model()
+            ddp = nn.parallel.DistributedDataParallel(model) if cfg.pop("ddp", False) else None
+            results[name] = train(model, list(model.parameters()), shards, ddp=ddp, **cfg)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs():
+    # The single-process reference first: it also warms up the lazy imports of torch.optim, which
+    # the forked ranks then inherit (fork, not spawn: a fresh interpreter costs seconds per rank).
+    model = make_model()
+    single = train(model, list(model.parameters()), make_data())
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    return ranks, single
+
+
+@pytest.mark.parametrize("scenario", ["plain", "ddp", "accumulate_combine_each", "ddp_accumulate"])
+def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
+    ranks, (single_params, single_coefs) = runs
+    for rank in ranks:
+        params, coefs = rank[scenario]
+        for p, q in zip(params, single_params):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(coefs, single_coefs, rtol=0, atol=1e-6)
+    # Every rank computed bit-identical coefficients and parameters.
+    assert torch.equal(ranks[0][scenario][1], ranks[1][scenario][1])
+    for p, q in zip(ranks[0][scenario][0], ranks[1][scenario][0]):
+        assert torch.equal(p, q)
+
+
+def test_without_averaging_ranks_disagree(runs):
+    """``distributed=False`` reproduces the bug of combining per-rank gradients: coefficients differ."""
+    ranks, _ = runs
+    assert not torch.allclose(ranks[0]["off"][1], ranks[1]["off"][1])
+
+
+def test_distributed_arguments_are_validated():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="distributed must be True or False"):
+        ConflictAverseOptimizer(base, distributed="yes")
+    with pytest.raises(ValueError, match="distributed=False"):
+        ConflictAverseOptimizer(base, distributed=False, process_group=object())
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        ConflictAverseOptimizer(base, process_group=object())
+
+
+def test_not_initialised_is_a_no_op():
+    """Without an initialised process group the optimizer behaves exactly as on one process."""
+    assert not dist.is_initialized()
+    model = make_model()
+    params, coefs = train(model, list(model.parameters()), make_data())
+    model2 = make_model()
+    params2, coefs2 = train(model2, list(model2.parameters()), make_data(), distributed=False)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
