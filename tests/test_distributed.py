@@ -56,7 +56,7 @@ def losses_of(model: nn.Module, x: torch.Tensor, ya: torch.Tensor, yb: torch.Ten
 
 
 def train(model: nn.Module, params, batches, *, distributed: bool = True, micro: int = 1, combine_each: bool = False,
-          ddp: nn.Module | None = None):
+          ddp: nn.Module | None = None, no_sync: bool = True):
     """3 AdamW steps; ``micro`` micro-batches per step; returns (parameters, coefficients per step)."""
     opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4, distributed=distributed)
     coefs = []
@@ -65,11 +65,11 @@ def train(model: nn.Module, params, batches, *, distributed: bool = True, micro:
         n = x.shape[0] // micro
         for k in range(micro):
             sl = slice(k * n, (k + 1) * n)
-            if ddp is not None:
+            if ddp is not None and no_sync:
                 with ddp.no_sync():  # the optimizer averages; DDP's reducer must stay out of it
                     losses = losses_of(ddp, x[sl], ya[sl], yb[sl])
             else:
-                losses = losses_of(model, x[sl], ya[sl], yb[sl])
+                losses = losses_of(ddp if ddp is not None else model, x[sl], ya[sl], yb[sl])
             # Each loss is a mean over its micro-batch; scale so the sum over micro-batches is the batch mean.
             opt.backward([loss / micro for loss in losses], combine=combine_each or k == micro - 1)
         torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)  # clipping sees the combined, averaged direction
@@ -81,6 +81,9 @@ def train(model: nn.Module, params, batches, *, distributed: bool = True, micro:
 SCENARIOS = {
     "plain": dict(),
     "ddp": dict(ddp=True),
+    # Without no_sync() DDP's reducer is armed but never fires: autograd.grad does not run the
+    # parameters' AccumulateGrad nodes, where DDP's hooks sit. Still exact, one all-reduce.
+    "ddp_without_no_sync": dict(ddp=True, no_sync=False),
     "accumulate_combine_each": dict(micro=2, combine_each=True),
     "ddp_accumulate": dict(ddp=True, micro=2),
     "off": dict(distributed=False),
@@ -118,7 +121,7 @@ def runs():
     return ranks, single
 
 
-@pytest.mark.parametrize("scenario", ["plain", "ddp", "accumulate_combine_each", "ddp_accumulate"])
+@pytest.mark.parametrize("scenario", ["plain", "ddp", "ddp_without_no_sync", "accumulate_combine_each", "ddp_accumulate"])
 def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
     ranks, (single_params, single_coefs) = runs
     for rank in ranks:
