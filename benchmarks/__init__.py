@@ -1,0 +1,1 @@
+"""Benchmarks of ``cagrad_clip`` (not part of the installed package)."""

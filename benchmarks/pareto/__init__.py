@@ -1,0 +1,1 @@
+"""Synthetic Pareto benchmarks: ``python -m benchmarks.pareto``."""

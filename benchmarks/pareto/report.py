@@ -1,0 +1,133 @@
+"""Markdown report and matplotlib figures (Agg backend, small PNGs)."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .common import Section  # noqa: E402
+
+DPI = 100
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def toy_figure(path: Path, traj: torch.Tensor, rows: list, variant: int, methods: Sequence, w1_values: Sequence[float],
+               scale1: float, opt_pts: torch.Tensor, pset: np.ndarray, contour: Callable, title: str) -> None:
+    """Rows: user weights; columns: methods; each panel: contours of L_w and every start's path."""
+    nr, nc = len(w1_values), len(methods)
+    fig, axes = plt.subplots(nr, nc, figsize=(2.0 * nc, 2.0 * nr), sharex=True, sharey=True, squeeze=False)
+    for a, w1 in enumerate(w1_values):
+        sel = [i for i, r in enumerate(rows) if r[0] == variant and r[2] == w1]
+        for k, meth in enumerate(methods):
+            ax = axes[a, k]
+            contour(ax, w1, scale1)
+            ax.plot(pset[:, 0], pset[:, 1], color="tab:green", lw=2)
+            for j, i in enumerate(sel):
+                path_ = traj[:, k, i].numpy()
+                ax.plot(path_[:, 0], path_[:, 1], color=COLORS[j % len(COLORS)], lw=1)
+                ax.plot(path_[0, 0], path_[0, 1], "o", color=COLORS[j % len(COLORS)], ms=3)
+                ax.plot(path_[-1, 0], path_[-1, 1], "x", color="k", ms=4)
+            o = opt_pts[sel[0]].numpy()
+            ax.plot(o[0], o[1], "*", color="red", ms=8)
+            ax.set_xlim(-10, 10)
+            ax.set_ylim(-10, 10)
+            ax.tick_params(labelsize=6)
+            if a == 0:
+                ax.set_title(meth.label, fontsize=7)
+            if k == 0:
+                ax.set_ylabel(f"w1 = {w1}", fontsize=8)
+    fig.suptitle(title + " (green: Pareto set, red star: x*(w), x: end)", fontsize=9)
+    save(fig, path)
+
+
+def curves_figure(path: Path, panels: list[tuple[str, list[int], dict[str, np.ndarray]]], ylabel: str,
+                  title: str, logy: bool = True, ncols: int = 3) -> None:
+    """Panels of per-method curves (median over runs, band = 25-75 %)."""
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows), squeeze=False)
+    for p, (name, steps, curves) in enumerate(panels):
+        ax = axes[p // ncols, p % ncols]
+        for j, (label, vals) in enumerate(curves.items()):
+            med = np.median(vals, axis=1)
+            lo, hi = np.percentile(vals, 25, axis=1), np.percentile(vals, 75, axis=1)
+            ax.plot(steps, med, color=COLORS[j % len(COLORS)], lw=1.2, label=label)
+            ax.fill_between(steps, lo, hi, color=COLORS[j % len(COLORS)], alpha=0.15)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+    for p in range(n, nrows * ncols):
+        axes[p // ncols, p % ncols].axis("off")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]],
+                  xlabel: str, ylabel: str, title: str, ncols: int = 4) -> None:
+    """2-D objective-space panels: reference front (line), each method's final points, targets."""
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.8 * nrows), squeeze=False)
+    markers = "os^vDP*X"
+    for p, (name, front, pts, targets) in enumerate(panels):
+        ax = axes[p // ncols, p % ncols]
+        if front is not None:
+            ax.plot(front[:, 0], front[:, 1], color="0.5", lw=1, label="reference front")
+        if targets is not None:
+            ax.plot(targets[:, 0], targets[:, 1], "k+", ms=7, label="w-optimum")
+        for j, (label, v) in enumerate(pts.items()):
+            ax.plot(v[:, 0], v[:, 1], markers[j % len(markers)], color=COLORS[j % len(COLORS)], ms=3.5,
+                    alpha=0.8, label=label, mfc="none")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+    for p in range(n, nrows * ncols):
+        axes[p // ncols, p % ncols].axis("off")
+    axes[0, 0].legend(fontsize=5)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def machine_line() -> str:
+    import os
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+
+
+def write_report(out: Path, sections: list[Section], header: str, wall: float) -> Path:
+    """Write ``report.md`` with every table and figure link; returns its path."""
+    lines = ["# Synthetic Pareto benchmarks\n", header, f"\nMachine: {machine_line()}. Wall time: {wall:.0f} s.\n"]
+    lines.append("\n## Summary\n")
+    lines += [f"- {s.summary} ({s.seconds:.0f} s)\n" for s in sections]
+    for s in sections:
+        lines.append(f"\n## {s.title}\n\n")
+        lines.append(s.markdown)
+        for f in s.figures:
+            lines.append(f"\n![{f}]({f})\n")
+    path = out / "report.md"
+    path.write_text("".join(lines))
+    return path
