@@ -253,6 +253,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="local pretrained checkpoint (directory) instead of the tiny model")
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters only (needs peft)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (the tiny model gains nothing from more, and a busy machine loses a lot)")
     ap.add_argument("--out", default=None, help="write the result table (markdown) to this file")
     return ap.parse_args(argv)
 
@@ -290,7 +292,18 @@ def build(args: argparse.Namespace, rng: random.Random):
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Train, evaluate, print (and optionally write) the table; returns the numbers."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, object]:
     weights = [float(x) for x in args.weights.split(",")]
     if len(weights) != len(OBJECTIVES):
         raise SystemExit(f"--weights needs {len(OBJECTIVES)} numbers for {OBJECTIVES}")
