@@ -230,14 +230,23 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
     s = (c * anchor_n).unsqueeze(-1)  # (*B, 1)
 
     # Start at the best vertex: F(e_j) = b_j + s sqrt(H_jj). For m = 2 one step is then exact.
-    vertex_values = b + s * diag_n.sqrt()
+    # Zero gradients (H_jj = 0) are kinks of F: F = 0 wherever G p = 0 and the gradient formula
+    # says nothing about which mixture escapes (from e_j with g_j = 0, every single vertex may look
+    # uphill while a mix of two is downhill). So iterate over the other vertices only; F is
+    # 1-homogeneous, so min F = min(min over those, 0) and a zero vertex wins only if F(p) > 0.
+    zero_vertex = diag_n <= zero_tol
+    zero_vertex = zero_vertex & ~zero_vertex.all(-1, keepdim=True)  # all zero: nothing to exclude
+    vertex_values = torch.where(zero_vertex, torch.full_like(b, torch.inf), b + s * diag_n.sqrt())
     idx = torch.arange(m, device=H.device)
     p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
 
     s = s.squeeze(-1)
     for _ in range(max_iter):
-        p = _pairwise_fw_step(Hn, b, s, p, zero_tol, idx)
+        p = _pairwise_fw_step(Hn, b, s, p, zero_tol, idx, zero_vertex)
         p = _face_newton_step(Hn, b, s, p, zero_tol)
+    value = (b * p).sum(-1) + s * _quad_form(Hn, p).clamp_min(0.0).sqrt()
+    first_zero = (idx == zero_vertex.to(torch.int8).argmax(-1, keepdim=True)).to(H.dtype)
+    p = torch.where((zero_vertex.any(-1) & (value > 0)).unsqueeze(-1), first_zero, p)
 
     grad, _, quad = _dual_gradient(Hn, b, s.unsqueeze(-1), p, zero_tol)
     fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)
@@ -327,14 +336,16 @@ def _move(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, Hp: Tensor, q0: Tensor, d
     return torch.where(dropped, torch.zeros_like(p_next), p_next)
 
 
-def _pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float, idx: Tensor) -> Tensor:
+def _pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float, idx: Tensor,
+                      excluded: Tensor) -> Tensor:
     """One pairwise Frank-Wolfe step: move mass from the worst active vertex to the best vertex.
 
     Moving the whole mass of the away vertex (a drop step) leaves an exact zero, so the active
-    set stays clean. Problems whose FW gap is at rounding level do not move.
+    set stays clean. Problems whose FW gap is at rounding level do not move. ``excluded``
+    vertices (zero gradients) are never chosen as the best vertex.
     """
     grad, Hp, q0 = _dual_gradient(Hn, b, s.unsqueeze(-1), p, zero_tol)
-    best = grad.argmin(-1, keepdim=True)
+    best = torch.where(excluded, torch.full_like(grad, torch.inf), grad).argmin(-1, keepdim=True)
     away = torch.where(p > 0, grad, torch.full_like(grad, -torch.inf)).argmax(-1, keepdim=True)
     gap = (grad * p).sum(-1) - grad.gather(-1, best).squeeze(-1)
     to_best, from_away = (idx == best).to(p.dtype), (idx == away).to(p.dtype)
