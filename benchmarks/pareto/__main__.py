@@ -1,0 +1,81 @@
+"""CLI: ``python -m benchmarks.pareto [--quick] [--out DIR] [--problems ...] [--methods ...] [--seeds ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import preference, quadratic, report, toy, vlmop2
+from .common import Config, Section
+from .methods import DEFAULT_METHODS, build_methods, get_methods, torchjd_available
+
+PROBLEMS = {"toy": toy.run, "quadratic": quadratic.run, "vlmop2": vlmop2.run, "preference": preference.run}
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> list[Section]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pareto", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("results/pareto"), help="report folder")
+    parser.add_argument("--quick", action="store_true", help="reduced budgets (CI): under 2 minutes on 2 cores")
+    parser.add_argument("--problems", nargs="+", help=f"subset of {list(PROBLEMS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", help=f"subset of {list(build_methods())} (default: ours + baselines, "
+                        "plus the TorchJD peers when torchjd is installed)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--c", type=float, default=0.4, help="trust-region radius of the CAGrad family (default 0.4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny tensors)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    problems = _split(args.problems) or list(PROBLEMS)
+    unknown = [p for p in problems if p not in PROBLEMS]
+    if unknown:
+        parser.error(f"unknown problem(s) {unknown}; choose from {list(PROBLEMS)}")
+    names = _split(args.methods)
+    note = ""
+    if names is None:
+        names = list(DEFAULT_METHODS)
+        if torchjd_available():
+            names += ["torchjd-upgrad", "torchjd-cagrad"]
+        else:
+            note = ("TorchJD peers (UPGrad, CAGrad) skipped: `torchjd` is not installed "
+                    "(`pip install torchjd` to add them).")
+    try:
+        methods = get_methods(names, args.c)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if any(m.external for m in methods) and not torchjd_available():
+        parser.error("the torchjd-* methods need `pip install torchjd`")
+    seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = Config(out=args.out, methods=methods, seeds=seeds, quick=args.quick, progress=not args.no_progress, c=args.c)
+    if note:
+        print(note, file=sys.stderr)
+    start = time.perf_counter()
+    sections = []
+    header = (f"Command: `python -m benchmarks.pareto{' --quick' if args.quick else ''}` (seeds {seeds}, "
+              f"methods {names}, c = {args.c}, float64, {args.threads} torch thread(s)). "
+              "Every method runs through the same loop with the same optimizer, learning rate and step budget "
+              "per problem; no per-method tuning.\n" + (f"\n{note}\n" if note else ""))
+    for name in problems:
+        sections.append(PROBLEMS[name](cfg))
+        path = report.write_report(args.out, sections, header, time.perf_counter() - start)  # incremental
+    wall = time.perf_counter() - start
+    path = report.write_report(args.out, sections, header, wall)
+    print(f"report: {path} ({wall:.0f} s)")
+    for s in sections:
+        print(s.summary)
+    return sections
+
+
+if __name__ == "__main__":
+    main()
