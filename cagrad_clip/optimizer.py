@@ -119,7 +119,9 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         self.last: StepDiagnostics | None = None
         self.skipped_steps = 0
         self._written: Tensor | None = None  # coefficients whose direction is currently in .grad
+        self._grad_marker: Tensor | None = None  # a .grad we wrote into: if it is replaced, someone reset .grad
         self._combined = False
+        self._stepped = False
 
     # ----------------------------------------------------------------- settings
     def _configure(
@@ -208,6 +210,23 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         self._grads.reset()
         self._written = None
         self._combined = False
+        self._stepped = False
+
+    def _start_fresh_if_stale(self) -> None:
+        """Begin a new accumulation if the last one was stepped on or ``.grad`` was reset elsewhere.
+
+        Frameworks such as the Hugging Face ``Trainer`` call ``model.zero_grad()`` instead of the
+        optimizer's: then ``.grad`` no longer holds our direction, and neither it nor the old
+        per-objective gradients may be carried into the next step. Host-side checks only.
+        """
+        if not self._grads.accumulated:
+            return
+        replaced = self._written is not None and self._grads.params[0].grad is not self._grad_marker
+        if self._stepped or replaced:
+            self._grads.reset()
+            self._written = None
+            self._combined = False
+            self._stepped = False
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict nested under ``"base"``, and this wrapper's settings."""
@@ -276,6 +295,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
             if self._grads.accumulated:
                 raise RuntimeError("the trainable parameters changed during gradient accumulation; call zero_grad() first")
             self._build_layout()
+        self._start_fresh_if_stale()
         if self._written is not None:
             # .grad holds the combination of the previous accumulation: take it out before adding more.
             self._grads.add_combination_to_grads(self._written, alpha=-1.0)
@@ -314,6 +334,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         cosines = torch.where(outer > 0, gram / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(gram))
         self._grads.add_combination_to_grads(solution.coefficients)
         self._written = solution.coefficients
+        self._grad_marker = self._grads.params[0].grad
         self._combined = True
         self.last = StepDiagnostics(
             gram=gram,
@@ -337,6 +358,10 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         ``step(losses)`` is ``backward(losses)`` then ``step()``. ``step()`` alone uses what was
         accumulated since :meth:`zero_grad` (solving once if not yet combined). ``closure``, if
         given, is called with grad enabled and must return the list of losses.
+
+        After a step the next :meth:`backward` starts a new accumulation of per-objective
+        gradients even without :meth:`zero_grad`; its direction is then added to ``.grad`` as
+        torch adds gradients (call ``zero_grad()`` first, as usual, to replace it).
         """
         if closure is not None:
             if losses is not None:
@@ -346,6 +371,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         if losses is not None:
             self.backward(losses)
         self.combine()
+        self._stepped = True  # the next backward() starts a new accumulation
         if self.nonfinite != "ignore":
             assert self.last is not None
             finite = self.last.finite

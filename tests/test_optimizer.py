@@ -385,3 +385,35 @@ def test_losses_count_must_stay_fixed_within_an_accumulation():
     opt.backward(head_losses(trunk, heads, x, y))
     with pytest.raises(ValueError, match="2 objectives were accumulated"):
         opt.backward(head_losses(trunk, heads, x, y) + [(trunk(x) ** 2).mean()])
+
+
+def test_model_zero_grad_between_steps_starts_a_fresh_accumulation():
+    """Frameworks that call model.zero_grad() (HF Trainer) must not carry old gradients over."""
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    ours = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
+    reference = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1))
+    for _ in range(3):
+        trunk.zero_grad()
+        heads.zero_grad()  # not ours.zero_grad()
+        ours.step(head_losses(trunk, heads, x, y))
+        reference.zero_grad()
+        reference.step(head_losses(twin_trunk, twin_heads, x, y))
+    for p, q in zip(list(trunk.parameters()) + list(heads.parameters()), list(twin_trunk.parameters()) + list(twin_heads.parameters())):
+        assert torch.equal(p, q)
+
+
+def test_without_any_zero_grad_grad_accumulates_like_torch_but_objectives_restart():
+    trunk, heads = mlp_with_heads()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.0))
+    opt.step(head_losses(trunk, heads, x, y))
+    first = trunk[0].weight.grad.clone()
+    opt.step(head_losses(trunk, heads, x, y))  # lr 0: same parameters, same direction
+    torch.testing.assert_close(trunk[0].weight.grad, 2 * first, rtol=1e-12, atol=1e-12)
+    # The Gram is that of one batch (a fresh accumulation), not of two batches summed.
+    params = list(trunk.parameters()) + list(heads.parameters())
+    g = per_objective_grads(head_losses(trunk, heads, x, y), params)
+    flat = torch.stack([torch.cat([(t if t is not None else torch.zeros_like(p)).flatten() for t, p in zip(gs, params)]) for gs in g])
+    torch.testing.assert_close(opt.last.gram[0, 0], flat[0] @ flat[0])
