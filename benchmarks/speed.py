@@ -431,7 +431,7 @@ def machine() -> str:
 
 def render(solver_rows: list[dict], step_rows: list[dict], args: argparse.Namespace, header: str) -> str:
     out = [f"# Speed at the floor\n\nCommand: `python -m benchmarks.speed{' --compile' if args.compile else ''}"
-           f"{' --quick' if args.quick else ''}`  \nMachine: {header}\n"]
+           f"{' --quick' if args.quick else ''}{f' --threads {args.threads}' if args.threads else ''}`  \nMachine: {header}\n"]
     if solver_rows:
         out.append("## 1. Dual solver: time per call (ms, median) and accuracy\n")
         out.append("Accuracy: `(F(p) - F_ref) / max_i H_ii`, median / max over the accuracy problems "
@@ -478,8 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="solver,step", help="comma list of: solver, step")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's); 1 avoids thread-pool wake-up latency on a loaded machine")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     warnings.filterwarnings("ignore")
 
@@ -493,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         repeats, n_acc, peer_sample = args.repeats or 5, 2, 2
     else:
         ms_solver, batches, kinds, ms_step = [2, 4, 8, 16, 32, 64], [1, 1024], ["mlp-512", "mlp-2048", "transformer"], [2, 4, 8]
-        repeats, n_acc, peer_sample = args.repeats or 21, 8, 8
+        repeats, n_acc, peer_sample = args.repeats or 15, 6, 4
     solver_rows = solver_section(ms_solver, batches, repeats, n_acc, peer_sample, args.compile, log) if "solver" in sections else []
-    step_rows = step_section(kinds, ms_step, max(5, repeats // 2), not args.no_memory, log) if "step" in sections else []
+    step_rows = step_section(kinds, ms_step, max(5, (2 * repeats) // 3), not args.no_memory, log) if "step" in sections else []
     text = render(solver_rows, step_rows, args, header)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
