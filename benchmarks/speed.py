@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's); 1 avoids thread-pool wake-up latency on a loaded machine")
+    parser.add_argument("--ms", default=None, help="comma list of m for the solver section (default 2,4,8,16,32,64)")
+    parser.add_argument("--batches", default=None, help="comma list of solver batch sizes (default 1,1024)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -519,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ms_solver, batches, kinds, ms_step = [2, 4, 8, 16, 32, 64], [1, 1024], ["mlp-512", "mlp-2048", "transformer"], [2, 4, 8]
         repeats, n_acc, peer_sample = args.repeats or 15, 6, 4
+    if args.ms:
+        ms_solver = [int(v) for v in args.ms.split(",")]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
     solver_rows = solver_section(ms_solver, batches, repeats, n_acc, peer_sample, args.compile, log) if "solver" in sections else []
     step_rows = step_section(kinds, ms_step, max(5, (2 * repeats) // 3), not args.no_memory, log) if "step" in sections else []
     text = render(solver_rows, step_rows, args, header)
