@@ -98,7 +98,7 @@ def weight_sweep(m: int, quick: bool) -> list[list[float]]:
 
 def run(cfg: Config) -> Section:
     t0 = time.perf_counter()
-    steps = 150 if cfg.quick else 400
+    steps = 150 if cfg.quick else 300
     md = [f"K = {K} contexts x Y = {Y} responses, d = {D} features, linear softmax policy, reference = uniform "
           f"(theta = 0, also the start), {N_PAIRS} shared preference pairs per task labelled per objective by "
           f"Bradley-Terry, DPO beta = {BETA}; Adam lr {LR}, {steps} full-batch steps, c = {cfg.c}; seeds {cfg.seeds}. "

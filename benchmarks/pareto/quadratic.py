@@ -77,7 +77,7 @@ def losses(A: Tensor, u: Tensor, x: Tensor) -> Tensor:
 
 def run(cfg: Config) -> Section:
     t0 = time.perf_counter()
-    steps = 150 if cfg.quick else 600
+    steps = 150 if cfg.quick else 400
     md = [f"n = {DIM}, plain gradient descent with lr {LR} for every method (eigenvalues of each A_i in "
           f"[1/kappa, 1], so every L_w is 2-smooth), {steps} steps, c = {cfg.c}, seeds {cfg.seeds} "
           f"(one instance and start per seed). 'Pareto dist' is the distance to the nearest of "
