@@ -244,9 +244,21 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
     p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
 
     s = s.squeeze(-1)
-    for _ in range(max_iter):
-        p = _pairwise_fw_step(Hn, b, s, p, kink_tol, idx, zero_vertex)
-        p = _face_newton_step(Hn, b, s, p, kink_tol)
+    if m == 2 and max_iter > 0:
+        # Exact: one line search over the whole edge from e_1 to e_2 (RACO's two-objective case).
+        gamma = _exact_line_search(
+            b[..., 1] - b[..., 0],
+            s,
+            diag_n[..., 0],
+            2.0 * (Hn[..., 0, 1] - diag_n[..., 0]),
+            (diag_n[..., 0] + diag_n[..., 1] - 2.0 * Hn[..., 0, 1]).clamp_min(0.0),
+            torch.ones_like(s),
+        )
+        p = torch.stack([1.0 - gamma, gamma], dim=-1)
+    else:
+        for _ in range(max_iter):
+            p = _pairwise_fw_step(Hn, b, s, p, kink_tol, idx, zero_vertex)
+            p = _face_newton_step(Hn, b, s, p, kink_tol)
     value = (b * p).sum(-1) + s * _quad_form(Hn, p).clamp_min(0.0).sqrt()
     first_zero = (idx == zero_vertex.to(torch.int8).argmax(-1, keepdim=True)).to(H.dtype)
     p = torch.where((zero_vertex.any(-1) & (value > 0)).unsqueeze(-1), first_zero, p)
@@ -300,8 +312,10 @@ def _exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Ten
 
     ``h`` is the dual objective along a segment. The minimiser is an endpoint or a real root of
     ``(beta1^2 q2 - s^2 q2^2) g^2 + (beta1^2 q1 - s^2 q1 q2) g + beta1^2 q0 - s^2 q1^2 / 4``;
-    squaring adds spurious roots, so ``h(g) - h(0)`` is evaluated (cancellation-free) at all four
-    candidates and the smallest wins (ties go to ``g = 0``: no move). Roots come from the cancellation-free quadratic formula.
+    squaring adds spurious roots, so ``h(g) - h(0)`` is evaluated (cancellation-free) at every
+    candidate and the smallest wins (ties go to ``g = 0``: no move). Roots come from the
+    cancellation-free quadratic formula. One more candidate is the kink ``g = -q1 / (2 q2)``,
+    where the segment may pass through ``G p = 0`` and ``h`` is not differentiable.
     """
     beta_sq, s_sq = beta1 * beta1, s * s
     qa = beta_sq * q2 - s_sq * q2 * q2
@@ -309,7 +323,8 @@ def _exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Ten
     qc = beta_sq * q0 - 0.25 * s_sq * q1 * q1
     root = (qb * qb - 4.0 * qa * qc).clamp_min(0.0).sqrt()
     half = -0.5 * (qb + torch.where(qb >= 0, root, -root))
-    candidates = torch.stack([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half], dim=-1)
+    kink = -0.5 * q1 / q2
+    candidates = torch.stack([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half, kink], dim=-1)
     candidates = torch.nan_to_num(candidates, nan=0.0, posinf=0.0, neginf=0.0)
     candidates = torch.minimum(candidates.clamp_min(0.0), gamma_max.unsqueeze(-1))
     # Compare h(g) - h(0) = beta1 g + s (Q(g) - q0) / (sqrt(Q(g)) + sqrt(q0)), Q(g) - q0 = g (q1 + q2 g):
