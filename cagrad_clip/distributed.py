@@ -12,17 +12,25 @@ un-averaged per-rank gradients gives each rank its own coefficients, and DDP the
 directions that were combined with different weights.
 
 The collective is asynchronous on accelerators (NCCL) and never reads a value on the host.
-See ``docs/distributed.md`` for DDP (``no_sync()``) and for the sharded (FSDP2) design.
+See ``docs/distributed.md`` for DDP (``no_sync()``).
+
+Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard`` on a 1-D mesh): each rank holds only
+its shard of every objective's gradient, already averaged over the ranks by FSDP's reduce-scatter.
+The Gram of the full gradients is then the SUM over ranks of the shard Grams (the rows' inner
+products decompose over disjoint coordinate slices): one all-reduce of ``m * m`` numbers
+(:func:`sum_across_ranks`). :func:`sharded_layout` validates the parameters (host-side, at
+construction) and returns the mesh's process group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["check_distributed", "active_group", "average_across_ranks"]
+__all__ = ["check_distributed", "active_group", "average_across_ranks", "sharded_layout", "sum_across_ranks"]
 
 
 def check_distributed(distributed: Any, process_group: Any) -> None:
@@ -61,4 +69,54 @@ def average_across_ranks(tensor: Tensor, group: Any, world_size: int) -> Tensor:
     """
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     tensor.div_(world_size)
+    return tensor
+
+
+def _dtensor_types() -> tuple[Any, Any] | None:
+    """``(DTensor, Shard)``, or ``None`` when this torch build has no ``torch.distributed.tensor``."""
+    if not dist.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - builds without DTensor
+        return None
+    return DTensor, Shard
+
+
+def sharded_layout(params: Sequence[Tensor]) -> Any:
+    """The process group to sum shard Grams over if ``params`` are DTensors, else ``None``.
+
+    Supported: every parameter a DTensor placed ``Shard(dim)`` on one and the same 1-D device
+    mesh, as FSDP2's ``fully_shard`` makes them. Raises naming the problem for a mix of DTensor
+    and plain parameters, several meshes, a multi-dimensional mesh (HSDP) or a ``Replicate``
+    placement (those would need the Gram reduced over a sub-group; not implemented). Host-side only.
+    """
+    types = _dtensor_types()
+    if types is None:
+        return None
+    dtensor, shard = types
+    flags = [isinstance(p, dtensor) for p in params]
+    if not any(flags):
+        return None
+    if not all(flags):
+        plain = flags.index(False)
+        raise ValueError(
+            f"parameter {plain} (shape {tuple(params[plain].shape)}) is a plain tensor but others are DTensors "
+            "(FSDP2 fully_shard): shard every trainable parameter the optimizer updates, or none"
+        )
+    mesh = params[0].device_mesh
+    for i, p in enumerate(params):
+        if p.device_mesh is not mesh and p.device_mesh != mesh:
+            raise NotImplementedError(f"parameter {i} lives on a different device mesh; one mesh for all parameters is supported")
+        if mesh.ndim != 1 or len(p.placements) != 1 or not isinstance(p.placements[0], shard):
+            raise NotImplementedError(
+                f"parameter {i} has placements {tuple(p.placements)} on a {mesh.ndim}-D mesh; only Shard(dim) on a "
+                "1-D mesh (FSDP2 fully_shard) is supported (HSDP / Replicate placements are not implemented)"
+            )
+    return mesh.get_group()
+
+
+def sum_across_ranks(tensor: Tensor, group: Any) -> Tensor:
+    """Sum ``tensor`` in place over ``group`` (all-reduce SUM); asynchronous on NCCL, no host read."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor

@@ -4,6 +4,13 @@ The buffer holds row ``i`` = the gradient of objective ``i`` with respect to eve
 parameter, flattened and concatenated (shared parameters first, so the shared block is the
 column slice ``[:, :shared_numel]``). The Gram is one matmul on that slice and the combined
 direction ``sum_i a_i g_i`` is one vector-matrix product, written into ``.grad`` through views.
+
+Sharded parameters (DTensors from FSDP2 ``fully_shard``): the buffer holds this rank's *local
+shards* only, ``(m, D_r)``. ``torch.autograd.grad`` cannot reach them (FSDP's forward runs on
+all-gathered unsharded parameters), so each objective gets ``loss_i.backward()`` and FSDP's own
+hooks reduce-scatter (and average over ranks) into the sharded ``.grad``, which is copied into row
+``i`` and reset; ``.grad`` as it was before is restored afterwards. The Gram of the shard is local;
+the caller sums it over the ranks (``distributed.sum_across_ranks``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .distributed import sharded_layout
 
 __all__ = ["ObjectiveGradients", "check_losses"]
 
@@ -65,7 +74,11 @@ class ObjectiveGradients:
         self.params = list(params)
         self.device = params[0].device
         self.dtype = dtype
-        self.numels = [p.numel() for p in self.params]
+        #: process group of the shards (DTensor parameters) or ``None`` (plain parameters).
+        self.shard_group = sharded_layout(self.params)
+        self.sharded = self.shard_group is not None
+        self.shapes = [p.to_local().shape if self.sharded else p.shape for p in self.params]
+        self.numels = [s.numel() for s in self.shapes]
         self.shared_numel = sum(self.numels[:shared_count])
         self.numel = sum(self.numels)
         self.buffer: Tensor | None = None
@@ -81,7 +94,26 @@ class ObjectiveGradients:
         self.accumulated = False
 
     def _views(self, flat: Tensor) -> list[Tensor]:
-        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.params)]
+        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+
+    def _sharded_backward(self, loss: Tensor, retain_graph: bool) -> list[Tensor | None]:
+        """This rank's shard of ``d loss / d params`` (averaged over ranks by FSDP), via ``.backward()``.
+
+        Expects every ``.grad`` to be ``None`` (the caller stashes them) and leaves them ``None``.
+        """
+        loss.backward(retain_graph=retain_graph)
+        grads: list[Tensor | None] = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            p.grad = None
+            if g is not None and getattr(g, "placements", None) != p.placements:
+                raise RuntimeError(
+                    f"parameter {i}'s .grad after backward has placements {getattr(g, 'placements', 'none (a plain tensor)')}, "
+                    f"not the parameter's {p.placements}: FSDP did not reduce-scatter it. Keep gradient sync on "
+                    "(do not call set_requires_gradient_sync(False)) while this optimizer accumulates"
+                )
+            grads.append(None if g is None else g.to_local())
+        return grads
 
     def accumulate(self, losses: Sequence[Tensor]) -> None:
         """Add ``d loss_i / d params`` to row ``i`` for every objective (m backward passes).
@@ -99,12 +131,30 @@ class ObjectiveGradients:
         fresh = not self.accumulated
         if self.buffer is None or self.buffer.shape[0] != m:
             self.buffer = torch.empty((m, self.numel), dtype=self.dtype, device=self.device)
+        stashed = [p.grad for p in self.params] if self.sharded else []
+        if self.sharded:
+            for p in self.params:
+                p.grad = None
+        try:
+            self._accumulate_rows(losses, fresh)
+        finally:
+            for p, g in zip(self.params, stashed):
+                p.grad = g
+        self.accumulated = True
+
+    def _accumulate_rows(self, losses: Sequence[Tensor], fresh: bool) -> None:
+        assert self.buffer is not None
+        m = len(losses)
         for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, self.params, retain_graph=i < m - 1, allow_unused=True)
+            if self.sharded:
+                grads = self._sharded_backward(loss, retain_graph=i < m - 1)
+            else:
+                grads = torch.autograd.grad(loss, self.params, retain_graph=i < m - 1, allow_unused=True)
             if all(g is None for g in grads):
                 raise ValueError(
                     f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is "
                     "computed from the model the optimizer updates"
+                    + (" (and, under FSDP, that gradient sync is on: set_requires_gradient_sync(True))" if self.sharded else "")
                 )
             views = self._views(self.buffer[i])
             present = [(v, g) for v, g in zip(views, grads) if g is not None]
@@ -115,10 +165,12 @@ class ObjectiveGradients:
                     torch._foreach_zero_(absent)
             else:
                 torch._foreach_add_([v for v, _ in present], [g for _, g in present])
-        self.accumulated = True
 
     def gram(self) -> Tensor:
-        """``H = G_shared G_shared^T`` (one matmul in the buffer's dtype, at least float32)."""
+        """``H = G_shared G_shared^T`` (one matmul in the buffer's dtype, at least float32).
+
+        For sharded parameters this is the Gram of this rank's shard; sum it over ``shard_group``.
+        """
         assert self.buffer is not None
         shared = self.buffer[:, : self.shared_numel]
         return shared @ shared.T
@@ -132,9 +184,12 @@ class ObjectiveGradients:
         existing_grads, existing_views = [], []
         for view, p in zip(self._views(direction), self.params):
             if p.grad is None:
-                p.grad = view.to(p.dtype) if p.dtype != self.dtype else view
+                local = view.to(p.dtype) if p.dtype != self.dtype else view
+                if self.sharded:  # this rank's shard of the direction, as a DTensor laid out like p
+                    local = type(p).from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                p.grad = local
             else:
-                existing_grads.append(p.grad)
+                existing_grads.append(p.grad.to_local() if self.sharded else p.grad)
                 existing_views.append(view)
         if existing_grads:
             torch._foreach_add_(existing_grads, existing_views)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .distributed import active_group, average_across_ranks, check_distributed
+from .distributed import active_group, average_across_ranks, check_distributed, sum_across_ranks
 from .dual import _solve, check_c, default_max_iter, normalize_weights, rescale_divisor
 from .gradients import ObjectiveGradients, check_losses
 
@@ -75,6 +75,10 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
             equals one process on the full batch. ``False`` turns it off (each rank combines its
             own gradients). With ``DistributedDataParallel``, run the forward under
             ``model.no_sync()``: this optimizer does the averaging (see ``docs/distributed.md``).
+            With FSDP2 (``fully_shard``, DTensor parameters, detected at construction) each
+            objective's gradient is taken with ``loss_i.backward()`` so FSDP reduce-scatters it,
+            and the Gram is the all-reduce (SUM) of the shard Grams; ``distributed=False`` is
+            then an error.
         process_group: the group to average over; ``None`` (default) is the default group.
 
     Example::
@@ -178,7 +182,18 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         dtype = torch.float32
         for p in ordered:
             dtype = torch.promote_types(dtype, p.dtype)
-        self._grads = ObjectiveGradients(ordered, len(shared_ids), dtype)
+        grads = ObjectiveGradients(ordered, len(shared_ids), dtype)
+        if grads.sharded and not self.distributed:
+            raise ValueError(
+                "the parameters are DTensor shards (FSDP2 fully_shard) but distributed=False: each rank would solve "
+                "on the Gram of its own shard only; keep distributed=True"
+            )
+        if grads.sharded and self.process_group is not None:
+            raise ValueError(
+                "process_group was given but the parameters are DTensor shards (FSDP2 fully_shard): the Gram is "
+                "summed over their device mesh's group; drop process_group"
+            )
+        self._grads = grads
         self._layout_key = self._current_layout_key()
 
     def _current_layout_key(self) -> tuple[int, ...]:
@@ -318,11 +333,16 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         if self._combined:
             assert self.last is not None
             return self.last
-        group, world_size = active_group(self.distributed, self.process_group)
-        if world_size > 1:  # host-side check; the all-reduce itself never syncs
-            assert self._grads.buffer is not None
-            average_across_ranks(self._grads.buffer, group, world_size)
-        gram = self._grads.gram()
+        if self._grads.sharded:
+            # FSDP already averaged every objective's gradient over the ranks (reduce-scatter);
+            # the full Gram is the sum of the shard Grams: one all-reduce of m * m numbers.
+            gram = sum_across_ranks(self._grads.gram(), self._grads.shard_group)
+        else:
+            group, world_size = active_group(self.distributed, self.process_group)
+            if world_size > 1:  # host-side check; the all-reduce itself never syncs
+                assert self._grads.buffer is not None
+                average_across_ranks(self._grads.buffer, group, world_size)
+            gram = self._grads.gram()
         m = gram.shape[-1]
         w = self._weights_for(m, gram.device, gram.dtype)
         max_iter = default_max_iter(m) if self.max_iter is None else self.max_iter

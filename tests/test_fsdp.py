@@ -1,0 +1,147 @@
+"""FSDP2 (``fully_shard``, DTensor shards): 2 gloo ranks (forked CPU processes) against one process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cagrad_clip import ConflictAverseOptimizer
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
+)
+
+WORLD = 2
+STEPS = 3
+BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
+WEIGHTS = [0.8, 0.2]
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        f64 = dict(dtype=torch.float64)
+        # 7 outputs: the (7, 8) weight and (7,) bias do not split evenly over 2 ranks (FSDP pads).
+        self.l1 = nn.Linear(5, 8, **f64)
+        self.l2 = nn.Linear(8, 7, **f64)
+        self.head_a = nn.Linear(7, 1, **f64)
+        self.head_b = nn.Linear(7, 1, **f64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.l2(torch.tanh(self.l1(x))))
+        return self.head_a(h), self.head_b(h)
+
+
+def make_model() -> TwoHeads:
+    torch.manual_seed(0)
+    return TwoHeads()
+
+
+def make_data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 5, generator=g, dtype=torch.float64)
+        ya = x[:, :1] * 2 + 0.1 * torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
+        yb = -x[:, :1] + x[:, 1:2] ** 2  # conflicts with ya on the shared layers
+        out.append((x, ya, yb))
+    return out
+
+
+def train(model: nn.Module, batches, *, micro: int = 1):
+    """3 AdamW steps with max-norm clipping; returns (full parameters, coefficients, Grams)."""
+    params = list(model.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4)
+    coefs, grams = [], []
+    for x, ya, yb in batches:
+        opt.zero_grad()
+        n = x.shape[0] // micro
+        for k in range(micro):
+            sl = slice(k * n, (k + 1) * n)
+            a, b = model(x[sl])
+            losses = [((a - ya[sl]) ** 2).mean() / micro, ((b - yb[sl]) ** 2).mean() / micro]
+            opt.backward(losses, combine=k == micro - 1)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+        opt.step()
+        coefs.append(opt.last.coefficients.clone())
+        grams.append(opt.last.gram.clone())
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+    return [p.detach().clone() for p in full], torch.stack(coefs), torch.stack(grams)
+
+
+SCENARIOS = {"fsdp": dict(), "fsdp_accumulate": dict(micro=2)}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        per = BATCH // WORLD
+        shards = [tuple(t[rank * per:(rank + 1) * per] for t in batch) for batch in make_data()]
+        results = {}
+        for name, cfg in SCENARIOS.items():
+            model = make_model()
+            for layer in (model.l1, model.l2):
+                fsdp.fully_shard(layer)
+            fsdp.fully_shard(model)
+            results[name] = train(model, shards, **cfg)
+        # Unsupported mixes fail at construction with a message naming the problem.
+        model = make_model()
+        fsdp.fully_shard(model)
+        errors = []
+        for kwargs in (dict(distributed=False), dict(process_group=dist.group.WORLD)):
+            try:
+                ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+            except ValueError as e:
+                errors.append(str(e))
+        model = make_model()
+        fsdp.fully_shard(model.l1)
+        try:
+            ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        except ValueError as e:
+            errors.append(str(e))
+        results["errors"] = errors
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs():
+    single = train(make_model(), make_data())
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    return ranks, single
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fsdp_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
+    ranks, (single_params, single_coefs, single_grams) = runs
+    for rank in ranks:
+        params, coefs, grams = rank[scenario]
+        for p, q in zip(params, single_params):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(coefs, single_coefs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grams, single_grams, rtol=0, atol=1e-12)
+    # Both ranks solved the same all-reduced Gram: bit-identical coefficients and parameters.
+    assert torch.equal(ranks[0][scenario][1], ranks[1][scenario][1])
+    for p, q in zip(ranks[0][scenario][0], ranks[1][scenario][0]):
+        assert torch.equal(p, q)
+
+
+def test_fsdp_unsupported_mixes_are_rejected(runs):
+    ranks, _ = runs
+    errors = ranks[0]["errors"]
+    assert len(errors) == 3
+    assert "distributed=False" in errors[0]
+    assert "drop process_group" in errors[1]
+    assert "plain tensor but others are DTensors" in errors[2]
