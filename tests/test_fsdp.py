@@ -145,3 +145,13 @@ def test_fsdp_unsupported_mixes_are_rejected(runs):
     assert "distributed=False" in errors[0]
     assert "drop process_group" in errors[1]
     assert "plain tensor but others are DTensors" in errors[2]
+
+
+if __name__ == "__main__":  # python -m tests.test_fsdp: print the measured differences
+    (ranks, single) = runs.__wrapped__()
+    for name in SCENARIOS:
+        diffs = [max((p - q).abs().max().item() for r in ranks for p, q in zip(r[name][k], single[k]))
+                 if k == 0 else max((r[name][k] - single[k]).abs().max().item() for r in ranks) for k in range(3)]
+        same = torch.equal(ranks[0][name][1], ranks[1][name][1])
+        print(f"{name}: max |diff| params {diffs[0]:.1e}, coefficients {diffs[1]:.1e}, Gram {diffs[2]:.1e}; "
+              f"coefficients identical across ranks: {same}")
