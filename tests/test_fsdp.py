@@ -18,10 +18,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
 )
 
-WORLD = 2
-STEPS = 3
-BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
-WEIGHTS = [0.8, 0.2]
+from tests.test_distributed import BATCH, STEPS, WEIGHTS, WORLD, make_data  # same data as the DDP tests
 
 
 class TwoHeads(nn.Module):
@@ -42,17 +39,6 @@ class TwoHeads(nn.Module):
 def make_model() -> TwoHeads:
     torch.manual_seed(0)
     return TwoHeads()
-
-
-def make_data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS):
-        x = torch.randn(BATCH, 5, generator=g, dtype=torch.float64)
-        ya = x[:, :1] * 2 + 0.1 * torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
-        yb = -x[:, :1] + x[:, 1:2] ** 2  # conflicts with ya on the shared layers
-        out.append((x, ya, yb))
-    return out
 
 
 def train(model: nn.Module, batches, *, micro: int = 1):
