@@ -14,6 +14,10 @@ from .common import Config, Section
 from .methods import DEFAULT_METHODS, build_methods, get_methods, torchjd_available
 
 PROBLEMS = {"toy": toy.run, "quadratic": quadratic.run, "vlmop2": vlmop2.run, "preference": preference.run}
+#: Problems where the TorchJD peers join the default method list. They aggregate one Jacobian
+#: at a time (a Python loop over runs, cvxpy for CAGrad), which makes the 20k-step toy and the
+#: DPO sweeps take hours; name them with --methods to run them there anyway.
+PEER_PROBLEMS = ("quadratic", "vlmop2")
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -41,15 +45,21 @@ def main(argv: list[str] | None = None) -> list[Section]:
         parser.error(f"unknown problem(s) {unknown}; choose from {list(PROBLEMS)}")
     names = _split(args.methods)
     note = ""
+    peers: list[str] = []
     if names is None:
         names = list(DEFAULT_METHODS)
-        if torchjd_available():
-            names += ["torchjd-upgrad", "torchjd-cagrad"]
+        if torchjd_available() and not args.quick:
+            peers = ["torchjd-upgrad", "torchjd-cagrad"]
+            note = (f"TorchJD peers (UPGrad, CAGrad) run on {list(PEER_PROBLEMS)} by default (one Jacobian at a time: "
+                    "too slow for the long toy and DPO runs; request them with --methods).")
+        elif args.quick:
+            note = "TorchJD peers skipped in --quick mode (name them with --methods to include them)."
         else:
             note = ("TorchJD peers (UPGrad, CAGrad) skipped: `torchjd` is not installed "
                     "(`pip install torchjd` to add them).")
     try:
         methods = get_methods(names, args.c)
+        methods_with_peers = get_methods(names + peers, args.c)
     except ValueError as exc:
         parser.error(str(exc))
     if any(m.external for m in methods) and not torchjd_available():
@@ -63,10 +73,11 @@ def main(argv: list[str] | None = None) -> list[Section]:
     start = time.perf_counter()
     sections = []
     header = (f"Command: `python -m benchmarks.pareto{' --quick' if args.quick else ''}` (seeds {seeds}, "
-              f"methods {names}, c = {args.c}, float64, {args.threads} torch thread(s)). "
+              f"methods {names}{' + ' + str(peers) + ' on ' + str(list(PEER_PROBLEMS)) if peers else ''}, c = {args.c}, float64, {args.threads} torch thread(s)). "
               "Every method runs through the same loop with the same optimizer, learning rate and step budget "
               "per problem; no per-method tuning.\n" + (f"\n{note}\n" if note else ""))
     for name in problems:
+        cfg.methods = methods_with_peers if name in PEER_PROBLEMS else methods
         sections.append(PROBLEMS[name](cfg))
         path = report.write_report(args.out, sections, header, time.perf_counter() - start)  # incremental
     wall = time.perf_counter() - start
