@@ -230,22 +230,11 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
 
     b = (Hn @ w.unsqueeze(-1)).squeeze(-1)
     anchor_n = (w * b).sum(-1).clamp_min(0.0).sqrt()
-    s = (c * anchor_n).unsqueeze(-1)  # (*B, 1)
-
-    # Start at the best vertex: F(e_j) = b_j + s sqrt(H_jj). For m = 2 one step is then exact.
-    # Zero gradients (H_jj = 0) are kinks of F: F = 0 wherever G p = 0 and the gradient formula
-    # says nothing about which mixture escapes (from e_j with g_j = 0, every single vertex may look
-    # uphill while a mix of two is downhill). So iterate over the other vertices only; F is
-    # 1-homogeneous, so min F = min(min over those, 0) and a zero vertex wins only if F(p) > 0.
-    zero_vertex = diag_n <= kink_tol
-    zero_vertex = zero_vertex & ~zero_vertex.all(-1, keepdim=True)  # all zero: nothing to exclude
-    vertex_values = torch.where(zero_vertex, torch.full_like(b, torch.inf), b + s * diag_n.sqrt())
+    s = c * anchor_n  # the trust-region radius c ||g0||, normalised
     idx = torch.arange(m, device=H.device)
-    p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
-
-    s = s.squeeze(-1)
     if m == 2 and max_iter > 0:
         # Exact: one line search over the whole edge from e_1 to e_2 (RACO's two-objective case).
+        # It compares both vertices and every stationary point and kink, so zero gradients need no care.
         gamma = _exact_line_search(
             b[..., 1] - b[..., 0],
             s,
@@ -256,12 +245,21 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
         )
         p = torch.stack([1.0 - gamma, gamma], dim=-1)
     else:
+        # Start at the best vertex: F(e_j) = b_j + s sqrt(H_jj).
+        # Zero gradients (H_jj = 0) are kinks of F: F = 0 wherever G p = 0 and the gradient formula
+        # says nothing about which mixture escapes (from e_j with g_j = 0, every single vertex may look
+        # uphill while a mix of two is downhill). So iterate over the other vertices only; F is
+        # 1-homogeneous, so min F = min(min over those, 0) and a zero vertex wins only if F(p) > 0.
+        zero_vertex = diag_n <= kink_tol
+        zero_vertex = zero_vertex & ~zero_vertex.all(-1, keepdim=True)  # all zero: nothing to exclude
+        vertex_values = torch.where(zero_vertex, torch.full_like(b, torch.inf), b + s.unsqueeze(-1) * diag_n.sqrt())
+        p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
         for _ in range(max_iter):
             p = _pairwise_fw_step(Hn, b, s, p, kink_tol, idx, zero_vertex)
             p = _face_newton_step(Hn, b, s, p, kink_tol)
-    value = (b * p).sum(-1) + s * _quad_form(Hn, p).clamp_min(0.0).sqrt()
-    first_zero = (idx == zero_vertex.to(torch.int8).argmax(-1, keepdim=True)).to(H.dtype)
-    p = torch.where((zero_vertex.any(-1) & (value > 0)).unsqueeze(-1), first_zero, p)
+        value = (b * p).sum(-1) + s * _quad_form(Hn, p).clamp_min(0.0).sqrt()
+        first_zero = (idx == zero_vertex.to(torch.int8).argmax(-1, keepdim=True)).to(H.dtype)
+        p = torch.where((zero_vertex.any(-1) & (value > 0)).unsqueeze(-1), first_zero, p)
 
     grad, _, quad = _dual_gradient(Hn, b, s.unsqueeze(-1), p, kink_tol)
     fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)

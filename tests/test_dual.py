@@ -207,7 +207,9 @@ def test_permutation_equivariance(inst, rand) -> None:
     # the optimal value is unique whatever the degeneracy
     F = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c).dual_value.item()
     F_perm = solve_cagrad(torch.tensor(H[np.ix_(perm, perm)]), torch.tensor(w[perm]), c=c).dual_value.item()
-    assert F_perm == pytest.approx(F, rel=1e-9, abs=1e-12 * (np.abs(H).max() + 1e-300))
+    # Tolerance: solver accuracy. Near-kink instances (gradients ~1e-11 of the others, not exactly
+    # zero) are solved to ~1e-10 of the scale max|H| only (hypothesis found one at 2.5e-10).
+    assert F_perm == pytest.approx(F, rel=1e-9, abs=1e-9 * (np.abs(H).max() + 1e-300))
     ref = solve_dual_reference(H, w, c)
     # p is unique (and so is a) when G p* is away from 0 and the problem is not too degenerate;
     # compare directions, which are unique whenever the correction is defined.
