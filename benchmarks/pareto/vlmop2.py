@@ -49,7 +49,7 @@ def weighted_optimum_t(w1: float) -> float:
 def run(cfg: Config) -> Section:
     t0 = time.perf_counter()
     steps = 300 if cfg.quick else 600
-    w1s = [0.1, 0.3, 0.5, 0.7, 0.9] if cfg.quick else [round(v, 2) for v in np.linspace(0.05, 0.95, 11)]
+    w1s = [0.1, 0.3, 0.5, 0.7, 0.9] if cfg.quick else [round(float(v), 2) for v in np.linspace(0.05, 0.95, 11)]
     runs = [(s, w1) for s in cfg.seeds for w1 in w1s]
     x0 = torch.stack([
         2.0 * torch.rand(N, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64) - 1.0
