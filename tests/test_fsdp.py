@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
 )
 
-from tests.test_distributed import BATCH, STEPS, WEIGHTS, WORLD, make_data  # same data as the DDP tests
+from tests.test_distributed import BATCH, WEIGHTS, WORLD, make_data  # same data as the DDP tests
 
 
 class TwoHeads(nn.Module):
