@@ -70,16 +70,8 @@ def curves_figure(path: Path, panels: list[tuple[str, list[int], dict[str, np.nd
             ax.fill_between(steps, lo, hi, color=COLORS[j % len(COLORS)], alpha=0.15)
         if logy:
             ax.set_yscale("log")
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("step", fontsize=7)
-        ax.set_ylabel(ylabel, fontsize=7)
-    for p in range(n, nrows * ncols):
-        axes[p // ncols, p % ncols].axis("off")
-    axes[0, 0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save(fig, path)
+        _label_panel(ax, name, "step", ylabel)
+    _finish_grid(fig, axes, n, nrows, ncols, title, path, legend_size=6)
 
 
 def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]],
@@ -99,16 +91,8 @@ def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[st
         for j, (label, v) in enumerate(pts.items()):
             ax.plot(v[:, 0], v[:, 1], markers[j % len(markers)], color=COLORS[j % len(COLORS)], ms=3.5,
                     alpha=0.8, label=label, mfc="none")
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel(xlabel, fontsize=7)
-        ax.set_ylabel(ylabel, fontsize=7)
-    for p in range(n, nrows * ncols):
-        axes[p // ncols, p % ncols].axis("off")
-    axes[0, 0].legend(fontsize=5)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save(fig, path)
+        _label_panel(ax, name, xlabel, ylabel)
+    _finish_grid(fig, axes, n, nrows, ncols, title, path, legend_size=5)
 
 
 def machine_line() -> str:
@@ -131,3 +115,20 @@ def write_report(out: Path, sections: list[Section], header: str, wall: float) -
     path = out / "report.md"
     path.write_text("".join(lines))
     return path
+
+
+def _label_panel(ax, name: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(name, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+
+
+def _finish_grid(fig, axes, n: int, nrows: int, ncols: int, title: str, path: Path, legend_size: int) -> None:
+    """Blank the unused panels, legend on the first, title, save."""
+    for p in range(n, nrows * ncols):
+        axes[p // ncols, p % ncols].axis("off")
+    axes[0, 0].legend(fontsize=legend_size)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
