@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.dual import _exact_line_search, _solve, default_max_iter
+from cagrad_clip.dual import AUTO_EXACT_MAX_M, _exact_line_search, _solve, auto_solver, default_max_iter
 
 try:  # optional peer
     import torchjd
@@ -177,15 +177,21 @@ def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, 
     compiled_fns: dict = {}
     for m in ms:
         iters = default_max_iter(m)
+        auto = "auto"  # what users get (``auto_solver``: exact enumeration for small m and batches)
         # ---- accuracy on n_acc single problems (float64 numpy evaluation of every method's p)
         grams = random_grams(m, n_acc, seed=1000 + m)
-        points: dict[str, list[np.ndarray]] = {k: [] for k in ("ours fp32", "ours fp64", "TorchJD CAGrad", "SLSQP (official call)", "closed form")}
+        points: dict[str, list[np.ndarray]] = {k: [] for k in ("ours fp32", "ours fp64", "ours exact fp32", "ours Frank-Wolfe fp32",
+                                                               "TorchJD CAGrad", "SLSQP (official call)", "closed form")}
         refs = []
         for H in grams:
             Ht = torch.from_numpy(H)
             w64 = torch.full((m,), 1.0 / m, dtype=torch.float64)
-            points["ours fp64"].append(_solve(Ht, w64, C, False, 1.0, iters).dual.numpy())
-            points["ours fp32"].append(_solve(Ht.float(), w64.float(), C, False, 1.0, iters).dual.double().numpy())
+            points["ours fp64"].append(_solve(Ht, w64, C, False, 1.0, iters, auto).dual.numpy())
+            points["ours fp32"].append(_solve(Ht.float(), w64.float(), C, False, 1.0, iters, auto).dual.double().numpy())
+            if 2 < m <= AUTO_EXACT_MAX_M:  # the lever: both solvers where auto may pick either
+                for solver in ("exact", "frank_wolfe"):
+                    name = "ours exact fp32" if solver == "exact" else "ours Frank-Wolfe fp32"
+                    points[name].append(_solve(Ht.float(), w64.float(), C, False, 1.0, iters, solver).dual.double().numpy())
             if tjd_weighting is not None:
                 points["TorchJD CAGrad"].append(torchjd_dual(tjd_weighting, Ht.float()))
             points["SLSQP (official call)"].append(slsqp_official(H))
@@ -212,14 +218,17 @@ def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, 
             w32 = torch.full((m,), 1.0 / m)
             w64 = w32.double()
             fns: dict[str, Callable[[], object]] = {
-                "ours fp32": lambda: _solve(H32, w32, C, True, 1.0, iters).coefficients,
-                "ours fp64": lambda: _solve(H64, w64, C, True, 1.0, iters).coefficients,
+                "ours fp32": lambda: _solve(H32, w32, C, True, 1.0, iters, auto).coefficients,
+                "ours fp64": lambda: _solve(H64, w64, C, True, 1.0, iters, auto).coefficients,
             }
+            if 2 < m <= AUTO_EXACT_MAX_M:
+                fns["ours exact fp32"] = lambda: _solve(H32, w32, C, True, 1.0, iters, "exact").coefficients
+                fns["ours Frank-Wolfe fp32"] = lambda: _solve(H32, w32, C, True, 1.0, iters, "frank_wolfe").coefficients
             if m == 2:
                 fns["closed form"] = lambda: closed_form_m2(H32)
             if compiled:
                 key = (m, batch)
-                fn = torch.compile(lambda H, w: _solve(H, w, C, True, 1.0, iters).coefficients, fullgraph=True, dynamic=False)
+                fn = torch.compile(lambda H, w: _solve(H, w, C, True, 1.0, iters, auto).coefficients, fullgraph=True, dynamic=False)
                 t0 = time.perf_counter()
                 fn(H32, w32)
                 log(f"  compiled solver m={m} batch={batch}: {time.perf_counter() - t0:.1f} s to compile")
@@ -240,8 +249,9 @@ def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, 
                 times[name] = t * batch / sample
             for name, t in times.items():
                 acc_key = name.replace(" compiled", "")
+                label = f"{name} (auto: {auto_solver(m, batch) if m > 2 else 'edge'})" if acc_key in ("ours fp32", "ours fp64") else name
                 rows.append({
-                    "m": m, "batch": batch, "method": name, "ms": t,
+                    "m": m, "batch": batch, "method": label, "ms": t,
                     "extrapolated": name in peer_times and sample < batch,
                     "acc_median": acc.get(acc_key, (float("nan"),) * 2)[0],
                     "acc_max": acc.get(acc_key, (float("nan"),) * 2)[1],

@@ -6,6 +6,7 @@ around any ``torch.optim`` optimizer, with a batched, sync-free dual solver.
 
 from .dual import (
     RESCALE_OPTIONS,
+    SOLVER_OPTIONS,
     CAGradSolution,
     combination_coefficients,
     default_max_iter,
@@ -16,6 +17,7 @@ from .optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnost
 __all__ = [
     "NONFINITE_POLICIES",
     "RESCALE_OPTIONS",
+    "SOLVER_OPTIONS",
     "CAGradSolution",
     "ConflictAverseOptimizer",
     "StepDiagnostics",

@@ -17,7 +17,9 @@ number of iterations, with converged problems frozen by masks. There is no ``.it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from itertools import combinations
 from typing import NamedTuple
 
 import torch
@@ -25,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "RESCALE_OPTIONS",
+    "SOLVER_OPTIONS",
     "CAGradSolution",
     "combination_coefficients",
     "default_max_iter",
@@ -37,6 +40,23 @@ RESCALE_OPTIONS: dict[str | None, str] = {
     "1+c": "divide by 1 + c (official CAGrad toy script)",
     "1+c^2": "divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)",
 }
+
+#: Accepted values of ``solver``.
+SOLVER_OPTIONS: dict[str, str] = {
+    "auto": "'exact' for small m and batches (auto_solver), else 'frank_wolfe'",
+    "exact": "closed-form KKT solve on every support of the simplex (2^m - 1 of them), best one wins",
+    "frank_wolfe": "pairwise Frank-Wolfe + Newton on the active face, max_iter iterations",
+}
+#: ``solver="auto"`` enumerates supports up to this many objectives (see ``python -m benchmarks.speed``).
+AUTO_EXACT_MAX_M = 8
+# ... and while the batch has at most this many faces (batch x (2^m - 1)) in all: measured
+# crossovers with Frank-Wolfe on a 2-core CPU (exact wins at batch 1024 for m <= 5, at batch 1 up to m = 8).
+_AUTO_EXACT_MAX_FACES = {7: 1 << 12, 8: 1 << 12}
+_AUTO_EXACT_MAX_FACES_SMALL_M = 1 << 15
+#: ``solver="exact"`` refuses larger problems: 2^m - 1 linear systems of size m + 1 per Gram.
+EXACT_MAX_M = 12
+# Linear systems per chunk of the support enumeration: bounds its memory to a few MiB per chunk.
+_SYSTEMS_PER_CHUNK = 1 << 15
 
 
 class CAGradSolution(NamedTuple):
@@ -108,6 +128,34 @@ def rescale_divisor(rescale: str | None, c: float) -> float:
     return 1.0
 
 
+def auto_solver(m: int, batch_size: int = 1) -> str:
+    """The solver ``"auto"`` picks for ``batch_size`` problems with ``m`` objectives (shapes only, no sync).
+
+    Support enumeration costs ``batch x (2^m - 1)`` small solves, Frank-Wolfe a fixed ``m + 8``
+    iterations of a few dozen ops: enumeration wins for few objectives and small batches.
+    """
+    if m > AUTO_EXACT_MAX_M:
+        return "frank_wolfe"
+    budget = _AUTO_EXACT_MAX_FACES.get(m, _AUTO_EXACT_MAX_FACES_SMALL_M)
+    return "exact" if batch_size * ((1 << m) - 1) <= budget else "frank_wolfe"
+
+
+def resolve_solver(solver: str, m: int) -> str:
+    """Check ``solver`` (see :data:`SOLVER_OPTIONS`) for ``m`` objectives and return it.
+
+    ``"auto"`` stays ``"auto"``: the solve resolves it with :func:`auto_solver` once the batch
+    size is known.
+    """
+    if solver not in SOLVER_OPTIONS:
+        raise ValueError(f"unknown solver={solver!r}; choose one of {list(SOLVER_OPTIONS)}")
+    if solver == "exact" and m > EXACT_MAX_M:
+        raise ValueError(
+            f"solver='exact' enumerates 2^m - 1 supports and is limited to m <= {EXACT_MAX_M}, got m = {m}; "
+            "use solver='frank_wolfe' (or 'auto')"
+        )
+    return solver
+
+
 def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = None) -> Tensor:
     """Check user weights on the host and return them normalised to sum 1 (float64, CPU).
 
@@ -141,6 +189,7 @@ def solve_cagrad(
     rescale: str | None = None,
     max_iter: int | None = None,
     *,
+    solver: str = "auto",
     validate: bool = True,
 ) -> CAGradSolution:
     """Solve the clipped CAGrad dual for a batch of Gram matrices (RACO Algorithm 1).
@@ -155,6 +204,11 @@ def solve_cagrad(
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"``: divide the direction by that factor.
         max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
+            Only the ``"frank_wolfe"`` solver iterates.
+        solver: ``"auto"`` (default: ``"exact"`` for few objectives and small batches, see
+            :func:`auto_solver`; else ``"frank_wolfe"``),
+            ``"exact"`` (closed-form KKT solve on every support, ``m <= 12``) or
+            ``"frank_wolfe"``. See :data:`SOLVER_OPTIONS`.
         validate: check the values of tensor ``weights`` on the host (a device sync for CUDA
             tensors). Shapes, ``c`` and ``rescale`` are always checked. Skipped under
             ``torch.compile``. Pass ``False`` on a hot path with weights already checked.
@@ -172,6 +226,7 @@ def solve_cagrad(
         max_iter = default_max_iter(m)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    solver = resolve_solver(solver, m)
     dtype = torch.promote_types(gram.dtype, torch.float32)
     if weights is None:
         w = torch.full((m,), 1.0 / m, dtype=dtype, device=gram.device)
@@ -183,7 +238,7 @@ def solve_cagrad(
             w = w / w.sum(-1, keepdim=True)
         else:
             w = normalize_weights(weights, m).to(device=gram.device, dtype=dtype)
-    return _solve(gram.to(dtype), w, c, clip, divisor, max_iter)
+    return _solve(gram.to(dtype), w, c, clip, divisor, max_iter, solver)
 
 
 def combination_coefficients(
@@ -194,6 +249,7 @@ def combination_coefficients(
     rescale: str | None = None,
     max_iter: int | None = None,
     *,
+    solver: str = "auto",
     validate: bool = True,
 ) -> Tensor:
     """Coefficients ``a`` (shape ``(..., m)``) with direction ``d = sum_i a_i g_i``.
@@ -201,17 +257,23 @@ def combination_coefficients(
     Shorthand for ``solve_cagrad(...).coefficients``; see :func:`solve_cagrad` for the
     arguments. ``c = 0`` returns exactly the normalised weights.
     """
-    return solve_cagrad(gram, weights, c, clip, rescale, max_iter, validate=validate).coefficients
+    return solve_cagrad(gram, weights, c, clip, rescale, max_iter, solver=solver, validate=validate).coefficients
 
 
 def _quad_form(H: Tensor, x: Tensor) -> Tensor:
     return (x * (H @ x.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
-def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter: int) -> CAGradSolution:
-    """The solver proper: inputs checked, ``w`` normalised, ``H`` and ``w`` of one float dtype."""
+def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter: int,
+           solver: str = "auto") -> CAGradSolution:
+    """The solver proper: inputs checked, ``w`` normalised, ``H`` and ``w`` of one float dtype.
+
+    ``solver`` is checked already; ``"auto"`` is resolved here from the shapes. ``m <= 2`` ignores it.
+    """
     m = H.shape[-1]
     batch = torch.broadcast_shapes(H.shape[:-2], w.shape[:-1])
+    if solver == "auto":
+        solver = auto_solver(m, math.prod(batch))
     H = H.expand(*batch, m, m)
     w = w.expand(*batch, m)
     eps = torch.finfo(H.dtype).eps
@@ -244,22 +306,23 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
             torch.ones_like(s),
         )
         p = torch.stack([1.0 - gamma, gamma], dim=-1)
+    elif m > 2 and solver == "exact":
+        p = _solve_by_supports(Hn, b, s)[0]
     else:
-        # Start at the best vertex: F(e_j) = b_j + s sqrt(H_jj).
-        # Zero gradients (H_jj = 0) are kinks of F: F = 0 wherever G p = 0 and the gradient formula
-        # says nothing about which mixture escapes (from e_j with g_j = 0, every single vertex may look
-        # uphill while a mix of two is downhill). So iterate over the other vertices only; F is
-        # 1-homogeneous, so min F = min(min over those, 0) and a zero vertex wins only if F(p) > 0.
+        # Kinks: F = 0 wherever G p = 0 (a zero gradient, exact opposites, ...) and F is not
+        # differentiable there. From such a point every single vertex (FW) and every pairwise
+        # direction can look uphill while a mix of several is downhill, so FW would stall there.
+        # Descent never reaches F = 0 from F < 0, so start at the best point *off* the kink among
+        # the small faces (solved exactly), never aim at a zero vertex, and at the end keep the best
+        # small-face candidate (a kink point, F = 0, included) if it beats the iterate.
+        p_small, value_small, p = _solve_by_supports(Hn, b, s, _start_support_size(m), kink_tol)
         zero_vertex = diag_n <= kink_tol
         zero_vertex = zero_vertex & ~zero_vertex.all(-1, keepdim=True)  # all zero: nothing to exclude
-        vertex_values = torch.where(zero_vertex, torch.full_like(b, torch.inf), b + s.unsqueeze(-1) * diag_n.sqrt())
-        p = (idx == vertex_values.argmin(-1, keepdim=True)).to(H.dtype)
         for _ in range(max_iter):
             p = _pairwise_fw_step(Hn, b, s, p, kink_tol, idx, zero_vertex)
             p = _face_newton_step(Hn, b, s, p, kink_tol)
         value = (b * p).sum(-1) + s * _quad_form(Hn, p).clamp_min(0.0).sqrt()
-        first_zero = (idx == zero_vertex.to(torch.int8).argmax(-1, keepdim=True)).to(H.dtype)
-        p = torch.where((zero_vertex.any(-1) & (value > 0)).unsqueeze(-1), first_zero, p)
+        p = torch.where((value_small < value).unsqueeze(-1), p_small, p)
 
     grad, _, quad = _dual_gradient(Hn, b, s.unsqueeze(-1), p, kink_tol)
     fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)
@@ -293,6 +356,104 @@ def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter:
         dual_value=poison(dual_n * scale),
         fw_gap=poison(fw_gap_n * scale),
     )
+
+
+def _start_support_size(m: int) -> int:
+    """Largest faces solved exactly to start Frank-Wolfe: a few hundred candidates at most."""
+    return 3 if m <= 12 else 2 if m <= 32 else 1
+
+
+_SUPPORT_CACHE: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
+
+
+def _supports(m: int, max_support: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The faces of the simplex with at most ``max_support`` of ``m`` vertices, in a compact frame.
+
+    Returns ``index`` (long) and ``mask`` (bool), both ``(K, k)`` with ``k = min(m, max_support)``:
+    face ``j`` is ``index[j][mask[j]]``; padding slots point at vertex 0 and are masked out.
+    """
+    k = min(m, max_support)
+    key = (m, k, str(device))
+    cached = None if torch.compiler.is_compiling() else _SUPPORT_CACHE.get(key)
+    if cached is not None:
+        return cached
+    faces = [face for size in range(1, k + 1) for face in combinations(range(m), size)]
+    index = torch.tensor([list(face) + [0] * (k - len(face)) for face in faces], device=device)
+    mask = torch.tensor([[True] * len(face) + [False] * (k - len(face)) for face in faces], device=device)
+    if not torch.compiler.is_compiling():
+        _SUPPORT_CACHE[key] = (index, mask)
+    return index, mask
+
+
+def _solve_by_supports(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None = None,
+                       kink_tol: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Dual solution by enumerating the supports of ``p`` (the faces of the simplex); exact for all of them.
+
+    On a face ``S`` whose gradients are affinely independent, a minimiser with ``n = ||G p|| > 0``
+    in the face's relative interior satisfies the KKT system ``b_S + (s / n) H_SS p_S = lambda 1``,
+    ``1^T p_S = 1``. With the bordered matrix ``M = [[H_SS, 1], [1^T, 0]]`` its solution is
+    ``p = p0 + sigma p1`` where ``M [p0; .] = [0; 1]`` (the min-norm point of the face's affine hull),
+    ``M [p1; .] = [-b_S; 0]`` and ``sigma = n / s``; since ``p0^T H p1 = 0``, ``n^2 = p^T H p``
+    gives ``sigma^2 = p0^T H p0 / (s^2 - p1^T H p1)``. Every candidate is clipped to the simplex,
+    so each is feasible and ``F`` at it is at least ``min F``; the minimiser (or an equally good
+    point) is a candidate, so the smallest ``F`` over all ``2^m - 1`` candidates is ``min F``.
+    Kinks (``G p = 0`` anywhere in the simplex) need no care: there ``F = 0`` exactly and the
+    candidate ``p0`` of that face (``sigma = 0``) represents them.
+
+    ``max_support`` limits the faces to those of at most that many vertices (then the result is the
+    best point of those faces, a start for Frank-Wolfe). Returns ``(p, F(p), p_off)``: the best
+    candidate, its value, and the best candidate off the kink (``p^T H p > kink_tol``; where there
+    is none, the first candidate).
+    """
+    m = Hn.shape[-1]
+    batch = Hn.shape[:-2]
+    device, dtype = Hn.device, Hn.dtype
+    index, mask = _supports(m, m if max_support is None else max_support, device)
+    n_faces, k = index.shape
+    support = mask.to(dtype)  # (K, k)
+    border_row = torch.cat([support, torch.zeros_like(support[:, :1])], -1).unsqueeze(-2)  # (K, 1, k+1)
+    outside = torch.diag_embed(1.0 - support)  # identity rows pin padding slots to 0
+    both = support.unsqueeze(-1) * support.unsqueeze(-2)
+    unit = (torch.arange(k + 1, device=device) == k).to(dtype)
+    H_flat = Hn.reshape(-1, m, m)
+    b_flat = b.reshape(-1, m)
+    s_flat = s.reshape(-1)
+    n_total = H_flat.shape[0]
+    chunk = max(1, _SYSTEMS_PER_CHUNK // n_faces)
+    rows, cols = index.unsqueeze(-1), index.unsqueeze(-2)
+    solutions, values, off_kink = [], [], []
+    for start in range(0, n_total, chunk):  # a loop over shapes only: no sync
+        H_c = H_flat[start:start + chunk][:, rows, cols] * both  # (n, K, k, k): the faces' Grams
+        b_c = b_flat[start:start + chunk][:, index] * support  # (n, K, k)
+        s_c = s_flat[start:start + chunk].unsqueeze(-1)  # (n, 1)
+        n = H_c.shape[0]
+        top = torch.cat([H_c + outside, support.unsqueeze(-1).expand(n, n_faces, k, 1)], -1)
+        bordered = torch.cat([top, border_row.expand(n, n_faces, 1, k + 1)], -2)
+        linear = torch.cat([-b_c, torch.zeros_like(b_c[..., :1])], -1)
+        x, info = torch.linalg.solve_ex(bordered, torch.stack([unit.expand(n, n_faces, k + 1), linear], -1))
+        p0 = x[..., :k, 0] * support
+        p1 = x[..., :k, 1] * support
+        c0 = _quad_form(H_c, p0).clamp_min(0.0)
+        room = s_c * s_c - _quad_form(H_c, p1)
+        movable = (room > 0) & (c0 > 0)
+        sigma = torch.where(movable, c0 / torch.where(movable, room, torch.ones_like(room)), torch.zeros_like(room)).sqrt()
+        sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))  # s^2 denormal: inf * 0 = NaN
+        p = (p0 + sigma.unsqueeze(-1) * p1).clamp_min(0.0)
+        total = p.sum(-1)
+        valid = (info == 0) & (total > 0) & torch.isfinite(total)
+        p = p / torch.where(valid, total, torch.ones_like(total)).unsqueeze(-1)
+        quad = _quad_form(H_c, p).clamp_min(0.0)
+        value = (b_c * p).sum(-1) + s_c * quad.sqrt()
+        value = torch.where(valid & torch.isfinite(value), value, torch.full_like(value, torch.inf))
+        best_value, best = value.min(-1, keepdim=True)
+        best_off = torch.where(quad > kink_tol, value, torch.full_like(value, torch.inf)).argmin(-1, keepdim=True)
+        for chosen, out in ((best, solutions), (best_off, off_kink)):
+            p_face = p.gather(-2, chosen.unsqueeze(-1).expand(n, 1, k)).squeeze(-2)  # (n, k)
+            where = index[chosen.squeeze(-1)]  # (n, k): vertices of the chosen face
+            out.append(torch.zeros(n, m, device=device, dtype=dtype).scatter_add(-1, where, p_face))
+        values.append(best_value.squeeze(-1))
+    p, value, p_off = (torch.cat(parts, 0) for parts in (solutions, values, off_kink))
+    return p.reshape(*batch, m), value.reshape(batch), p_off.reshape(*batch, m)
 
 
 def _dual_gradient(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, zero_tol: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .distributed import active_group, average_across_ranks, check_distributed, sum_across_ranks
-from .dual import _solve, check_c, default_max_iter, normalize_weights, rescale_divisor
+from .dual import SOLVER_OPTIONS, _solve, check_c, default_max_iter, normalize_weights, rescale_divisor, resolve_solver
 from .gradients import ObjectiveGradients, check_losses
 
 __all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
@@ -62,7 +62,11 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         shared: parameters on which the Gram (the conflict) is measured; default all of the base
             optimizer's parameters. The same coefficients combine the gradients of every
             parameter, task-specific heads included.
-        max_iter: dual-solver iterations; ``None`` picks :func:`~cagrad_clip.default_max_iter`.
+        max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks
+            :func:`~cagrad_clip.default_max_iter`.
+        solver: the dual solver: ``"auto"`` (default; exact support enumeration for up to 8
+            objectives, Frank-Wolfe above: :func:`~cagrad_clip.dual.auto_solver`), ``"exact"``
+            or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
         nonfinite: what :meth:`step` does if an objective's gradient has an Inf/NaN:
             ``"skip"`` (default) leaves parameters and optimizer state untouched, warns naming the
             objectives and counts it in :attr:`skipped_steps`; ``"raise"`` raises
@@ -101,6 +105,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         distributed: bool = True,
         process_group: Any = None,
+        solver: str = "auto",
     ) -> None:
         check_distributed(distributed, process_group)
         self.distributed = distributed
@@ -117,7 +122,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._patch_step_function()
-        self._configure(weights=weights, c=c, clip=clip, rescale=rescale, max_iter=max_iter, nonfinite=nonfinite)
+        self._configure(weights=weights, c=c, clip=clip, rescale=rescale, max_iter=max_iter, nonfinite=nonfinite, solver=solver)
         self._shared_request = None if shared is None else list(shared)
         self._build_layout()
         self.last: StepDiagnostics | None = None
@@ -137,6 +142,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         rescale: str | None,
         max_iter: int | None,
         nonfinite: str,
+        solver: str = "auto",
     ) -> None:
         self.c = check_c(c)
         if not isinstance(clip, bool):
@@ -147,6 +153,9 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
             raise ValueError(f"max_iter must be None or an int >= 0, got {max_iter!r}")
         self.max_iter = max_iter
+        if solver not in SOLVER_OPTIONS:
+            raise ValueError(f"unknown solver={solver!r}; choose one of {list(SOLVER_OPTIONS)}")
+        self.solver = solver
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite={nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
         self.nonfinite = nonfinite
@@ -254,6 +263,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
                 "rescale": self.rescale,
                 "max_iter": self.max_iter,
                 "nonfinite": self.nonfinite,
+                "solver": self.solver,
                 "skipped_steps": self.skipped_steps,
             },
         }
@@ -276,7 +286,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         base = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"{type(self).__name__}(weights={weights}, c={self.c}, clip={self.clip}, rescale={self.rescale!r}, "
-            f"max_iter={self.max_iter}, nonfinite={self.nonfinite!r},\n  optimizer=\n{base}\n)"
+            f"max_iter={self.max_iter}, solver={self.solver!r}, nonfinite={self.nonfinite!r},\n  optimizer=\n{base}\n)"
         )
 
     # ----------------------------------------------------------------- the work
@@ -346,7 +356,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         m = gram.shape[-1]
         w = self._weights_for(m, gram.device, gram.dtype)
         max_iter = default_max_iter(m) if self.max_iter is None else self.max_iter
-        solution = _solve(gram, w, self.c, self.clip, self._divisor, max_iter)
+        solution = _solve(gram, w, self.c, self.clip, self._divisor, max_iter, resolve_solver(self.solver, m))
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
         norms = diag.clamp_min(0.0).sqrt()
@@ -406,6 +416,6 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
                     raise FloatingPointError(message + "; the parameters were not updated")
                 self.skipped_steps += 1
                 warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
-                return None
+                return
         self.optimizer.step()
-        return None
+        return

@@ -90,8 +90,19 @@ def solve_dual_reference(H: np.ndarray, w: np.ndarray, c: float) -> ReferenceSol
 
     Starts: every vertex ``e_j``, the barycentre and ``w``. SLSQP gets the analytic gradient,
     ``ftol = 1e-15`` and a generous iteration limit; each end point is projected back onto the
-    simplex and the one with the smallest ``F`` is returned.
+    simplex and the one with the smallest ``F`` is returned. SLSQP's tolerances are absolute, so
+    the problem is solved for ``H / max_i H_ii`` (``p`` is scale invariant) and ``F`` scaled back.
     """
+    H = np.asarray(H, dtype=np.float64)
+    scale = float(np.max(np.diag(H))) if H.size else 0.0
+    if np.isfinite(scale) and scale > 0.0 and scale != 1.0:
+        unit = _solve_dual_reference(H / scale, w, c)
+        H_, b, s_ = problem_data(H, w, c)
+        return ReferenceSolution(unit.p, dual_value(H_, b, s_, unit.p), unit.fw_gap * scale)
+    return _solve_dual_reference(H, w, c)
+
+
+def _solve_dual_reference(H: np.ndarray, w: np.ndarray, c: float) -> ReferenceSolution:
     H, b, s = problem_data(H, w, c)
     m = H.shape[0]
     w = np.asarray(w, dtype=np.float64)

@@ -12,7 +12,6 @@ from cagrad_clip import ConflictAverseOptimizer
 from tests.reference import reference_coefficients
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """These tests compare against float64 references; restore the default dtype afterwards."""
@@ -204,6 +203,30 @@ def test_state_dict_round_trip_continues_identically():
         twin.load_state_dict(torch.optim.Adam(params).state_dict())
 
 
+def test_solver_setting_round_trips_and_steps_alike():
+    """solver='exact' and 'frank_wolfe' solve the same dual: the same update to rounding."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    runs = {}
+    for solver in ("exact", "frank_wolfe"):
+        torch.manual_seed(1)
+        trunk, heads = mlp_with_heads()
+        trunk, heads = trunk.double(), heads.double()
+        params = list(trunk.parameters()) + list(heads.parameters())
+        opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.05), weights=[0.5, 0.3, 0.2], solver=solver)
+        assert f"solver={solver!r}" in repr(opt)
+        for _ in range(3):  # three objectives: m = 2 has its own exact path whatever the solver
+            opt.zero_grad()
+            third = (trunk(x.double()) - 1.0).pow(2).mean()
+            opt.step(head_losses(trunk, heads, x.double(), y.double()) + [third])
+        runs[solver] = params
+        twin = make_opt()[0]
+        twin.load_state_dict(opt.state_dict())
+        assert twin.solver == solver
+    for p, q in zip(runs["exact"], runs["frank_wolfe"]):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
 def test_diagnostics_are_on_device_and_consistent():
     trunk, heads = mlp_with_heads()
     params = list(trunk.parameters()) + list(heads.parameters())
@@ -339,6 +362,7 @@ def make_opt(**kwargs):
         ({"rescale": "1+c^3"}, ValueError, "unknown rescale"),
         ({"nonfinite": "zero"}, ValueError, "unknown nonfinite"),
         ({"max_iter": -1}, ValueError, "max_iter"),
+        ({"solver": "newton"}, ValueError, "unknown solver"),
         ({"clip": "yes"}, TypeError, "clip must be True or False"),
     ],
 )
