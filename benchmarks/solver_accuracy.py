@@ -8,8 +8,9 @@ Run from the repository root::
 Prints Markdown tables and writes them to ``results/solver/accuracy.md``.
 
 Reference optimum. SLSQP multi-start (``tests/reference.py``) costs ~0.1-1 s per instance at
-m = 16, too slow for 1000 instances x 4 sizes. The reference is therefore the solver itself in
-float64 with a large budget (``max_iter = 4 m + 60``, 5-8x the default), *certified* by its Frank-Wolfe gap computed
+m = 16, too slow for 1000 instances x 4 sizes. The reference is therefore the better (per instance)
+of our two solvers in float64: Frank-Wolfe with a large budget (``max_iter = 4 m + 60``, 5-8x the
+default) and, for m <= 12, the exact support enumeration, *certified* by its Frank-Wolfe gap computed
 independently in numpy float64 (``F(p_ref) - F* <= gap``; the largest certificate is printed), and
 cross-checked against the SLSQP reference (``tests.reference.solve_dual_reference``) on a subset.
 All dual values are evaluated in numpy float64 on the float64 Gram, whatever the solve's dtype
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cagrad_clip.dual import default_max_iter, solve_cagrad
+from cagrad_clip.dual import EXACT_MAX_M, auto_solver, default_max_iter, solve_cagrad
 from tests.reference import solve_dual_reference
 
 OUT = Path("results/solver/accuracy.md")
@@ -71,27 +72,35 @@ def dual_values(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, P: np.ndarray) ->
     return F, gap, g0_sq
 
 
-def solve_p(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, dtype: torch.dtype, max_iter: int | None) -> np.ndarray:
+def solve_p(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, dtype: torch.dtype, max_iter: int | None,
+            solver: str = "auto") -> np.ndarray:
     """Solve all instances: one batched call per distinct ``c``; returns ``p`` in float64."""
     P = np.empty_like(W)
     for c in np.unique(cs):
         sel = cs == c
-        sol = solve_cagrad(torch.tensor(Hs[sel], dtype=dtype), torch.tensor(W[sel], dtype=dtype), c=float(c), max_iter=max_iter)
+        sol = solve_cagrad(torch.tensor(Hs[sel], dtype=dtype), torch.tensor(W[sel], dtype=dtype), c=float(c),
+                           max_iter=max_iter, solver=solver)
         P[sel] = sol.dual.double().numpy()
     return P
 
 
 def make_set(rng: np.random.Generator, m: int, n: int, kind: str) -> dict:
     Hs, W, cs = make_instances(rng, m, n, kind)
-    P_ref = solve_p(Hs, W, cs, torch.float64, REF_BUDGET(m))
+    P_ref = solve_p(Hs, W, cs, torch.float64, REF_BUDGET(m), "frank_wolfe")
     F_ref, cert, g0_sq = dual_values(Hs, W, cs, P_ref)
+    if 2 < m <= EXACT_MAX_M:
+        P_exact = solve_p(Hs, W, cs, torch.float64, None, "exact")
+        F_exact, cert_exact, _ = dual_values(Hs, W, cs, P_exact)
+        better = F_exact < F_ref
+        P_ref = np.where(better[:, None], P_exact, P_ref)
+        F_ref, cert = np.where(better, F_exact, F_ref), np.where(better, cert_exact, cert)
     unit = np.maximum(np.abs(F_ref), g0_sq)
     unit = np.where(unit > 0, unit, 1.0)
     return {"Hs": Hs, "W": W, "cs": cs, "F_ref": F_ref, "cert": cert / unit, "unit": unit, "P_ref": P_ref}
 
 
-def rel_gaps(data: dict, dtype: torch.dtype, max_iter: int | None) -> tuple[np.ndarray, np.ndarray]:
-    P = solve_p(data["Hs"], data["W"], data["cs"], dtype, max_iter)
+def rel_gaps(data: dict, dtype: torch.dtype, max_iter: int | None, solver: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    P = solve_p(data["Hs"], data["W"], data["cs"], dtype, max_iter, solver)
     F, gap, _ = dual_values(data["Hs"], data["W"], data["cs"], P)
     return (F - data["F_ref"]) / data["unit"], gap / data["unit"]
 
@@ -105,20 +114,22 @@ def fmt(x: float) -> str:
 # ----------------------------------------------------------------------------------------------
 def accuracy_table(sets: dict, ms: list[int]) -> str:
     rows = [
-        "| m | instances | dtype | worst rel. dual gap | median rel. dual gap | worst rel. FW gap | reference certificate (worst) |",
-        "|---|---|---|---|---|---|---|",
+        "| m | instances | solver | dtype | worst rel. dual gap | median rel. dual gap | worst rel. FW gap | reference certificate (worst) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in ms:
+        solvers = ["edge (m = 2)"] if m == 2 else ["exact", "frank_wolfe"] if m <= EXACT_MAX_M else ["frank_wolfe"]
         for kind in ("generic", "deficient"):
             data = sets[(m, kind)]
             if data is None:
                 continue
-            for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
-                gaps, fw = rel_gaps(data, dtype, None)
-                rows.append(
-                    f"| {m} | {len(gaps)} {kind} | {name} | {fmt(gaps.max())} | {fmt(float(np.median(gaps)))} | "
-                    f"{fmt(fw.max())} | {fmt(data['cert'].max())} |"
-                )
+            for solver in solvers:
+                for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+                    gaps, fw = rel_gaps(data, dtype, None, "auto" if m == 2 else solver)
+                    rows.append(
+                        f"| {m} | {len(gaps)} {kind} | {solver} | {name} | {fmt(gaps.max())} | {fmt(float(np.median(gaps)))} | "
+                        f"{fmt(fw.max())} | {fmt(data['cert'].max())} |"
+                    )
     return "\n".join(rows)
 
 
@@ -154,24 +165,25 @@ def max_iter_table(rng: np.random.Generator, n: int) -> str:
     def line(label: str, budget_of) -> str:
         cells = []
         for m in ms:
-            gaps = np.concatenate([rel_gaps(part, torch.float64, budget_of(m))[0] for part in sets[m]])
+            gaps = np.concatenate([rel_gaps(part, torch.float64, budget_of(m), "frank_wolfe")[0] for part in sets[m]])
             cells.append(f"{fmt(gaps.max())} | {np.mean(gaps > 1e-12):.1%}")
         return f"| {label} | " + " | ".join(cells) + " |"
     for budget in budgets:
         rows.append(line(str(budget), lambda m, budget=budget: budget))
-    rows.append(line("default m+8 (" + ", ".join(str(default_max_iter(m)) for m in ms) + ")", lambda m: None))
+    rows.append(line("default m (" + ", ".join(str(default_max_iter(m)) for m in ms) + ")", lambda m: None))
     return "\n".join(rows)
 
 
 def timing_table(repeats_small: int, repeats_large: int) -> str:
     rows = [
-        "| m | batch | dtype | max_iter | median time per call | per problem |",
+        "| m | batch | dtype | solver (auto) | median time per call | per problem |",
         "|---|---|---|---|---|---|",
     ]
     rng = np.random.default_rng(123)
-    for m in (2, 8, 32):
+    for m in (2, 3, 8, 32):
         for batch in (1, 1024):
             Hs, W, _ = make_instances(rng, m, batch, "generic")
+            solver = "edge" if m == 2 else f"{auto_solver(m, batch)}, max_iter {default_max_iter(m)}" if auto_solver(m, batch) == "frank_wolfe" else "exact"
             for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
                 H_t, W_t = torch.tensor(Hs, dtype=dtype), torch.tensor(W, dtype=dtype)
                 if batch == 1:
@@ -187,7 +199,7 @@ def timing_table(repeats_small: int, repeats_large: int) -> str:
                     times.append(time.perf_counter() - t0)
                 med = statistics.median(times)
                 rows.append(
-                    f"| {m} | {batch} | {name} | {default_max_iter(m)} | {med * 1e3:.2f} ms | {med / batch * 1e6:.1f} µs |"
+                    f"| {m} | {batch} | {name} | {solver} | {med * 1e3:.2f} ms | {med / batch * 1e6:.1f} µs |"
                 )
     return "\n".join(rows)
 
@@ -213,10 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `python -m benchmarks.solver_accuracy{' --quick' if args.quick else ''}`; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. c uniform on {0.2, 0.4, 0.6, 0.8}, w ~ Dirichlet(1), gradients = shared "
         "component + noise with spread norms. Relative gap = (F(p) - F*_ref) / max(|F*_ref|, ||g0||^2); FW gap "
-        "likewise, both evaluated in numpy float64. F*_ref: the solver in float64 with max_iter = 4 m + 60, "
-        "certified by its own FW gap (last column) and cross-checked against multi-start SLSQP below.",
+        "likewise, both evaluated in numpy float64. F*_ref: per instance the better of Frank-Wolfe in float64 with "
+        "max_iter = 4 m + 60 and (m <= 12) the exact support enumeration in float64, certified by its FW gap "
+        "(last column) and cross-checked against multi-start SLSQP below.",
         "",
-        f"## (a) Accuracy at the default max_iter ({n // 2} generic + {n - n // 2} rank-deficient instances per m)",
+        f"## (a) Accuracy of both solvers at the default max_iter ({n // 2} generic + {n - n // 2} rank-deficient instances per m)",
         "",
         accuracy_table(sets, ms),
         "",
@@ -224,11 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         crosscheck_table(sets, ms, n_check),
         "",
-        f"## (b) Worst relative dual gap vs max_iter (float64, {n // 2 if not args.quick else n} instances per m, half rank-deficient)",
+        f"## (b) Frank-Wolfe: worst relative dual gap vs max_iter (float64, {n // 2 if not args.quick else n} instances per m, half rank-deficient)",
         "",
         max_iter_table(rng, n // 2 if not args.quick else n),
         "",
-        "## (c) Time per solve_cagrad call on this CPU (default max_iter, validate=False, median after warm-up)",
+        "## (c) Time per solve_cagrad call on this CPU (default solver and max_iter, validate=False, median after warm-up)",
         "",
         timing_table(30 if args.quick else 100, 3 if args.quick else 5),
         "",
