@@ -15,6 +15,7 @@ the caller sums it over the ranks (``distributed.sum_across_ranks``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -83,6 +84,11 @@ class ObjectiveGradients:
         self.numel = sum(self.numels)
         self.buffer: Tensor | None = None
         self.accumulated = False
+        # The combined direction is written into one persistent (D,) buffer whose views become .grad:
+        # a fresh 36 MB tensor per step costs page faults (15 ms on this CPU, more than the matmul).
+        # It is reused only once every .grad view of it has been freed (weak references tell).
+        self._direction: Tensor | None = None
+        self._direction_users: list[weakref.ref] = []
 
     @property
     def num_objectives(self) -> int | None:
@@ -175,18 +181,34 @@ class ObjectiveGradients:
         shared = self.buffer[:, : self.shared_numel]
         return shared @ shared.T
 
+    def _direction_buffer(self) -> Tensor:
+        """The persistent ``(D,)`` direction buffer, or a fresh one while a view of it is still alive."""
+        reusable = (
+            self._direction is not None
+            and self._direction.dtype == self.dtype
+            and self._direction.numel() == self.numel
+            and all(user() is None for user in self._direction_users)
+        )
+        if not reusable:
+            self._direction = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            self._direction_users = []
+        assert self._direction is not None
+        return self._direction
+
     def add_combination_to_grads(self, coefficients: Tensor, alpha: float = 1.0) -> None:
         """``p.grad += alpha * sum_i a_i g_i`` for every parameter (``.grad`` created if ``None``)."""
         assert self.buffer is not None
-        direction = coefficients.to(self.dtype) @ self.buffer
-        if alpha != 1.0:
-            direction = direction * alpha
+        direction = self._direction_buffer()
+        scaled = coefficients.to(self.dtype) if alpha == 1.0 else coefficients.to(self.dtype) * alpha
+        torch.mv(self.buffer.T, scaled, out=direction)  # one pass over the buffer, into reused memory
         existing_grads, existing_views = [], []
         for view, p in zip(self._views(direction), self.params):
             if p.grad is None:
                 local = view.to(p.dtype) if p.dtype != self.dtype else view
                 if self.sharded:  # this rank's shard of the direction, as a DTensor laid out like p
                     local = type(p).from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                if p.dtype == self.dtype:  # a view of the buffer: it may not be overwritten while alive
+                    self._direction_users.append(weakref.ref(local))
                 p.grad = local
             else:
                 existing_grads.append(p.grad.to_local() if self.sharded else p.grad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -128,7 +129,9 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         self.last: StepDiagnostics | None = None
         self.skipped_steps = 0
         self._written: Tensor | None = None  # coefficients whose direction is currently in .grad
-        self._grad_marker: Tensor | None = None  # a .grad we wrote into: if it is replaced, someone reset .grad
+        # A weak reference to a .grad we wrote into: if it is gone or replaced, someone reset .grad. Weak, so
+        # that zero_grad() really frees our direction (and its memory can be reused for the next one).
+        self._grad_marker: weakref.ref[Tensor] | None = None
         self._combined = False
         self._stepped = False
 
@@ -245,7 +248,8 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         """
         if not self._grads.accumulated:
             return
-        replaced = self._written is not None and self._grads.params[0].grad is not self._grad_marker
+        marked = None if self._grad_marker is None else self._grad_marker()
+        replaced = self._written is not None and (marked is None or marked is not self._grads.params[0].grad)
         if self._stepped or replaced:
             self._grads.reset()
             self._written = None
@@ -364,7 +368,8 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         cosines = torch.where(outer > 0, gram / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(gram))
         self._grads.add_combination_to_grads(solution.coefficients)
         self._written = solution.coefficients
-        self._grad_marker = self._grads.params[0].grad
+        marker = self._grads.params[0].grad
+        self._grad_marker = None if marker is None else weakref.ref(marker)
         self._combined = True
         self.last = StepDiagnostics(
             gram=gram,

@@ -441,3 +441,26 @@ def test_without_any_zero_grad_grad_accumulates_like_torch_but_objectives_restar
     g = per_objective_grads(head_losses(trunk, heads, x, y), params)
     flat = torch.stack([torch.cat([(t if t is not None else torch.zeros_like(p)).flatten() for t, p in zip(gs, params)]) for gs in g])
     torch.testing.assert_close(opt.last.gram[0, 0], flat[0] @ flat[0])
+
+
+def test_direction_memory_is_reused_only_when_no_grad_view_is_alive():
+    """The combined direction lives in one persistent buffer whose views become .grad. It is reused
+    (no fresh allocation per step) once zero_grad() dropped those views, and never overwritten
+    while a user still holds an old .grad."""
+    trunk, heads = mlp_with_heads()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.5, 0.5])
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.zero_grad()
+    opt.step(head_losses(trunk, heads, x, y))
+    first = params[0].grad.data_ptr()
+    opt.zero_grad()
+    opt.step(head_losses(trunk, heads, x, y))
+    assert params[0].grad.data_ptr() == first  # reused
+    held = params[0].grad  # a user keeps the gradient of this step
+    snapshot = held.clone()
+    opt.zero_grad()
+    opt.step(head_losses(trunk, heads, x + 1.0, y))
+    assert params[0].grad.data_ptr() != held.data_ptr()  # fresh memory while `held` is alive
+    assert torch.equal(held, snapshot)
+    assert not torch.equal(params[0].grad, snapshot)
