@@ -102,6 +102,10 @@ def random_grams(m: int, batch: int, seed: int, dim: int = 64) -> np.ndarray:
 
 
 def dual_value(H: np.ndarray, p: np.ndarray, c: float = C) -> float:
+    """``F(p)`` in float64 at ``p`` put back on the simplex (a float32 or solver-tolerance ``p`` can sum
+    to ``1 - 1e-8``, which lowers ``F`` by as much and would look *better* than the optimum)."""
+    p = np.maximum(np.asarray(p, dtype=np.float64), 0.0)
+    p = p / p.sum()
     m = H.shape[0]
     w = np.full(m, 1.0 / m)
     b = H @ w
@@ -293,12 +297,15 @@ class Transformer(nn.Module):
         return [((head(feats).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)], feats
 
 
+MLP_BATCH = 64  # rows per MLP step; ``--mlp-batch`` changes it
+
+
 def make_case(kind: str, m: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind.startswith("mlp"):
         width = int(kind.split("-")[1])
         model = MLP(width, m)
-        x, y = torch.randn(64, 256), torch.randn(64, m)
+        x, y = torch.randn(MLP_BATCH, 256), torch.randn(MLP_BATCH, m)
         shared = list(model.trunk.parameters()) + list(model.out.parameters())
         heads: list[list[nn.Parameter]] | None = None
     else:
@@ -457,8 +464,8 @@ def machine() -> str:
 
 
 def render(solver_rows: list[dict], step_rows: list[dict], args: argparse.Namespace, header: str) -> str:
-    out = [f"# Speed at the floor\n\nCommand: `python -m benchmarks.speed{' --compile' if args.compile else ''}"
-           f"{' --quick' if args.quick else ''}{f' --threads {args.threads}' if args.threads else ''}`  \nMachine: {header}\n"]
+    command = " ".join(["python -m benchmarks.speed", *sys.argv[1:]])
+    out = [f"# Speed at the floor\n\nCommand: `{command}`  \nMachine: {header}\n"]
     if solver_rows:
         out.append("## 1. Dual solver: time per call (ms, median) and accuracy\n")
         out.append("Accuracy: `(F(p) - F_ref) / max_i H_ii`, median / max over the accuracy problems "
@@ -513,8 +520,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.set_num_threads (default: torch's); 1 avoids thread-pool wake-up latency on a loaded machine")
     parser.add_argument("--ms", default=None, help="comma list of m for the solver section (default 2,4,8,16,32,64)")
     parser.add_argument("--batches", default=None, help="comma list of solver batch sizes (default 1,1024)")
+    parser.add_argument("--models", default=None, help="comma list of step models (default mlp-512,mlp-2048,transformer)")
+    parser.add_argument("--step-ms", default=None, help="comma list of m for the step section (default 2,4,8)")
+    parser.add_argument("--mlp-batch", type=int, default=64, help="rows per MLP training step (default 64)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    global MLP_BATCH
+    MLP_BATCH = args.mlp_batch
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
@@ -535,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         ms_solver = [int(v) for v in args.ms.split(",")]
     if args.batches:
         batches = [int(v) for v in args.batches.split(",")]
+    if args.models:
+        kinds = args.models.split(",")
+    if args.step_ms:
+        ms_step = [int(v) for v in args.step_ms.split(",")]
     solver_rows = solver_section(ms_solver, batches, repeats, n_acc, peer_sample, args.compile, log) if "solver" in sections else []
     step_rows = step_section(kinds, ms_step, max(5, (2 * repeats) // 3), not args.no_memory, log) if "step" in sections else []
     text = render(solver_rows, step_rows, args, header)

@@ -464,3 +464,30 @@ def test_direction_memory_is_reused_only_when_no_grad_view_is_alive():
     assert params[0].grad.data_ptr() != held.data_ptr()  # fresh memory while `held` is alive
     assert torch.equal(held, snapshot)
     assert not torch.equal(params[0].grad, snapshot)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_gram_matches_float64_reference(dtype):
+    """Above 2 x GRAM_BLOCK shared entries the Gram is summed block by block (plus a remainder):
+    it must equal the float64 Gram of independently computed gradients, to float32 accuracy."""
+    from cagrad_clip.gradients import GRAM_BLOCK
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 3 * GRAM_BLOCK // 300 + 7, dtype=dtype)  # ~3.1 blocks: bmm + remainder
+    x = torch.randn(16, 300, dtype=dtype)
+    targets = torch.randn(3, 16, layer.out_features, dtype=dtype)
+
+    def losses(module):
+        out = module(x.to(module.weight.dtype))
+        return [((out - t.to(out.dtype)) ** 2).mean() * (k + 1) for k, t in enumerate(targets)]
+
+    twin = copy.deepcopy(layer).double()
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(twin.parameters()), retain_graph=True)])
+            for loss in losses(twin)]
+    G = torch.stack(rows)
+    assert G.shape[1] > 2 * GRAM_BLOCK and G.shape[1] % GRAM_BLOCK != 0
+    expected = G @ G.T
+    opt = ConflictAverseOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), weights=[0.2, 0.3, 0.5])
+    opt.step(losses(layer))
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(opt.last.gram.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
