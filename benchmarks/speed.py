@@ -463,7 +463,44 @@ def machine() -> str:
             f"load average at start {os.getloadavg()[0]:.1f}")
 
 
-def render(solver_rows: list[dict], step_rows: list[dict], args: argparse.Namespace, header: str) -> str:
+# --------------------------------------------------------------------------- levers
+def lever_section(numel: int, ms: list[int], repeats: int, log: Callable[[str], None]) -> list[dict]:
+    """The memory-bound parts of ``combine()`` on an ``(m, numel)`` float32 buffer, old way vs kept way.
+
+    Gram: one ``(m, D) x (D, m)`` GEMM vs the blocked Gram of ``ObjectiveGradients.gram`` (time and
+    relative error against float64). Write-back: ``a @ buffer`` into a fresh tensor vs ``mv`` into the
+    persistent buffer that ``add_combination_to_grads`` reuses.
+    """
+    from cagrad_clip.gradients import ObjectiveGradients
+
+    rows = []
+    for m in ms:
+        param = torch.zeros(numel)
+        grads = ObjectiveGradients([param], 1, torch.float32)
+        grads.buffer = torch.randn(m, numel, generator=torch.Generator().manual_seed(m))
+        grads.accumulated = True
+        exact = grads.buffer.double() @ grads.buffer.double().T
+        a = torch.rand(m)
+        out = torch.empty(numel)
+        fns = {
+            "Gram: one GEMM": lambda: grads.buffer @ grads.buffer.T,
+            "Gram: blocked (kept)": grads.gram,
+            "write-back: a @ buffer, fresh tensor": lambda: a @ grads.buffer,
+            "write-back: mv into reused buffer (kept)": lambda: torch.mv(grads.buffer.T, a, out=out),
+        }
+        times = time_interleaved(fns, repeats)
+        errors = {
+            "Gram: one GEMM": float(((grads.buffer @ grads.buffer.T).double() - exact).abs().max() / exact.abs().max()),
+            "Gram: blocked (kept)": float((grads.gram().double() - exact).abs().max() / exact.abs().max()),
+        }
+        for name, t in times.items():
+            rows.append({"m": m, "numel": numel, "variant": name, "ms": t, "rel_error": errors.get(name, float("nan"))})
+        log(f"  levers m={m}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
+    return rows
+
+
+def render(solver_rows: list[dict], step_rows: list[dict], args: argparse.Namespace, header: str,
+           lever_rows: list[dict] | None = None) -> str:
     command = " ".join(["python -m benchmarks.speed", *sys.argv[1:]])
     out = [f"# Speed at the floor\n\nCommand: `{command}`  \nMachine: {header}\n"]
     if solver_rows:
@@ -506,6 +543,14 @@ def render(solver_rows: list[dict], step_rows: list[dict], args: argparse.Namesp
                 fl = next(q for q in step_rows if q["model"] == r["model"] and q["m"] == r["m"] and q["variant"] == "(b) floor")
                 out.append(f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {100 * (r['ms'] - fl['ms']) / fl['ms']:+.1f}% | {r['combine_ms']:.2f} ms ({100 * r['combine_ms'] / fl['ms']:.1f}%) |")
         out.append("")
+    if lever_rows:
+        out.append(f"## 3. Levers inside combine(): float32 buffer of {lever_rows[0]['numel']:,} entries per objective\n")
+        out.append("| m | variant | ms (median) | rel. error vs float64 |")
+        out.append("|---:|---|---:|---:|")
+        for r in lever_rows:
+            err = "" if r["rel_error"] != r["rel_error"] else f"{r['rel_error']:.1e}"
+            out.append(f"| {r['m']} | {r['variant']} | {r['ms']:.2f} | {err} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -513,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd solvers (about a minute of compile per size)")
-    parser.add_argument("--sections", default="solver,step", help="comma list of: solver, step")
+    parser.add_argument("--sections", default="solver,step,levers", help="comma list of: solver, step, levers")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
@@ -553,11 +598,14 @@ def main(argv: list[str] | None = None) -> int:
         ms_step = [int(v) for v in args.step_ms.split(",")]
     solver_rows = solver_section(ms_solver, batches, repeats, n_acc, peer_sample, args.compile, log) if "solver" in sections else []
     step_rows = step_section(kinds, ms_step, max(5, (2 * repeats) // 3), not args.no_memory, log) if "step" in sections else []
-    text = render(solver_rows, step_rows, args, header)
+    # the width-2048 MLP's parameter count: the case of the overhead target
+    lever_numel = sum(p.numel() for p in make_case("mlp-2048", 2)[0].parameters())
+    lever_rows = lever_section(lever_numel, [2, 8] if args.quick else [2, 4, 8], max(3, repeats // 3), log) if "levers" in sections else []
+    text = render(solver_rows, step_rows, args, header, lever_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text + "\n")
-    (out / "speed.json").write_text(json.dumps({"machine": header, "solver": solver_rows, "step": step_rows}, indent=1))
+    (out / "speed.json").write_text(json.dumps({"machine": header, "solver": solver_rows, "step": step_rows, "levers": lever_rows}, indent=1))
     print()
     print(text)
     log(f"wrote {out / 'speed.md'}")

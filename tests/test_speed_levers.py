@@ -79,12 +79,24 @@ def test_cuda_step_has_no_host_sync() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).cuda()
     opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), c=0.4, nonfinite="ignore")
     x, y = torch.randn(8, 16, device="cuda"), torch.randn(8, 3, device="cuda")
-    for _ in range(2):  # first call builds device-side caches
+    for warm in (True, False):  # the first step builds device-side caches (weights, the solver's face index)
         opt.zero_grad()
         losses = list(((model(x) - y) ** 2).mean(0).unbind())
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("default" if warm else "error")
         try:
             opt.step(losses)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert np.isfinite(opt.last.coefficients.cpu().numpy()).all()
+
+
+def test_lever_section_measures_both_ways_and_the_blocked_gram_is_accurate() -> None:
+    rows = speed.lever_section(3 * 16384 + 123, [2], repeats=1, log=lambda msg: None)
+    assert [r["variant"] for r in rows] == [
+        "Gram: one GEMM",
+        "Gram: blocked (kept)",
+        "write-back: a @ buffer, fresh tensor",
+        "write-back: mv into reused buffer (kept)",
+    ]
+    assert all(r["ms"] > 0 for r in rows)
+    assert rows[1]["rel_error"] <= 1e-6
