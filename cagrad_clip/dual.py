@@ -9,8 +9,11 @@ arXiv 2602.02495) reads, with user weights ``w`` on the simplex:
 * clip ``p~ = min(p, w)`` (``clip=True``) or ``p~ = p`` (``clip=False``, CAGrad);
 * direction ``d = g0 + s G p~ / ||G p~||``, i.e. coefficients ``a = w + (s / ||G p~||) p~``.
 
-The dual is solved by pairwise Frank-Wolfe with an exact closed-form line search, for a fixed
-number of iterations, with converged problems frozen by masks. There is no ``.item()``,
+Two solvers (``solver=``): ``"exact"`` solves the KKT system of every face of the simplex in
+closed form (one batched ``linalg.solve_ex``) and keeps the best candidate; ``"frank_wolfe"`` runs
+a fixed number of pairwise Frank-Wolfe + face-Newton iterations with an exact closed-form line
+search, from the best point of the small faces, with converged problems frozen by masks.
+``"auto"`` picks by shape (:func:`auto_solver`); ``m = 2`` is one exact line search. There is no ``.item()``,
 ``.cpu()``, ``.tolist()`` or Python branch on a tensor value, so the solve can be captured by
 ``torch.compile(fullgraph=True)`` or a CUDA graph and runs wholly on the input's device.
 """
@@ -29,6 +32,7 @@ __all__ = [
     "RESCALE_OPTIONS",
     "SOLVER_OPTIONS",
     "CAGradSolution",
+    "auto_solver",
     "combination_coefficients",
     "default_max_iter",
     "solve_cagrad",
