@@ -371,26 +371,49 @@ def _start_support_size(m: int) -> int:
     return 3 if m <= 12 else 2 if m <= 32 else 1
 
 
-_SUPPORT_CACHE: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
+class _FaceFrame(NamedTuple):
+    """Constant tensors that lay out every face's bordered KKT system (one per ``m, k, device, dtype``)."""
+
+    index: Tensor  # (K, k) long: vertices of each face, padded with 0
+    support: Tensor  # (K, k) float: 1 on the face's slots, 0 on padding
+    gram_index: Tensor  # (K (k+1)^2,) long: where each bordered entry comes from in the flat (m m) Gram
+    gram_mask: Tensor  # (K, k+1, k+1): 1 where that entry is a Gram entry of the face
+    constant: Tensor  # (K, k+1, k+1): the border (ones), identity on padding slots, 0 corner
+    b_index: Tensor  # (K (k+1),) long: where each right-hand-side entry comes from in b
+    b_mask: Tensor  # (K, k+1): 1 on the face's slots
+    unit: Tensor  # (k+1,): the right-hand side [0, ..., 0, 1]
 
 
-def _supports(m: int, max_support: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The faces of the simplex with at most ``max_support`` of ``m`` vertices, in a compact frame.
+_FRAME_CACHE: dict[tuple[int, int, str, torch.dtype], _FaceFrame] = {}
 
-    Returns ``index`` (long) and ``mask`` (bool), both ``(K, k)`` with ``k = min(m, max_support)``:
-    face ``j`` is ``index[j][mask[j]]``; padding slots point at vertex 0 and are masked out.
-    """
+
+def _face_frame(m: int, max_support: int, device: torch.device, dtype: torch.dtype) -> _FaceFrame:
+    """The faces of the simplex with at most ``max_support`` of ``m`` vertices, in a compact frame of
+    ``k = min(m, max_support)`` slots, and the constants that build their bordered systems by one gather.
+    Cached (outside ``torch.compile``, where they are traced as constants)."""
     k = min(m, max_support)
-    key = (m, k, str(device))
-    cached = None if torch.compiler.is_compiling() else _SUPPORT_CACHE.get(key)
+    key = (m, k, str(device), dtype)
+    cached = None if torch.compiler.is_compiling() else _FRAME_CACHE.get(key)
     if cached is not None:
         return cached
     faces = [face for size in range(1, k + 1) for face in combinations(range(m), size)]
     index = torch.tensor([list(face) + [0] * (k - len(face)) for face in faces], device=device)
     mask = torch.tensor([[True] * len(face) + [False] * (k - len(face)) for face in faces], device=device)
+    support = mask.to(dtype)
+    n_faces = index.shape[0]
+    zero_col = torch.zeros(n_faces, 1, device=device, dtype=index.dtype)
+    index_ext = torch.cat([index, zero_col], -1)  # the border slot reads vertex 0, masked out
+    support_ext = torch.cat([support, zero_col.to(dtype)], -1)
+    gram_index = (index_ext.unsqueeze(-1) * m + index_ext.unsqueeze(-2)).reshape(-1)
+    gram_mask = support_ext.unsqueeze(-1) * support_ext.unsqueeze(-2)
+    constant = torch.diag_embed(torch.cat([1.0 - support, torch.zeros_like(support[:, :1])], -1))
+    constant[:, :k, k] = support
+    constant[:, k, :k] = support
+    unit = (torch.arange(k + 1, device=device) == k).to(dtype)
+    frame = _FaceFrame(index, support, gram_index, gram_mask, constant, index_ext.reshape(-1), support_ext, unit)
     if not torch.compiler.is_compiling():
-        _SUPPORT_CACHE[key] = (index, mask)
-    return index, mask
+        _FRAME_CACHE[key] = frame
+    return frame
 
 
 def _solve_by_supports(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None = None,
@@ -416,29 +439,25 @@ def _solve_by_supports(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None
     m = Hn.shape[-1]
     batch = Hn.shape[:-2]
     device, dtype = Hn.device, Hn.dtype
-    index, mask = _supports(m, m if max_support is None else max_support, device)
+    frame = _face_frame(m, m if max_support is None else max_support, device, dtype)
+    index, support = frame.index, frame.support
     n_faces, k = index.shape
-    support = mask.to(dtype)  # (K, k)
-    border_row = torch.cat([support, torch.zeros_like(support[:, :1])], -1).unsqueeze(-2)  # (K, 1, k+1)
-    outside = torch.diag_embed(1.0 - support)  # identity rows pin padding slots to 0
-    both = support.unsqueeze(-1) * support.unsqueeze(-2)
-    unit = (torch.arange(k + 1, device=device) == k).to(dtype)
-    H_flat = Hn.reshape(-1, m, m)
+    H_flat = Hn.reshape(-1, m * m)
     b_flat = b.reshape(-1, m)
     s_flat = s.reshape(-1)
     n_total = H_flat.shape[0]
     chunk = max(1, _SYSTEMS_PER_CHUNK // n_faces)
-    rows, cols = index.unsqueeze(-1), index.unsqueeze(-2)
     solutions, values, off_kink = [], [], []
     for start in range(0, n_total, chunk):  # a loop over shapes only: no sync
-        H_c = H_flat[start:start + chunk][:, rows, cols] * both  # (n, K, k, k): the faces' Grams
-        b_c = b_flat[start:start + chunk][:, index] * support  # (n, K, k)
+        H_chunk = H_flat[start:start + chunk]
+        n = H_chunk.shape[0]
+        # every face's bordered matrix [[H_SS, 1], [1^T, 0]] (identity on padding slots) by one gather
+        bordered = H_chunk.index_select(-1, frame.gram_index).view(n, n_faces, k + 1, k + 1) * frame.gram_mask + frame.constant
+        linear = b_flat[start:start + chunk].index_select(-1, frame.b_index).view(n, n_faces, k + 1) * frame.b_mask
         s_c = s_flat[start:start + chunk].unsqueeze(-1)  # (n, 1)
-        n = H_c.shape[0]
-        top = torch.cat([H_c + outside, support.unsqueeze(-1).expand(n, n_faces, k, 1)], -1)
-        bordered = torch.cat([top, border_row.expand(n, n_faces, 1, k + 1)], -2)
-        linear = torch.cat([-b_c, torch.zeros_like(b_c[..., :1])], -1)
-        x, info = torch.linalg.solve_ex(bordered, torch.stack([unit.expand(n, n_faces, k + 1), linear], -1))
+        H_c = bordered[..., :k, :k]  # the faces' Grams (padding: identity, harmless: p is 0 there)
+        b_c = linear[..., :k]
+        x, info = torch.linalg.solve_ex(bordered, torch.stack([frame.unit.expand(n, n_faces, k + 1), -linear], -1))
         p0 = x[..., :k, 0] * support
         p1 = x[..., :k, 1] * support
         c0 = _quad_form(H_c, p0).clamp_min(0.0)
