@@ -52,11 +52,12 @@ SOLVER_OPTIONS: dict[str, str] = {
     "frank_wolfe": "pairwise Frank-Wolfe + Newton on the active face, max_iter iterations",
 }
 #: ``solver="auto"`` enumerates supports up to this many objectives (see ``python -m benchmarks.speed``).
-AUTO_EXACT_MAX_M = 8
+AUTO_EXACT_MAX_M = 12
 # ... and while the batch has at most this many faces (batch x (2^m - 1)) in all: measured
-# crossovers with Frank-Wolfe on a 2-core CPU (exact wins at batch 1024 for m <= 5, at batch 1 up to m = 8).
-_AUTO_EXACT_MAX_FACES = {7: 1 << 12, 8: 1 << 12}
+# crossovers with Frank-Wolfe on a 2-core CPU (exact wins at batch 1024 for m <= 5, at batch 1
+# up to m = 12, where the two tie). Above m = 6 the budget admits batch 1 up to m = 12.
 _AUTO_EXACT_MAX_FACES_SMALL_M = 1 << 15
+_AUTO_EXACT_MAX_FACES_LARGE_M = 1 << 12
 #: ``solver="exact"`` refuses larger problems: 2^m - 1 linear systems of size m + 1 per Gram.
 EXACT_MAX_M = 12
 # Linear systems per chunk of the support enumeration: bounds its memory to a few MiB per chunk.
@@ -141,7 +142,7 @@ def auto_solver(m: int, batch_size: int = 1) -> str:
     """
     if m > AUTO_EXACT_MAX_M:
         return "frank_wolfe"
-    budget = _AUTO_EXACT_MAX_FACES.get(m, _AUTO_EXACT_MAX_FACES_SMALL_M)
+    budget = _AUTO_EXACT_MAX_FACES_SMALL_M if m <= 6 else _AUTO_EXACT_MAX_FACES_LARGE_M
     return "exact" if batch_size * ((1 << m) - 1) <= budget else "frank_wolfe"
 
 
@@ -210,7 +211,8 @@ def solve_cagrad(
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"``: divide the direction by that factor.
         max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
             Only the ``"frank_wolfe"`` solver iterates.
-        solver: ``"auto"`` (default: ``"exact"`` for few objectives and small batches, see
+        solver: ``"auto"`` (default: ``"exact"`` for few objectives and small batches, e.g. one
+            problem with up to 12 objectives, see
             :func:`auto_solver`; else ``"frank_wolfe"``),
             ``"exact"`` (closed-form KKT solve on every support, ``m <= 12``) or
             ``"frank_wolfe"``. See :data:`SOLVER_OPTIONS`.

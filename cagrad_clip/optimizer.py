@@ -65,7 +65,7 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
             parameter, task-specific heads included.
         max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks
             :func:`~cagrad_clip.default_max_iter`.
-        solver: the dual solver: ``"auto"`` (default; exact support enumeration for up to 8
+        solver: the dual solver: ``"auto"`` (default; exact support enumeration for up to 12
             objectives, Frank-Wolfe above: :func:`~cagrad_clip.dual.auto_solver`), ``"exact"``
             or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
         nonfinite: what :meth:`step` does if an objective's gradient has an Inf/NaN:
