@@ -88,7 +88,8 @@ class ObjectiveGradients:
         self.buffer: Tensor | None = None
         self.accumulated = False
         # The combined direction is written into one persistent (D,) buffer whose views become .grad:
-        # a fresh 36 MB tensor per step costs page faults (15 ms on this CPU, more than the matmul).
+        # a fresh 36 MB tensor per step costs page faults (m = 2: 19.9 ms against 4.2 ms reused, `python -m
+        # benchmarks.speed --sections levers`).
         # It is reused only once every .grad view of it has been freed (weak references tell).
         self._direction: Tensor | None = None
         self._direction_users: list[weakref.ref] = []
@@ -180,9 +181,10 @@ class ObjectiveGradients:
 
         One batched matmul of ``(m, GRAM_BLOCK)`` column blocks, then a sum over the blocks, plus the
         remainder columns. Against one ``(m, D) x (D, m)`` GEMM this is both faster (each block
-        stays in cache: 40 ms vs 92 ms at m = 8, D = 8.9 M on this CPU) and far more accurate: the
-        GEMM sums D products in a single float32 chain (relative error 2e-3 against float64 at
-        D = 8.9 M), the blocks sum 16 K products each and the block sums are added pairwise (2e-7).
+        stays in cache: 46 ms vs 88 ms at m = 8, D = 8.9 M on this CPU) and far more accurate: the
+        GEMM sums D products in a single float32 chain (relative error 1.6e-3 against float64 at
+        D = 8.9 M), the blocks sum 16 K products each and the block sums are added pairwise (1.3e-7).
+        Measured by ``python -m benchmarks.speed --sections levers``.
         For sharded parameters this is the Gram of this rank's shard; sum it over ``shard_group``.
         """
         assert self.buffer is not None
@@ -197,13 +199,7 @@ class ObjectiveGradients:
 
     def _direction_buffer(self) -> Tensor:
         """The persistent ``(D,)`` direction buffer, or a fresh one while a view of it is still alive."""
-        reusable = (
-            self._direction is not None
-            and self._direction.dtype == self.dtype
-            and self._direction.numel() == self.numel
-            and all(user() is None for user in self._direction_users)
-        )
-        if not reusable:
+        if self._direction is None or any(user() is not None for user in self._direction_users):
             self._direction = torch.empty(self.numel, dtype=self.dtype, device=self.device)
             self._direction_users = []
         assert self._direction is not None

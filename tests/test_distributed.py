@@ -121,18 +121,22 @@ def runs():
     return ranks, single
 
 
-@pytest.mark.parametrize("scenario", ["plain", "ddp", "ddp_without_no_sync", "accumulate_combine_each", "ddp_accumulate"])
-def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
-    ranks, (single_params, single_coefs) = runs
+def assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs) -> None:
+    """Every rank's parameters and coefficients equal the 1-process run (1e-6), and the ranks agree bit for bit."""
     for rank in ranks:
-        params, coefs = rank[scenario]
+        params, coefs = rank[scenario][:2]
         for p, q in zip(params, single_params):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
         torch.testing.assert_close(coefs, single_coefs, rtol=0, atol=1e-6)
-    # Every rank computed bit-identical coefficients and parameters.
     assert torch.equal(ranks[0][scenario][1], ranks[1][scenario][1])
     for p, q in zip(ranks[0][scenario][0], ranks[1][scenario][0]):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("scenario", ["plain", "ddp", "ddp_without_no_sync", "accumulate_combine_each", "ddp_accumulate"])
+def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
+    ranks, (single_params, single_coefs) = runs
+    assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
 
 
 def test_without_averaging_ranks_disagree(runs):

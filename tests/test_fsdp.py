@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
 )
 
-from tests.test_distributed import BATCH, WEIGHTS, WORLD, make_data  # same data as the DDP tests
+from tests.test_distributed import BATCH, WEIGHTS, WORLD, assert_ranks_match_one_process, make_data  # same data as DDP
 
 
 class TwoHeads(nn.Module):
@@ -112,16 +112,10 @@ def runs():
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_fsdp_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
     ranks, (single_params, single_coefs, single_grams) = runs
-    for rank in ranks:
-        params, coefs, grams = rank[scenario]
-        for p, q in zip(params, single_params):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-        torch.testing.assert_close(coefs, single_coefs, rtol=0, atol=1e-6)
-        torch.testing.assert_close(grams, single_grams, rtol=0, atol=1e-12)
     # Both ranks solved the same all-reduced Gram: bit-identical coefficients and parameters.
-    assert torch.equal(ranks[0][scenario][1], ranks[1][scenario][1])
-    for p, q in zip(ranks[0][scenario][0], ranks[1][scenario][0]):
-        assert torch.equal(p, q)
+    assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
+    for rank in ranks:
+        torch.testing.assert_close(rank[scenario][2], single_grams, rtol=0, atol=1e-12)
 
 
 def test_fsdp_unsupported_mixes_are_rejected(runs):

@@ -95,6 +95,11 @@ def mlp_with_heads(seed: int = 0):
     return trunk, heads
 
 
+def sgd_on(trunk, heads, lr=0.1, **kwargs):
+    """A ConflictAverseOptimizer over SGD on the trunk and the heads."""
+    return ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=lr), **kwargs)
+
+
 def head_losses(trunk, heads, x, y):
     z = trunk(x)
     return [((heads[0](z) - y) ** 2).mean(), ((heads[1](z) + y) ** 2).mean() + 0.1 * (heads[0](z) ** 2).mean()]
@@ -249,8 +254,7 @@ def test_backward_then_step_equals_step_with_losses_and_combine_is_idempotent():
     trunk, heads = mlp_with_heads()
     twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
-    a = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
-    b = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1))
+    a, b = sgd_on(trunk, heads), sgd_on(twin_trunk, twin_heads)
     a.step(head_losses(trunk, heads, x, y))
     b.backward(head_losses(twin_trunk, twin_heads, x, y))
     grad_before = twin_trunk[0].weight.grad.clone()
@@ -275,7 +279,7 @@ def test_grad_scaler_combines_scaled_gradients_exactly_and_skips_overflow():
     trunk, heads = mlp_with_heads()
     twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
-    plain = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1), weights=[0.8, 0.2])
+    plain = sgd_on(trunk, heads, weights=[0.8, 0.2])
     scaled = ConflictAverseOptimizer(
         torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1), weights=[0.8, 0.2]
     )
@@ -416,8 +420,7 @@ def test_model_zero_grad_between_steps_starts_a_fresh_accumulation():
     trunk, heads = mlp_with_heads()
     twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
-    ours = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1))
-    reference = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1))
+    ours, reference = sgd_on(trunk, heads), sgd_on(twin_trunk, twin_heads)
     for _ in range(3):
         trunk.zero_grad()
         heads.zero_grad()  # not ours.zero_grad()
