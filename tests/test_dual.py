@@ -563,7 +563,8 @@ def test_float32_accuracy(solver) -> None:
         ref = solve_dual_reference(H, w, 0.4)
         for clip in (True, False):
             a_ref = coefficients_from_dual(H, w, 0.4, ref.p, clip)
-            a32 = combination_coefficients(torch.tensor(H, dtype=torch.float32), torch.tensor(w, dtype=torch.float32), c=0.4, clip=clip, solver=solver)
+            H32, w32 = torch.tensor(H, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
+            a32 = combination_coefficients(H32, w32, c=0.4, clip=clip, solver=solver)
             assert a32.dtype == torch.float32
             rel = np.abs(a32.double().numpy() - a_ref).max() / np.abs(a_ref).max()
             worst = max(worst, rel)
@@ -645,7 +646,7 @@ def test_bad_rescale() -> None:
 
 @pytest.mark.parametrize("max_iter", [-1, 2.0, True, "5"])
 def test_bad_max_iter(max_iter) -> None:
-    with pytest.raises(ValueError, match="max_iter must be an int >= 0"):
+    with pytest.raises(ValueError, match="max_iter must be None or an int >= 0"):
         solve_cagrad(H3, max_iter=max_iter)
 
 

@@ -1,0 +1,48 @@
+"""Batched, sync-free solver of the (clipped) CAGrad dual of RACO's Algorithm 1 (arXiv 2602.02495).
+
+Everything works on Gram matrices ``H[..., i, j] = <g_i, g_j>`` of shape ``(..., m, m)``; the
+gradients themselves never enter. With user weights ``w`` on the simplex: anchor
+``g0 = sum_i w_i g_i``, ``b = H w``, radius ``s = c ||g0||``; dual
+``p = argmin_{p in simplex} b^T p + s sqrt(p^T H p)``; clip ``p~ = min(p, w)``; coefficients
+``a = w + (s / ||G p~||) p~``, direction ``d = sum_i a_i g_i``.
+
+Modules: :mod:`.api` (checks and the public functions), :mod:`.kernel` (the solve proper),
+:mod:`.exact` (support enumeration), :mod:`.frank_wolfe` (pairwise Frank-Wolfe + face Newton),
+:mod:`.line_search` (the exact line search), :mod:`.objective` (``F`` and its gradient).
+``docs/algorithm.md`` explains the mathematics.
+"""
+
+from ..settings import RESCALE_OPTIONS, SOLVER_OPTIONS, check_c, normalize_weights, rescale_divisor
+from .api import (
+    AUTO_EXACT_MAX_M,
+    EXACT_MAX_M,
+    _solve,
+    auto_solver,
+    combination_coefficients,
+    default_max_iter,
+    resolve_solver,
+    solve_cagrad,
+    solve_with_settings,
+)
+from .kernel import CAGradSolution
+from .line_search import exact_line_search
+
+# Temporary compatibility for callers not yet switched to the public names (the optimizer, the speed
+# benchmark): ``_solve``, ``_exact_line_search``, ``check_c``, ``normalize_weights``, ``rescale_divisor``.
+_exact_line_search = exact_line_search
+
+__all__ = [
+    "AUTO_EXACT_MAX_M",
+    "EXACT_MAX_M",
+    "RESCALE_OPTIONS",
+    "SOLVER_OPTIONS",
+    "CAGradSolution",
+    "auto_solver",
+    "combination_coefficients",
+    "default_max_iter",
+    "exact_line_search",
+    "resolve_solver",
+    "solve_cagrad",
+    "solve_with_settings",
+]
+_COMPATIBILITY = (_solve, _exact_line_search, check_c, normalize_weights, rescale_divisor)
