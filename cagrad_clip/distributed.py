@@ -7,9 +7,9 @@ batch, so every rank forms the same Gram, solves the same dual, gets the same co
 writes the same direction: the update equals one process on the concatenated batch (for losses
 that are means over equally sized per-rank batches).
 
-This is what RACO's authors' multi-GPU path did not do (ALGORITHM.md section 6): combining
-un-averaged per-rank gradients gives each rank its own coefficients, and DDP then averages
-directions that were combined with different weights.
+A multi-GPU path that skips this averaging (as RACO's authors' did) combines un-averaged per-rank
+gradients: each rank gets its own coefficients, and DDP then averages directions that were
+combined with different weights.
 
 The collective is asynchronous on accelerators (NCCL) and never reads a value on the host.
 See ``docs/distributed.md`` for DDP (``no_sync()``).
@@ -25,12 +25,20 @@ construction) and returns the mesh's process group.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["check_distributed", "active_group", "average_across_ranks", "sharded_layout", "sum_across_ranks"]
+__all__ = [
+    "active_group",
+    "average_across_ranks",
+    "check_distributed",
+    "check_same_count",
+    "sharded_layout",
+    "sum_across_ranks",
+]
 
 
 def check_distributed(distributed: Any, process_group: Any) -> None:
@@ -104,13 +112,14 @@ def sharded_layout(params: Sequence[Tensor]) -> Any:
             f"parameter {plain} (shape {tuple(params[plain].shape)}) is a plain tensor but others are DTensors "
             "(FSDP2 fully_shard): shard every trainable parameter the optimizer updates, or none"
         )
-    mesh = params[0].device_mesh
+    mesh = params[0].device_mesh  # type: ignore[attr-defined]
     for i, p in enumerate(params):
-        if p.device_mesh is not mesh and p.device_mesh != mesh:
+        if p.device_mesh is not mesh and p.device_mesh != mesh:  # type: ignore[attr-defined]
             raise NotImplementedError(f"parameter {i} lives on a different device mesh; one mesh for all parameters is supported")
-        if mesh.ndim != 1 or len(p.placements) != 1 or not isinstance(p.placements[0], shard):
+        if mesh.ndim != 1 or len(p.placements) != 1 or not isinstance(p.placements[0], shard):  # type: ignore[attr-defined]
+            placements = tuple(p.placements)  # type: ignore[attr-defined]
             raise NotImplementedError(
-                f"parameter {i} has placements {tuple(p.placements)} on a {mesh.ndim}-D mesh; only Shard(dim) on a "
+                f"parameter {i} has placements {placements} on a {mesh.ndim}-D mesh; only Shard(dim) on a "
                 "1-D mesh (FSDP2 fully_shard) is supported (HSDP / Replicate placements are not implemented)"
             )
     return mesh.get_group()
@@ -120,3 +129,26 @@ def sum_across_ranks(tensor: Tensor, group: Any) -> Tensor:
     """Sum ``tensor`` in place over ``group`` (all-reduce SUM); asynchronous on NCCL, no host read."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+class _CountMemory(Protocol):
+    ranks_agree_on: int | None
+
+
+def check_same_count(memory: _CountMemory, m: int, group: Any, device: torch.device) -> None:
+    """Raise on every rank if the ranks pass different numbers of losses (instead of a hang or an abort).
+
+    One tiny all-reduce (MAX of ``m`` and of ``-m``) and a host read, only when ``m`` differs from
+    the count last confirmed (``memory.ranks_agree_on``): not per step.
+    """
+    if memory.ranks_agree_on == m:
+        return
+    counts = torch.tensor([m, -m], dtype=torch.int64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = int(counts[0]), -int(counts[1])
+    if largest != m or smallest != m:
+        raise ValueError(
+            f"the ranks passed different numbers of losses (this rank {m}, others between {smallest} and {largest}); "
+            "every rank must pass one loss per objective, in the same order"
+        )
+    memory.ranks_agree_on = m

@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .distributed import active_group, average_across_ranks, check_distributed, sum_across_ranks
-from .dual import SOLVER_OPTIONS, _solve, check_c, default_max_iter, normalize_weights, rescale_divisor, resolve_solver
-from .gradients import ObjectiveGradients, check_losses
+from .distributed import active_group, average_across_ranks, check_distributed, check_same_count, sum_across_ranks
+from .dual import solve_with_settings
+from .lifecycle import WindowState
+from .losses import check_losses
+from .optim_base import WrappedOptimizer
+from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, check_nonfinite
+from .storage import GradientStore, make_store
 
 __all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
-
-#: What :meth:`ConflictAverseOptimizer.step` does when an objective's gradient is not finite.
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 class StepDiagnostics(NamedTuple):
     """What the last combination computed; all on-device tensors, read them without a sync cost."""
 
     gram: Tensor
-    """``(m, m)`` Gram of the per-objective gradients on the shared parameters."""
+    """``(m, m)`` Gram of the per-objective gradients on the shared parameters (float32 or better)."""
     cosines: Tensor
     """``(m, m)`` pairwise cosine similarities of the objectives' gradients (0 for a zero gradient)."""
     dual: Tensor
@@ -39,52 +39,58 @@ class StepDiagnostics(NamedTuple):
     fw_gap: Tensor
     """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
     finite: Tensor
-    """``(m,)`` bool: whether objective ``i``'s gradient (its squared norm) is finite."""
+    """``(m,)`` bool: objective ``i``'s gradient is finite on every parameter (shared and not)."""
+    written_finite: Tensor
+    """0-d bool: every value written into ``.grad`` is finite in the parameters' dtype."""
 
 
-class ConflictAverseOptimizer(torch.optim.Optimizer):
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Our reductions never run under the caller's autocast (a bf16 Gram would lose the correction)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+class ConflictAverseOptimizer(WrappedOptimizer):
     """Wrap a ``torch.optim`` optimizer so each step follows RACO's clipped CAGrad direction.
 
-    Each step takes one loss per objective, computes every objective's gradient (``m`` backward
-    passes through the shared graph), solves the clipped CAGrad dual on their Gram matrix on the
-    gradients' device (RACO Algorithm 1, arXiv 2602.02495), writes ``d = g0 + c ||g0|| G~/||G~||``
-    (``g0 = sum_i w_i g_i``) into ``.grad`` and steps the wrapped optimizer.
+    Each step takes one loss per objective, accumulates every objective's gradient (``m``
+    backward passes through the shared graph), solves the clipped CAGrad dual on their Gram matrix
+    on the gradients' device (RACO Algorithm 1, arXiv 2602.02495), writes
+    ``d = g0 + c ||g0|| G~/||G~||`` (``g0 = sum_i w_i g_i``) into ``.grad`` and steps the wrapped
+    optimizer. The per-objective gradients are kept in the parameters' dtype; the Gram and the
+    combination accumulate in float32 or better.
 
     Args:
-        optimizer: the base optimizer (any ``torch.optim.Optimizer``); it owns ``param_groups``,
-            ``state`` and ``defaults``, so LR schedulers and ``GradScaler`` work on the wrapper.
+        optimizer: the base optimizer (any ``torch.optim.Optimizer`` whose ``step`` needs no
+            closure; not ``LBFGS`` or ``SparseAdam``). It owns ``param_groups``, ``state`` and
+            ``defaults``, so LR schedulers and ``GradScaler`` work on the wrapper.
         weights: user weights ``w`` (one per objective, finite, ``>= 0``, positive sum; normalised
             to sum 1). ``None`` means uniform over however many losses are passed.
-        c: trust-region radius, finite ``>= 0``; ``c = 0`` is the weighted-sum gradient.
+        c: trust-region radius, a finite real ``>= 0``; ``c = 0`` is the weighted-sum gradient.
             The convergence theory (RACO Thm 3.1) needs ``c < 1``.
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None`` (default, as in the paper), ``"1+c"`` (official CAGrad toy script) or
             ``"1+c^2"`` (official CAGrad code, LibMTL): divide the direction by that factor.
         shared: parameters on which the Gram (the conflict) is measured; default all of the base
-            optimizer's parameters. The same coefficients combine the gradients of every
-            parameter, task-specific heads included.
-        max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks
-            :func:`~cagrad_clip.default_max_iter`.
-        solver: the dual solver: ``"auto"`` (default; exact support enumeration for up to 12
-            objectives, Frank-Wolfe above: :func:`~cagrad_clip.dual.auto_solver`), ``"exact"``
-            or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
-        nonfinite: what :meth:`step` does if an objective's gradient has an Inf/NaN:
-            ``"skip"`` (default) leaves parameters and optimizer state untouched, warns naming the
-            objectives and counts it in :attr:`skipped_steps`; ``"raise"`` raises
-            ``FloatingPointError``; ``"ignore"`` steps anyway (no check and so no host sync; use it
-            with ``GradScaler``, which does its own check). In every policy the non-finite
-            combination stays visible in ``.grad``, so a ``GradScaler`` skips the step itself.
-        distributed: when ``torch.distributed`` is initialised with a world size above one,
-            average every objective's gradient across ranks (one all-reduce of the ``(m, D)``
-            buffer) before the Gram, so every rank gets identical coefficients and the update
-            equals one process on the full batch. ``False`` turns it off (each rank combines its
-            own gradients). With ``DistributedDataParallel``, run the forward under
-            ``model.no_sync()``: this optimizer does the averaging (see ``docs/distributed.md``).
-            With FSDP2 (``fully_shard``, DTensor parameters, detected at construction) each
-            objective's gradient is taken with ``loss_i.backward()`` so FSDP reduce-scatters it,
-            and the Gram is the all-reduce (SUM) of the shard Grams; ``distributed=False`` is
-            then an error.
+            optimizer's parameters. The same coefficients combine every parameter's gradients.
+        max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks ``default_max_iter(m)``.
+        solver: ``"auto"``, ``"exact"`` or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
+        nonfinite: what :meth:`step` does if an objective's gradient, or the direction written into
+            ``.grad``, has an Inf/NaN: ``"skip"`` (default) leaves parameters and optimizer state
+            untouched, warns and counts it in :attr:`skipped_steps`; ``"raise"`` raises
+            ``FloatingPointError``; ``"ignore"`` steps anyway (no check, no host sync; use it with
+            ``GradScaler``, which checks itself). The non-finite direction stays visible in ``.grad``.
+        distributed: with ``torch.distributed`` initialised and a world size above one, average
+            every objective's gradient across ranks before the Gram, so every rank takes the step of
+            one process on the full batch (see ``docs/distributed.md``). FSDP2 shards are detected.
         process_group: the group to average over; ``None`` (default) is the default group.
+        accumulate_dtype: ``None`` (default) keeps the per-objective gradient sums in the
+            gradients' own dtype, as torch keeps ``.grad``; ``torch.float32`` (or ``float64``) sums
+            low-precision gradients in a wider buffer instead (more memory: see ``docs/guide.md``).
+
+    Settings change only through :meth:`configure`; they take effect at the next combination.
 
     Example::
 
@@ -93,6 +99,8 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         opt.zero_grad()
         opt.step([quality_loss, brevity_loss])
     """
+
+    STATE_KEY = "conflict_averse"
 
     def __init__(
         self,
@@ -103,275 +111,304 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
         rescale: str | None = None,
         shared: Iterable[Tensor] | None = None,
         max_iter: int | None = None,
-        nonfinite: str = "skip",
+        nonfinite: NonfinitePolicy = "skip",
         distributed: bool = True,
         process_group: Any = None,
         solver: str = "auto",
+        accumulate_dtype: torch.dtype | None = None,
     ) -> None:
+        settings = CAGradSettings(
+            weights=weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights,  # type: ignore[arg-type]
+            c=c, clip=clip, rescale=rescale, solver=solver, max_iter=max_iter,  # type: ignore[arg-type]
+        )
+        nonfinite = check_nonfinite(nonfinite)
         check_distributed(distributed, process_group)
+        _check_base_optimizer(optimizer)
+        if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
+        shared_request = None if shared is None else _check_shared(list(shared), optimizer)
+        super().__init__(optimizer)
+        self._settings = settings
+        self._nonfinite: NonfinitePolicy = nonfinite
         self.distributed = distributed
         self.process_group = process_group
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, ConflictAverseOptimizer):
-            raise TypeError("optimizer is already a ConflictAverseOptimizer; wrap the base optimizer once")
-        self.optimizer = optimizer
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._patch_step_function()
-        self._configure(weights=weights, c=c, clip=clip, rescale=rescale, max_iter=max_iter, nonfinite=nonfinite, solver=solver)
-        self._shared_request = None if shared is None else list(shared)
-        self._build_layout()
+        self.accumulate_dtype = accumulate_dtype
+        self._shared_request = shared_request
+        self._store: GradientStore | None = None
+        self._layout_key: tuple[int, ...] = ()
+        self._window = WindowState()
+        self._device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
         self.last: StepDiagnostics | None = None
         self.skipped_steps = 0
-        self._written: Tensor | None = None  # coefficients whose direction is currently in .grad
-        # A weak reference to a .grad we wrote into: if it is gone or replaced, someone reset .grad. Weak, so
-        # that zero_grad() really frees our direction (and its memory can be reused for the next one).
-        self._grad_marker: weakref.ref[Tensor] | None = None
-        self._combined = False
-        self._stepped = False
+        self._current_store()  # validates the parameters now (complex, devices, FSDP layout)
 
-    # ----------------------------------------------------------------- settings
-    def _configure(
-        self,
-        *,
-        weights: Sequence[float] | Tensor | None,
-        c: float,
-        clip: bool,
-        rescale: str | None,
-        max_iter: int | None,
-        nonfinite: str,
-        solver: str = "auto",
-    ) -> None:
-        self.c = check_c(c)
-        if not isinstance(clip, bool):
-            raise TypeError(f"clip must be True or False, got {clip!r}")
-        self.clip = clip
-        self._divisor = rescale_divisor(rescale, self.c)
-        self.rescale = rescale
-        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
-            raise ValueError(f"max_iter must be None or an int >= 0, got {max_iter!r}")
-        self.max_iter = max_iter
-        if solver not in SOLVER_OPTIONS:
-            raise ValueError(f"unknown solver={solver!r}; choose one of {list(SOLVER_OPTIONS)}")
-        self.solver = solver
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"unknown nonfinite={nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
-        self.nonfinite = nonfinite
-        if weights is not None:
-            w = normalize_weights(weights)
-            if w.dim() != 1:
-                raise ValueError(f"weights must be one number per objective (shape (m,)), got shape {tuple(w.shape)}")
-            self.weights: Tensor | None = w
-        else:
-            self.weights = None
-        self._device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+    # ------------------------------------------------------------------ settings
+    @property
+    def settings(self) -> CAGradSettings:
+        """The frozen settings that decide the direction (change them with :meth:`configure`)."""
+        return self._settings
 
-    def _build_layout(self) -> None:
-        trainable = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        trainable = list({id(p): p for p in trainable}.values())
+    @property
+    def weights(self) -> Tensor | None:
+        """The normalised user weights (float64, CPU), or ``None`` for uniform."""
+        w = self._settings.weights
+        return None if w is None else torch.tensor(w, dtype=torch.float64)
+
+    @weights.setter
+    def weights(self, value: Any) -> None:
+        _read_only("weights")
+
+    c = property(lambda self: self._settings.c, lambda self, v: _read_only("c"), doc="Trust-region radius ``c``.")
+    clip = property(lambda self: self._settings.clip, lambda self, v: _read_only("clip"), doc="RACO's clip on or off.")
+    rescale = property(lambda self: self._settings.rescale, lambda self, v: _read_only("rescale"), doc="Rescaling convention.")
+    solver = property(lambda self: self._settings.solver, lambda self, v: _read_only("solver"), doc="The dual solver.")
+    max_iter = property(lambda self: self._settings.max_iter, lambda self, v: _read_only("max_iter"), doc="Frank-Wolfe budget.")
+    nonfinite = property(lambda self: self._nonfinite, lambda self, v: _read_only("nonfinite"), doc="Non-finite policy.")
+
+    def configure(self, **changes: Any) -> CAGradSettings:
+        """Change settings (``weights``, ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``).
+
+        Everything is validated before anything changes. The new settings apply from the next
+        combination (a direction already in ``.grad`` stays as it was computed). Returns the new
+        :attr:`settings`. Typical use: anneal ``c`` or switch weights between training phases.
+        """
+        nonfinite = check_nonfinite(changes.pop("nonfinite", self._nonfinite))
+        if "weights" in changes and isinstance(changes["weights"], Tensor):
+            changes["weights"] = changes["weights"].detach().cpu().tolist()
+        settings = self._settings.replace(**changes)
+        m = self._window.num_objectives
+        if self._window.open and settings.num_objectives not in (None, m):
+            raise ValueError(
+                f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
+            )
+        self._settings = settings
+        self._nonfinite = nonfinite
+        self._device_weights.clear()
+        return settings
+
+    def _wrapper_state(self) -> dict[str, Any]:
+        return {**self._settings.to_dict(), "nonfinite": self._nonfinite, "skipped_steps": self.skipped_steps}
+
+    def _load_wrapper_state(self, state: dict[str, Any] | None) -> Callable[[], None]:
+        """The checkpoint's settings replace the current ones, with a warning naming every difference."""
+        if state is None:  # a plain optimizer's state dict: keep this wrapper's settings
+            return lambda: None
+        if not isinstance(state, dict):
+            raise TypeError(f"the saved '{self.STATE_KEY}' entry must be a dict, got {type(state).__name__}")
+        values = dict(state)
+        skipped = values.pop("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"saved skipped_steps must be an int >= 0, got {skipped!r}")
+        nonfinite = check_nonfinite(values.pop("nonfinite", self._nonfinite))
+        settings = CAGradSettings.from_dict(values)
+        changed = {k: (v, settings.to_dict()[k]) for k, v in self._settings.to_dict().items() if settings.to_dict()[k] != v}
+        if nonfinite != self._nonfinite:
+            changed["nonfinite"] = (self._nonfinite, nonfinite)
+
+        def apply() -> None:
+            if changed:
+                listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                warnings.warn(
+                    f"load_state_dict replaced this optimizer's settings with the checkpoint's ({listed}); to keep "
+                    "new settings (a new training phase), call opt.configure(...) after loading",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self._settings = settings
+            self._nonfinite = nonfinite
+            self.skipped_steps = skipped
+            self._device_weights.clear()
+
+        return apply
+
+    def __repr__(self) -> str:
+        s = self._settings
+        weights = None if s.weights is None else [round(x, 6) for x in s.weights]
+        base = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"{type(self).__name__}(weights={weights}, c={s.c}, clip={s.clip}, rescale={s.rescale!r}, "
+            f"max_iter={s.max_iter}, solver={s.solver!r}, nonfinite={self._nonfinite!r},\n  optimizer=\n{base}\n)"
+        )
+
+    # ------------------------------------------------------------------ torch.optim citizenship
+    def _transient_attributes(self) -> tuple[str, ...]:
+        return ("_store", "last")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_window"] = WindowState()
+        state["_device_weights"] = {}
+        state["_layout_key"] = ()
+        return state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the base optimizer (not while gradients are accumulated and unstepped)."""
+        if self._window.open and self._store is not None and self._store.grads_intact():
+            raise RuntimeError("add_param_group() while gradients are accumulated; call step() or zero_grad() first")
+        self.optimizer.add_param_group(param_group)
+        self._window.reset()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the base optimizer's ``.grad`` and end the accumulation window."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._window.reset()
+        if self._store is not None:
+            self._store.abandon()
+            if not set_to_none and hasattr(self._store, "mark_zeroed"):
+                self._store.mark_zeroed()
+
+    # ------------------------------------------------------------------ layout
+    def _trainable(self) -> list[Tensor]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        return list({id(p): p for p in params}.values())
+
+    def _current_store(self) -> GradientStore:
+        """The gradient store for the parameters that require grad *now*; rebuilt when they changed."""
+        trainable = self._trainable()
+        key = tuple(id(p) for p in trainable)
+        if self._store is not None and key == self._layout_key:
+            return self._store
+        if self._window.open and self._store is not None and self._store.grads_intact():
+            raise RuntimeError("the trainable parameters changed during gradient accumulation; call zero_grad() first")
         if not trainable:
             raise ValueError("the base optimizer has no parameter with requires_grad=True; nothing to train")
+        for j, p in enumerate(trainable):
+            if p.is_complex():
+                raise TypeError(f"parameter {j} (shape {tuple(p.shape)}) is complex; complex parameters are not supported")
+            if p.layout != torch.strided:
+                raise TypeError(f"parameter {j} has layout {p.layout}; only dense (strided) parameters are supported")
         if self._shared_request is None:
-            shared_ids = {id(p) for p in trainable}
+            shared_ids = set(key)
         else:
-            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            shared_ids = set()
-            for i, p in enumerate(self._shared_request):
-                if not isinstance(p, Tensor):
-                    raise TypeError(f"shared[{i}] is a {type(p).__name__}, not a parameter tensor")
-                if id(p) not in known:
-                    raise ValueError(f"shared[{i}] (shape {tuple(p.shape)}) is not a parameter of the base optimizer")
-                if p.requires_grad:
-                    shared_ids.add(id(p))
+            shared_ids = {id(p) for p in self._shared_request if p.requires_grad}
             if not shared_ids:
                 raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
         ordered = [p for p in trainable if id(p) in shared_ids] + [p for p in trainable if id(p) not in shared_ids]
-        dtype = torch.float32
-        for p in ordered:
-            dtype = torch.promote_types(dtype, p.dtype)
-        grads = ObjectiveGradients(ordered, len(shared_ids), dtype)
-        if grads.sharded and not self.distributed:
+        store = make_store(ordered, sum(id(p) in shared_ids for p in trainable), self.accumulate_dtype)
+        if store.sharded and not self.distributed:
             raise ValueError(
                 "the parameters are DTensor shards (FSDP2 fully_shard) but distributed=False: each rank would solve "
                 "on the Gram of its own shard only; keep distributed=True"
             )
-        if grads.sharded and self.process_group is not None:
+        if store.sharded and self.process_group is not None:
             raise ValueError(
                 "process_group was given but the parameters are DTensor shards (FSDP2 fully_shard): the Gram is "
                 "summed over their device mesh's group; drop process_group"
             )
-        self._grads = grads
-        self._layout_key = self._current_layout_key()
+        if self._store is not None:
+            self._store.close()  # type: ignore[attr-defined]
+        self._store, self._layout_key = store, key
+        self._window.reset()
+        return store
 
-    def _current_layout_key(self) -> tuple[int, ...]:
-        return tuple(id(p) for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
+    # ------------------------------------------------------------------ the work
+    def _home(self, m: int) -> int:
+        """The objective whose gradient stays in ``.grad``: the largest weight (the last of ties)."""
+        w = self._settings.weights_tensor(m).tolist()
+        return max(range(m), key=lambda i: (w[i], i))
 
-    # ------------------------------------------------------ torch.optim citizenship
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the base optimizer (allowed only between steps)."""
-        if self._grads.accumulated:
-            raise RuntimeError("add_param_group() while gradients are accumulated; call zero_grad() first")
-        self.optimizer.add_param_group(param_group)
-        self._build_layout()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the base optimizer's ``.grad`` and forget the accumulated per-objective gradients."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._grads.reset()
-        self._written = None
-        self._combined = False
-        self._stepped = False
-
-    def _start_fresh_if_stale(self) -> None:
-        """Begin a new accumulation if the last one was stepped on or ``.grad`` was reset elsewhere.
-
-        Frameworks such as the Hugging Face ``Trainer`` call ``model.zero_grad()`` instead of the
-        optimizer's: then ``.grad`` no longer holds our direction, and neither it nor the old
-        per-objective gradients may be carried into the next step. Host-side checks only.
-        """
-        if not self._grads.accumulated:
-            return
-        marked = None if self._grad_marker is None else self._grad_marker()
-        replaced = self._written is not None and (marked is None or marked is not self._grads.params[0].grad)
-        if self._stepped or replaced:
-            self._grads.reset()
-            self._written = None
-            self._combined = False
-            self._stepped = False
-
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict nested under ``"base"``, and this wrapper's settings."""
-        return {
-            "base": self.optimizer.state_dict(),
-            "conflict_averse": {
-                "weights": None if self.weights is None else self.weights.tolist(),
-                "c": self.c,
-                "clip": self.clip,
-                "rescale": self.rescale,
-                "max_iter": self.max_iter,
-                "nonfinite": self.nonfinite,
-                "solver": self.solver,
-                "skipped_steps": self.skipped_steps,
-            },
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` produced (the settings are validated again)."""
-        if not isinstance(state_dict, dict) or "base" not in state_dict or "conflict_averse" not in state_dict:
-            raise ValueError(
-                "state_dict must come from ConflictAverseOptimizer.state_dict() (keys 'base' and 'conflict_averse'); "
-                "to load a plain optimizer state, call .optimizer.load_state_dict()"
-            )
-        settings = dict(state_dict["conflict_averse"])
-        skipped = int(settings.pop("skipped_steps", 0))
-        self._configure(**settings)
-        self.optimizer.load_state_dict(state_dict["base"])
-        self.skipped_steps = skipped
-
-    def __repr__(self) -> str:
-        weights = None if self.weights is None else [round(x, 6) for x in self.weights.tolist()]
-        base = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
-        return (
-            f"{type(self).__name__}(weights={weights}, c={self.c}, clip={self.clip}, rescale={self.rescale!r}, "
-            f"max_iter={self.max_iter}, solver={self.solver!r}, nonfinite={self.nonfinite!r},\n  optimizer=\n{base}\n)"
-        )
-
-    # ----------------------------------------------------------------- the work
-    def _weights_for(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def _weights_on(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (device, dtype, m)
         w = self._device_weights.get(key)
         if w is None:
-            if self.weights is not None and self.weights.shape[0] != m:
-                raise ValueError(
-                    f"got {m} losses but {self.weights.shape[0]} weights; pass one loss per weight, in the same order"
-                )
-            base = self.weights if self.weights is not None else normalize_weights(None, m)
-            w = base.to(device=device, dtype=dtype)
+            w = self._settings.weights_tensor(m).to(device=device, dtype=dtype)
             self._device_weights[key] = w
         return w
 
+    @torch.compiler.disable
     def backward(self, losses: Sequence[Tensor] | Tensor, combine: bool = True) -> None:
         """Accumulate every objective's gradient of ``losses`` (one backward pass each).
 
-        With ``combine=True`` (default) ``.grad`` then holds the combined direction of
-        everything accumulated since :meth:`zero_grad`, so gradient clipping or
-        ``GradScaler.unscale_`` can run before :meth:`step`. With gradient accumulation, pass
-        ``combine=False`` for all but the last micro-batch to solve only once.
+        With ``combine=True`` (default) ``.grad`` then holds the combined direction of everything
+        accumulated since the window began, so gradient clipping or ``GradScaler.unscale_`` can
+        run before :meth:`step`. With gradient accumulation, pass ``combine=False`` for all but the
+        last micro-batch: it solves once and spares one rounding of the direction. A window
+        continues only while ``.grad`` still holds what this optimizer left there; a step, a
+        ``zero_grad`` (the optimizer's or the model's) or any change to ``.grad`` starts a new one.
+        Everything is validated before anything changes.
         """
         losses = check_losses(losses)
-        if self.weights is not None and len(losses) != self.weights.shape[0]:
+        if not isinstance(combine, bool):
+            raise TypeError(f"combine must be True or False, got {combine!r}")
+        m = len(losses)
+        self._settings.weights_tensor(m)  # raises if the number of weights differs
+        store = self._current_store()
+        window = self._window
+        continuing = window.open and store.grads_intact()
+        if continuing and window.num_objectives != m:
             raise ValueError(
-                f"got {len(losses)} losses but {self.weights.shape[0]} weights; pass one loss per weight, in the same order"
+                f"got {m} losses, but {window.num_objectives} objectives were accumulated in this window; pass the same "
+                "objectives in every micro-batch (or call zero_grad() to start over)"
             )
-        if self._current_layout_key() != self._layout_key:
-            if self._grads.accumulated:
-                raise RuntimeError("the trainable parameters changed during gradient accumulation; call zero_grad() first")
-            self._build_layout()
-        self._start_fresh_if_stale()
-        if self._written is not None:
-            # .grad holds the combination of the previous accumulation: take it out before adding more.
-            self._grads.add_combination_to_grads(self._written, alpha=-1.0)
-            self._written = None
-        self._grads.accumulate(losses)
-        self._combined = False
+        if not continuing:
+            store.start_window(m, self._home(m))
+            window.begin(m)
+        elif window.phase == "combined":
+            store.unwrite()
+            window.phase = "accumulating"
+        try:
+            store.accumulate(losses)
+        except BaseException:
+            store.abandon()
+            window.reset()
+            raise
         if combine:
             self.combine()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def combine(self) -> StepDiagnostics:
         """Solve the dual on the accumulated gradients and write the direction into ``.grad``.
 
-        Idempotent: a second call without new gradients does nothing. Sync-free.
+        Idempotent: a second call without new gradients returns :attr:`last`. Sync-free.
         """
-        if not self._grads.accumulated:
+        window = self._window
+        if window.phase == "combined":
+            assert self.last is not None
+            return self.last
+        store = self._store
+        if window.phase != "accumulating" or store is None:
             raise RuntimeError(
                 "no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()"
             )
-        if self._combined:
-            assert self.last is not None
-            return self.last
-        if self._grads.sharded:
-            # FSDP already averaged every objective's gradient over the ranks (reduce-scatter);
-            # the full Gram is the sum of the shard Grams: one all-reduce of m * m numbers.
-            gram = sum_across_ranks(self._grads.gram(), self._grads.shard_group)
-        else:
-            group, world_size = active_group(self.distributed, self.process_group)
-            if world_size > 1:  # host-side check; the all-reduce itself never syncs
-                assert self._grads.buffer is not None
-                average_across_ranks(self._grads.buffer, group, world_size)
-            gram = self._grads.gram()
-        m = gram.shape[-1]
-        w = self._weights_for(m, gram.device, gram.dtype)
-        max_iter = default_max_iter(m) if self.max_iter is None else self.max_iter
-        solution = _solve(gram, w, self.c, self.clip, self._divisor, max_iter, resolve_solver(self.solver, m))
+        if not store.grads_intact():
+            store.abandon()
+            window.reset()
+            raise RuntimeError(
+                ".grad was replaced or modified after backward(..., combine=False), so the accumulated gradients are lost; "
+                "run backward(losses) again"
+            )
+        assert window.num_objectives is not None
+        with _no_autocast(store.device):
+            self.last = self._combine(store, window.num_objectives)
+        window.phase = "combined"
+        return self.last
+
+    def _gram(self, store: GradientStore, m: int) -> Tensor:
+        """The Gram of the full-batch gradients: averaged over ranks, or summed over shards."""
+        if store.sharded:
+            check_same_count(self._window, m, store.shard_group, store.device)
+            return sum_across_ranks(store.gram(), store.shard_group)
+        group, world_size = active_group(self.distributed, self.process_group)
+        if world_size > 1:  # host-side check; the all-reduce itself never syncs
+            check_same_count(self._window, m, group, store.device)
+            assert store.rows is not None
+            average_across_ranks(store.rows, group, world_size)
+        return store.gram()
+
+    def _combine(self, store: GradientStore, m: int) -> StepDiagnostics:
+        gram = self._gram(store, m)
+        solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._settings)
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
+        if self._nonfinite != "ignore":
+            finite = finite & torch.isfinite(store.unshared_sumsq())
+        written_finite = store.write(solution.coefficients)
         norms = diag.clamp_min(0.0).sqrt()
         outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
-        cosines = torch.where(outer > 0, gram / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(gram))
-        self._grads.add_combination_to_grads(solution.coefficients)
-        self._written = solution.coefficients
-        marker = self._grads.params[0].grad
-        self._grad_marker = None if marker is None else weakref.ref(marker)
-        self._combined = True
-        self.last = StepDiagnostics(
+        positive = outer > 0
+        cosines = torch.where(positive, gram / torch.where(positive, outer, torch.ones_like(outer)), torch.zeros_like(gram))
+        return StepDiagnostics(
             gram=gram,
             cosines=cosines,
             dual=solution.dual,
@@ -380,47 +417,111 @@ class ConflictAverseOptimizer(torch.optim.Optimizer):
             anchor_norm=solution.anchor_norm,
             fw_gap=solution.fw_gap,
             finite=finite,
+            written_finite=written_finite,
         )
-        return self.last
 
-    def step(  # type: ignore[override]
+    @torch.compiler.disable
+    def step(
         self,
-        losses: Sequence[Tensor] | Tensor | None = None,
-        closure: Callable[[], Sequence[Tensor]] | None = None,
-    ) -> None:
+        losses: Sequence[Tensor] | Tensor | Callable[[], Any] | None = None,
+        closure: Callable[[], Any] | None = None,
+    ) -> Any:
         """Update the parameters along the conflict-averse direction.
 
         ``step(losses)`` is ``backward(losses)`` then ``step()``. ``step()`` alone uses what was
-        accumulated since :meth:`zero_grad` (solving once if not yet combined). ``closure``, if
-        given, is called with grad enabled and must return the list of losses.
+        accumulated in this window (solving once if not yet combined). ``step(closure)`` or
+        ``step(closure=closure)`` calls ``closure`` with grad enabled; it must return the list of
+        losses, and ``step`` returns what it returned (as torch optimizers return the closure's
+        loss). Otherwise ``step`` returns ``None``.
 
-        After a step the next :meth:`backward` starts a new accumulation of per-objective
-        gradients even without :meth:`zero_grad`; its direction is then added to ``.grad`` as
-        torch adds gradients (call ``zero_grad()`` first, as usual, to replace it).
+        After a step the next :meth:`backward` starts a new window even without ``zero_grad``;
+        its direction is then added to ``.grad`` as torch adds gradients.
         """
+        if callable(losses) and not isinstance(losses, Tensor):
+            if closure is not None:
+                raise ValueError("pass either losses or closure, not both")
+            losses, closure = None, losses
+        result = None
         if closure is not None:
             if losses is not None:
                 raise ValueError("pass either losses or closure, not both")
             with torch.enable_grad():
-                losses = closure()
+                result = closure()
+            losses = result
         if losses is not None:
             self.backward(losses)
-        self.combine()
-        self._stepped = True  # the next backward() starts a new accumulation
-        if self.nonfinite != "ignore":
-            assert self.last is not None
-            finite = self.last.finite
-            if not bool(finite.all() & torch.isfinite(self.last.coefficients).all()):  # the one host read
-                bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-                message = (
-                    f"objective(s) {bad} have a non-finite gradient (Inf/NaN)"
-                    if bad
-                    else "the combination overflowed (the Gram of finite gradients is not finite)"
-                )
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(message + "; the parameters were not updated")
-                self.skipped_steps += 1
-                warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
-                return
+        diagnostics = self.combine()
+        self._window.phase = "stepped"  # whatever happens below, this window is over
+        if self._nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
+            message = self._explain_nonfinite(diagnostics)
+            if self._nonfinite == "raise":
+                raise FloatingPointError(message + "; the parameters were not updated")
+            self.skipped_steps += 1
+            warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
+            return result
         self.optimizer.step()
-        return
+        return result
+
+    @staticmethod
+    def _all_finite(d: StepDiagnostics) -> bool:
+        return bool(d.finite.all() & torch.isfinite(d.coefficients).all() & d.written_finite)
+
+    def _explain_nonfinite(self, d: StepDiagnostics) -> str:
+        """Name what is not finite (host reads: only on the error path)."""
+        store = self._store
+        bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
+        if bad:
+            overflowed = [
+                i for i in bad if store is not None and not store.sharded and (i != store.home or not getattr(store, "direct", False))
+                and store.row_finite(i)
+            ]
+            if overflowed:
+                return (
+                    f"objective(s) {overflowed} have finite gradients whose squared norm overflows "
+                    f"{d.gram.dtype} (|g| is about 1e19 or more): scale those losses down"
+                    + (f"; objective(s) {sorted(set(bad) - set(overflowed))} have a non-finite gradient (Inf/NaN)"
+                       if len(overflowed) < len(bad) else "")
+                )
+            return f"objective(s) {bad} have a non-finite gradient (Inf/NaN) or one too large to square"
+        if not bool(torch.isfinite(d.coefficients).all()):
+            return "the combination overflowed (the Gram of finite gradients is not finite)"
+        dtypes = sorted({str(p.dtype) for p in (store.params if store is not None else [])})
+        return (
+            f"the combined direction overflows the parameters' dtype ({', '.join(dtypes)}) although every objective's "
+            "gradient is finite; scale the losses down"
+        )
+
+
+def _read_only(name: str) -> None:
+    raise AttributeError(
+        f"{name} is read-only: call opt.configure({name}=...) to change it (validated; it takes effect at the next combination)"
+    )
+
+
+def _check_base_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, ConflictAverseOptimizer):
+        raise TypeError("optimizer is already a ConflictAverseOptimizer; wrap the base optimizer once")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError(
+            "LBFGS re-evaluates its closure several times per step, but ConflictAverseOptimizer combines one set of "
+            "losses per step; wrap a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(
+            "SparseAdam needs sparse gradients, but the combined direction is dense; wrap Adam/AdamW, or keep the sparse "
+            "embedding in its own SparseAdam outside this optimizer"
+        )
+
+
+def _check_shared(shared: list[Any], optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for i, p in enumerate(shared):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"shared[{i}] is a {type(p).__name__}, not a parameter tensor")
+        if id(p) not in known:
+            raise ValueError(f"shared[{i}] (shape {tuple(p.shape)}) is not a parameter of the base optimizer")
+    if not any(p.requires_grad for p in shared):
+        raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
+    return shared

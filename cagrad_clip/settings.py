@@ -87,7 +87,7 @@ def check_rescale(rescale: Any) -> Rescale:
     """Validate ``rescale`` (a key of :data:`RESCALE_OPTIONS`)."""
     if not (rescale is None or (isinstance(rescale, str) and rescale in RESCALE_OPTIONS)):
         raise ValueError(f"unknown rescale={rescale!r}; choose one of {list(RESCALE_OPTIONS)}")
-    return rescale  # type: ignore[no-any-return]
+    return rescale  # type: ignore[return-value]
 
 
 def rescale_divisor(rescale: Rescale, c: float) -> float:

@@ -1,0 +1,135 @@
+"""What every gradient store shares: the ``(m, D)`` rows, the parameter views, the guard on ``.grad``.
+
+A store holds, for one accumulation window (from the first ``backward`` after a step or a reset
+to the ``step``), the sum of every objective's gradient over the trainable parameters, one
+flattened row per objective (shared parameters first, so the Gram is taken over the column slice
+``[:shared_numel]``). Concrete stores differ in how a backward pass reaches its row
+(:mod:`.dense`: straight into the row, or through ``.grad`` into a wider accumulator;
+:mod:`.sharded`: FSDP2 shards) and in how the combination reaches ``.grad``.
+
+The guard: after every mutation the store remembers which tensor each ``.grad`` is and its
+version counter (``Tensor._version``, bumped by every in-place write). Whether ``.grad`` still
+holds what the store left there is then checked against reality (:meth:`GradientStore.grads_intact`),
+never assumed: ``model.zero_grad()``, ``zero_grad(set_to_none=False)`` or any in-place edit between
+two ``backward`` calls starts a new window instead of corrupting the old one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .blocks import blocked_gram, row_sumsq
+
+__all__ = ["GradientStore", "GradGuard"]
+
+
+class GradGuard:
+    """Which tensor each parameter's ``.grad`` was, and its version, when last recorded (weakly held)."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref[Tensor] | None] = []
+        self._versions: list[int] = []
+
+    def record(self, params: Sequence[Tensor]) -> None:
+        self._refs = [None if p.grad is None else weakref.ref(p.grad) for p in params]
+        self._versions = [-1 if p.grad is None else p.grad._version for p in params]
+
+    def clear(self) -> None:
+        self._refs, self._versions = [], []
+
+    def intact(self, params: Sequence[Tensor]) -> bool:
+        """``.grad`` of every parameter is the very tensor recorded, unmodified (host-side check)."""
+        if len(self._refs) != len(params):
+            return False
+        for p, ref, version in zip(params, self._refs, self._versions):
+            grad = p.grad
+            if ref is None:
+                if grad is not None:
+                    return False
+            elif grad is None or grad is not ref() or grad._version != version:
+                return False
+        return True
+
+
+class GradientStore:
+    """Per-objective gradient rows of a fixed parameter list (shared parameters first).
+
+    Subclasses implement :meth:`start_window`, :meth:`accumulate`, :meth:`write`, :meth:`unwrite`.
+    """
+
+    #: Whether the parameters are FSDP2 shards (the Gram must then be summed over ranks).
+    sharded = False
+    #: The process group to sum shard Grams over (sharded stores only).
+    shard_group: object | None = None
+
+    def __init__(self, params: Sequence[Tensor], shared_count: int, shapes: Sequence[torch.Size], dtype: torch.dtype) -> None:
+        self.params = list(params)
+        self.device = self.params[0].device
+        self.dtype = dtype
+        self.shapes = list(shapes)
+        self.numels = [s.numel() for s in self.shapes]
+        self.shared_numel = sum(self.numels[:shared_count])
+        self.numel = sum(self.numels)
+        self.rows: Tensor | None = None
+        self.home = 0
+        self.guard = GradGuard()
+
+    # ------------------------------------------------------------------ helpers
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` (one row, ``(D,)``) split into per-parameter views shaped like the parameters."""
+        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+
+    def allocate(self, m: int, reusable: bool) -> Tensor:
+        """The ``(m, D)`` rows for a new window: the last window's memory when ``reusable``, else fresh."""
+        if not reusable or self.rows is None or self.rows.shape[0] != m:
+            self.rows = torch.empty((m, self.numel), dtype=self.dtype, device=self.device)
+        return self.rows
+
+    @property
+    def num_objectives(self) -> int | None:
+        return None if self.rows is None else self.rows.shape[0]
+
+    # ------------------------------------------------------------------ reductions
+    def gram(self) -> Tensor:
+        """``H = G_shared G_shared^T`` of this window's rows, float32 or better (RACO Alg. 1's ``H``)."""
+        assert self.rows is not None
+        return blocked_gram(self.rows, self.shared_numel)
+
+    def unshared_sumsq(self) -> Tensor:
+        """Each row's squared norm over the non-shared columns (heads): their finiteness check."""
+        assert self.rows is not None
+        return row_sumsq(self.rows, self.shared_numel)
+
+    def row_finite(self, i: int) -> bool:
+        """Whether row ``i`` holds only finite values (a host read; for error messages only)."""
+        assert self.rows is not None
+        return bool(torch.isfinite(self.rows[i]).all())
+
+    def grads_intact(self) -> bool:
+        """``.grad`` holds exactly what this store left there (checked, not remembered)."""
+        return self.guard.intact(self.params)
+
+    # ------------------------------------------------------------------ the window (subclasses)
+    def start_window(self, m: int, home: int) -> None:
+        """Begin a new accumulation of ``m`` objectives; ``home`` is the objective kept in ``.grad``."""
+        raise NotImplementedError
+
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        """Add ``d loss_i / d params`` to row ``i`` (one backward pass each, graph freed after the last)."""
+        raise NotImplementedError
+
+    def write(self, coefficients: Tensor) -> Tensor:
+        """Put ``sum_i a_i g_i`` into ``.grad``; return a 0-d bool: everything written is finite."""
+        raise NotImplementedError
+
+    def unwrite(self) -> None:
+        """Take the written combination back out of ``.grad`` so more gradients can be accumulated."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Forget the window (after a failed pass or a reset); ``.grad`` is left as it is."""
+        self.guard.clear()

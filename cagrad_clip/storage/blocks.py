@@ -1,0 +1,83 @@
+"""Column-blocked float32 (or better) reductions over the ``(m, D)`` per-objective gradient rows.
+
+The rows are kept in the gradients' own dtype (bf16 stays bf16). Every reduction that matters
+for the solve (the Gram ``H = G G^T``, RACO Algorithm 1) and the combination ``sum_i a_i g_i`` is
+accumulated in float32 or better, one chunk of columns at a time, so the only extra memory is a
+chunk (``CHUNK`` columns per row, a few MiB) and never a float32 copy of the whole buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "combine_into_row", "row_sumsq"]
+
+#: Columns per block of the blocked Gram: each block's products stay in cache and are summed
+#: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
+GRAM_BLOCK = 1 << 14
+#: Columns per chunk for low-precision rows: a chunk is upcast to float32 (``m * CHUNK * 4`` bytes).
+CHUNK = 1 << 20
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision rows, the rows' own dtype for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _gram_of_block(rows: Tensor) -> Tensor:
+    """Gram of ``rows`` (already in the accumulation dtype): ``GRAM_BLOCK``-column tiles through one ``bmm``."""
+    m, n = rows.shape
+    blocks = n // GRAM_BLOCK
+    if blocks < 2:
+        return rows @ rows.T
+    tiled = rows[:, : blocks * GRAM_BLOCK].view(m, blocks, GRAM_BLOCK).transpose(0, 1)
+    gram = torch.bmm(tiled, tiled.transpose(1, 2)).sum(0)
+    rest = rows[:, blocks * GRAM_BLOCK :]
+    return gram.addmm_(rest, rest.T)
+
+
+def blocked_gram(rows: Tensor, columns: int) -> Tensor:
+    """``H = G G^T`` over the first ``columns`` columns of ``rows`` (``(m, D)``), in float32 or better.
+
+    float32/float64 rows are reduced in place (no copy); half-precision rows chunk by chunk, each
+    chunk upcast once. The blocking keeps each float32 dot-product chain to ``GRAM_BLOCK`` terms.
+    """
+    acc = accumulation_dtype(rows.dtype)
+    if rows.dtype == acc:
+        return _gram_of_block(rows[:, :columns])
+    m = rows.shape[0]
+    gram = torch.zeros((m, m), dtype=acc, device=rows.device)
+    for start in range(0, columns, CHUNK):  # a loop over shapes only: no sync
+        gram += _gram_of_block(rows[:, start : min(columns, start + CHUNK)].to(acc))
+    return gram
+
+
+def row_sumsq(rows: Tensor, start: int) -> Tensor:
+    """``sum_j rows[i, j]^2`` over the columns from ``start`` on, per row, in float32 or better."""
+    acc = accumulation_dtype(rows.dtype)
+    tail = rows[:, start:]
+    if tail.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=acc, device=rows.device)
+    return torch.linalg.vector_norm(tail, dim=1, dtype=acc).square()
+
+
+def combine_into_row(rows: Tensor, coefficients: Tensor, target: int) -> Tensor:
+    """Overwrite ``rows[target]`` with ``sum_i coefficients_i rows[i]``, accumulated in float32 or better.
+
+    Chunk by chunk, so the row can be one of the inputs (the combination is written in place,
+    e.g. into the row that is ``.grad``). Returns a 0-d bool tensor: whether every value written
+    is finite *in the rows' dtype* (a float32 sum that overflows float16 is caught here).
+    """
+    acc = accumulation_dtype(rows.dtype)
+    a = coefficients.to(acc)
+    finite = torch.ones((), dtype=torch.bool, device=rows.device)
+    n = rows.shape[1]
+    step = n if rows.dtype == acc and n <= CHUNK else CHUNK
+    for start in range(0, n, step):  # a loop over shapes only: no sync
+        block = rows[:, start : start + step]
+        combined = a @ (block if block.dtype == acc else block.to(acc))
+        written = rows[target, start : start + step]
+        written.copy_(combined)
+        finite &= torch.isfinite(written).all()
+    return finite

@@ -1,0 +1,236 @@
+"""Per-objective gradients of ordinary (non-sharded) parameters.
+
+Every objective's gradient is taken with ``loss_i.backward()`` (so parameter hooks fire, reentrant
+checkpointing works, and leaves outside the optimizer get the plain sum of the objectives'
+gradients, exactly as ``sum(losses).backward()`` would give them). What differs is where it lands:
+
+* **direct** (the default whenever the rows can have the parameters' own dtype): before pass ``i``
+  every parameter's ``.grad`` is pointed at its slice of row ``i``, so autograd accumulates
+  straight into the row: no copy and no transient gradient. The *home* objective (the one with the
+  largest weight) goes last and its row stays behind as ``.grad``; the combination
+  ``sum_i a_i g_i`` is then written into that row in place. Extra memory over plain training:
+  ``(m - 1)`` parameter-sized rows plus a float32 chunk (see :mod:`.blocks`), the physical floor.
+* **accumulator** (float32 rows for low-precision parameters on request, or parameters of mixed
+  dtypes): each pass lands in a fresh ``.grad`` that is added into its wider row and dropped; the
+  combination is written parameter by parameter in the parameters' dtype.
+
+Parameters that no objective reached keep ``.grad = None`` (as ``loss.backward()`` leaves them).
+Whatever ``.grad`` held when the window began (torch-style accumulation without ``zero_grad``)
+is kept aside and the combination is added to it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import GradGuard, GradientStore
+from .blocks import accumulation_dtype, combine_into_row
+
+__all__ = ["DenseStore", "ReachRecorder"]
+
+
+class ReachRecorder:
+    """Which parameters autograd accumulated into, fed by post-accumulate-grad hooks (registered once)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.index = {id(p): j for j, p in enumerate(params)}
+        self.reached = [False] * len(params)
+        self.count = 0
+        self.active = False
+        recorder = weakref.ref(self)  # the hooks must not keep the optimizer's memory alive
+
+        def hook(param: Tensor) -> None:
+            me = recorder()
+            if me is not None and me.active:
+                me.count += 1
+                me.reached[me.index[id(param)]] = True
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class DenseStore(GradientStore):
+    """Rows of plain tensors; ``direct`` when every parameter has the rows' dtype (see the module doc)."""
+
+    def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype | None = None) -> None:
+        dtypes = {p.dtype for p in params}
+        if dtype is None:
+            dtype = next(iter(dtypes)) if len(dtypes) == 1 else accumulation_dtype(torch.float16)
+            for d in dtypes:
+                dtype = torch.promote_types(dtype, d)
+        super().__init__(params, shared_count, [p.shape for p in params], dtype)
+        self.direct = dtypes == {dtype}
+        self.recorder = ReachRecorder(self.params)
+        self.external: list[Tensor | None] = [None] * len(self.params)
+        self.coefficients: Tensor | None = None
+        self._handed_out: list[weakref.ref[Tensor]] = []
+        self._home_views: list[Tensor] = []
+        self._zeroed = GradGuard()
+
+    def mark_zeroed(self) -> None:
+        """``zero_grad(set_to_none=False)`` just zeroed ``.grad`` in place: a new window may drop those zeros."""
+        self._zeroed.record(self.params)
+
+    def close(self) -> None:
+        """Remove the hooks (the layout is being rebuilt)."""
+        self.recorder.remove()
+
+    # ------------------------------------------------------------------ window
+    def start_window(self, m: int, home: int) -> None:
+        zeros = self._zeroed.intact(self.params)  # .grad holds the zeros our zero_grad() left: nothing to keep
+        self._zeroed.clear()
+        self._home_views = []  # our own references must not count as a user's
+        self.external = [None if zeros else p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        reusable = not any(ref() is not None for ref in self._handed_out)
+        rows = self.allocate(m, reusable)
+        rows.zero_()
+        self._handed_out = []
+        self.home = home
+        self.coefficients = None
+        self.recorder.reached = [False] * len(self.params)
+
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        assert self.rows is not None
+        m = len(losses)
+        order = [i for i in range(m) if i != self.home] + [self.home]
+        try:
+            for n, i in enumerate(order):
+                self._backward_into_row(losses[i], i, retain_graph=n < m - 1)
+        except BaseException:
+            self._restore_external()
+            raise
+        self._settle()
+
+    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool) -> None:
+        assert self.rows is not None
+        row = self.views(self.rows[i]) if self.direct else None
+        for j, p in enumerate(self.params):
+            p.grad = None if row is None else row[j]
+        before = self.recorder.count
+        self.recorder.active = True
+        try:
+            loss.backward(retain_graph=retain_graph)
+        except RuntimeError as error:
+            if "mark a variable ready only once" in str(error):
+                raise RuntimeError(
+                    "DistributedDataParallel's gradient sync ran during the per-objective backward passes: run the "
+                    "forward under model.no_sync() (ConflictAverseOptimizer averages every objective's gradient across "
+                    "ranks itself; see docs/distributed.md)"
+                ) from error
+            raise
+        finally:
+            self.recorder.active = False
+        if self.recorder.count == before:
+            raise ValueError(
+                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
+                "from the model the optimizer updates"
+            )
+        if not self.direct:
+            self._fold_grads_into_row(i)
+
+    def _fold_grads_into_row(self, i: int) -> None:
+        """Accumulator mode: add each fresh ``.grad`` into the wider row ``i`` and drop it."""
+        assert self.rows is not None
+        views, grads = [], []
+        for p, view in zip(self.params, self.views(self.rows[i])):
+            if p.grad is not None:
+                views.append(view)
+                grads.append(p.grad.to(self.dtype))
+                p.grad = None
+        if views:
+            torch._foreach_add_(views, grads)
+
+    def _settle(self) -> None:
+        """After the passes: ``.grad`` is the home row (direct) or what it was (accumulator)."""
+        assert self.rows is not None
+        if self.direct:
+            self._home_views = self.views(self.rows[self.home])
+            for p, view, reached in zip(self.params, self._home_views, self.recorder.reached):
+                p.grad = view if reached else None
+        else:
+            self._restore_external()
+        self.guard.record(self.params)
+
+    def _restore_external(self) -> None:
+        for p, e in zip(self.params, self.external):
+            p.grad = e
+
+    # ------------------------------------------------------------------ combination
+    def write(self, coefficients: Tensor) -> Tensor:
+        assert self.rows is not None
+        self.coefficients = coefficients
+        if self.direct:
+            finite = combine_into_row(self.rows, coefficients, self.home)
+            grads = self._home_views
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            grads = self._combination_per_parameter(coefficients)
+        finite = finite & self._add_to_external(grads)
+        self._handed_out = [weakref.ref(g) for g in grads]
+        self.guard.record(self.params)
+        return finite
+
+    def _combination_per_parameter(self, coefficients: Tensor) -> list[Tensor]:
+        """Accumulator mode: ``sum_i a_i g_i`` of each parameter, in the rows' dtype, cast to the parameter's."""
+        assert self.rows is not None
+        a = coefficients.to(self.dtype)
+        out, start = [], 0
+        for p, n in zip(self.params, self.numels):
+            out.append((a @ self.rows[:, start : start + n]).view(p.shape).to(p.dtype))
+            start += n
+        return out
+
+    def _add_to_external(self, combination: list[Tensor]) -> Tensor:
+        """``.grad = kept + combination`` where ``.grad`` held something when the window began."""
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        kept, added = [], []
+        for p, e, d, reached in zip(self.params, self.external, combination, self.recorder.reached):
+            if e is not None:
+                kept.append(e)
+                added.append(d)
+                p.grad = e
+            else:
+                p.grad = d if reached else None
+            if not self.direct and reached and e is None:
+                finite = finite & torch.isfinite(d).all()
+        if kept:
+            torch._foreach_add_(kept, added)
+            for e in kept:
+                finite = finite & torch.isfinite(e).all()
+        return finite
+
+    def unwrite(self) -> None:
+        """Before more accumulation: the home row gets ``g_home`` back, kept ``.grad`` loses the combination.
+
+        Direct mode recovers ``g_home = (d - sum_{i != home} a_i g_i) / a_home`` in float32 from the
+        rows (``a_home >= w_home / divisor > 0``: the home objective has the largest weight); this
+        costs one rounding of ``d`` in the rows' dtype. Pass ``combine=False`` to all but the last
+        ``backward`` of an accumulation to avoid it.
+        """
+        assert self.rows is not None and self.coefficients is not None
+        a = self.coefficients.to(accumulation_dtype(self.dtype))
+        if self.direct:
+            combination: list[Tensor] = self._home_views
+        else:
+            combination = self._combination_per_parameter(self.coefficients)
+        kept = [(e, d) for e, d in zip(self.external, combination) if e is not None]
+        if kept:
+            torch._foreach_sub_([e for e, _ in kept], [d for _, d in kept])
+        if self.direct:
+            inverse = -a / a[self.home]
+            inverse[self.home] = 1.0 / a[self.home]
+            combine_into_row(self.rows, inverse, self.home)
+        for p, e in zip(self.params, self.external):
+            if e is not None:
+                p.grad = None
+        self.coefficients = None

@@ -1,0 +1,129 @@
+"""Per-objective gradients of FSDP2 (``fully_shard``) parameters: this rank's shards only.
+
+``torch.autograd.grad`` cannot reach DTensor shards (FSDP's forward runs on all-gathered unsharded
+parameters), so each objective gets ``loss_i.backward()`` and FSDP's own hooks reduce-scatter (and
+average over ranks) into the sharded ``.grad``; its local shard is added into row ``i`` and
+``.grad`` is reset. The Gram of the shard is local; the optimizer sums it over the ranks. The
+combination is written as DTensors laid out like the parameters. Whatever ``.grad`` held when the
+window began is kept aside and the combination is added to it; parameters that no objective
+reached keep ``.grad = None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import GradientStore
+from .blocks import accumulation_dtype
+
+__all__ = ["ShardedStore"]
+
+
+class ShardedStore(GradientStore):
+    """Rows of this rank's local shards, in the shards' dtype; ``shard_group`` is the mesh's group."""
+
+    sharded = True
+
+    def __init__(self, params: Sequence[Tensor], shared_count: int, group: Any, dtype: torch.dtype | None = None) -> None:
+        local = [p.to_local() for p in params]  # type: ignore[attr-defined]
+        dtypes = {t.dtype for t in local}
+        if dtype is None:
+            dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+            for d in dtypes:
+                dtype = torch.promote_types(dtype, d)
+        super().__init__(params, shared_count, [t.shape for t in local], dtype)
+        self.shard_group = group
+        self.external: list[Tensor | None] = [None] * len(self.params)
+        self.reached = [False] * len(self.params)
+        self.coefficients: Tensor | None = None
+
+    def close(self) -> None:
+        """Nothing to release (no hooks)."""
+
+    def start_window(self, m: int, home: int) -> None:
+        self.external = [p.grad for p in self.params]
+        self.allocate(m, reusable=False).zero_()
+        self.home = home
+        self.reached = [False] * len(self.params)
+        self.coefficients = None
+
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        assert self.rows is not None
+        for p in self.params:
+            p.grad = None
+        try:
+            for i, loss in enumerate(losses):
+                self._backward_into_row(loss, i, retain_graph=i < len(losses) - 1)
+        finally:
+            for p, e in zip(self.params, self.external):
+                p.grad = e
+        self.guard.record(self.params)
+
+    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool) -> None:
+        assert self.rows is not None
+        loss.backward(retain_graph=retain_graph)
+        views, grads = [], []
+        for j, (p, view) in enumerate(zip(self.params, self.views(self.rows[i]))):
+            g = p.grad
+            p.grad = None
+            if g is None:
+                continue
+            if getattr(g, "placements", None) != p.placements:  # type: ignore[attr-defined]
+                raise RuntimeError(
+                    f"parameter {j}'s .grad after backward has placements {getattr(g, 'placements', 'none (a plain tensor)')}, "
+                    f"not the parameter's {p.placements}: FSDP did not reduce-scatter it. Keep gradient sync on "  # type: ignore[attr-defined]
+                    "(do not call set_requires_gradient_sync(False)) while this optimizer accumulates"
+                )
+            views.append(view)
+            grads.append(g.to_local().to(self.dtype))  # type: ignore[attr-defined]
+            self.reached[j] = True
+        if not views:
+            raise ValueError(
+                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed from "
+                "the model the optimizer updates (and, under FSDP, that gradient sync is on: set_requires_gradient_sync(True))"
+            )
+        torch._foreach_add_(views, grads)
+
+    def _combination(self, coefficients: Tensor) -> list[Tensor]:
+        """``sum_i a_i g_i`` of each local shard in the rows' dtype (float32 accumulation for half rows)."""
+        assert self.rows is not None
+        acc = accumulation_dtype(self.dtype)
+        rows = self.rows if self.dtype == acc else self.rows.to(acc)
+        return self.views((coefficients.to(acc) @ rows).to(self.dtype))
+
+    def write(self, coefficients: Tensor) -> Tensor:
+        self.coefficients = coefficients
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        kept, added = [], []
+        for p, e, local, reached in zip(self.params, self.external, self._combination(coefficients), self.reached):
+            local = local.to(p.dtype)
+            if e is not None:
+                kept.append(e.to_local())  # type: ignore[attr-defined]
+                added.append(local)
+            elif reached:
+                p.grad = type(p).from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())  # type: ignore[attr-defined]
+                finite = finite & torch.isfinite(local).all()
+        if kept:
+            torch._foreach_add_(kept, added)
+            for t in kept:
+                finite = finite & torch.isfinite(t).all()
+        self.guard.record(self.params)
+        return finite
+
+    def unwrite(self) -> None:
+        assert self.coefficients is not None
+        kept, added = [], []
+        for p, e, local in zip(self.params, self.external, self._combination(self.coefficients)):
+            if e is not None:
+                kept.append(e.to_local())  # type: ignore[attr-defined]
+                added.append(local.to(p.dtype))
+            else:
+                p.grad = None
+        if kept:
+            torch._foreach_sub_(kept, added)
+        self.coefficients = None
+
