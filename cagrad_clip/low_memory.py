@@ -1,0 +1,447 @@
+"""Low-memory CAGrad-Clip for the largest models: no stored per-objective gradients.
+
+One step of RACO's Algorithm 1 (arXiv 2602.02495) needs only the Gram ``H_ij = <g_i, g_j>`` of the
+objectives' gradients on the shared parameters and then the combination ``d = sum_i a_i g_i``. The
+default path stores the ``m`` gradients to get both; :func:`low_memory_backward` gets them without
+storing any, by one of two routes (``docs/low_memory.md`` has the measurements):
+
+``"hooks"`` (``m <= 2``, any model)
+    backward of ``L_1`` into ``.grad`` (``g_1``); a second backward of ``L_2`` whose per-parameter
+    hooks add ``<g_1, g_2>`` and ``<g_2, g_2>`` into an on-device float32 Gram as each piece of
+    ``g_2`` is produced and drop the piece; solve; ``.grad *= a_1`` in place; a third backward of
+    ``a_2 L_2`` accumulates into ``.grad``. Three backward passes, no gradient copy.
+``"autogram"`` (any ``m``, models without tied weights across modules)
+    TorchJD's autogram ``Engine`` gives the Gramian of the losses without the Jacobian (its
+    per-module Jacobians are reduced to float32 Grams one module at a time); solve; one backward of
+    ``sum_i a_i L_i``. TorchJD is an optional dependency (``pip install torchjd``).
+
+Everything on the step path is sync-free (no ``.item()``, no Python branch on a tensor value) and the
+reductions run in float32 or better, outside any autocast region of the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import dual as _dual
+from .dual import CAGradSolution
+from .settings import CAGradSettings
+
+__all__ = ["ROUTES", "AutogramEngine", "LowMemoryResult", "Route", "gram_of_rows", "low_memory_backward"]
+
+Route = Literal["auto", "hooks", "autogram"]
+
+#: Accepted values of ``route`` and where each applies.
+ROUTES: dict[str, str] = {
+    "auto": "'hooks' for m <= 2, 'autogram' for m >= 3 (needs an AutogramEngine)",
+    "hooks": "per-parameter hooks during a second backward, then a third weighted backward; m <= 2, any model",
+    "autogram": "TorchJD autogram Gramian, then one weighted backward; any m, no weights tied across modules",
+}
+
+#: Columns per block of the blocked Gram: each block's dot products are one float32 chain of this length.
+GRAM_BLOCK = 1 << 14
+#: Columns upcast at a time: bounds the transient float32 copy of a half-precision gradient piece.
+UPCAST_CHUNK = 1 << 20
+
+_INSTALL_HINT = "route='autogram' needs TorchJD's autogram engine: pip install torchjd  (version 0.18 or later)"
+
+
+class LowMemoryResult(NamedTuple):
+    """What one :func:`low_memory_backward` computed; on-device tensors, read them without a sync cost."""
+
+    gram: Tensor
+    """``(m, m)`` Gram of the objectives' gradients on the shared parameters, float32 or float64.
+    A non-finite diagonal entry means that objective's gradient was not finite."""
+    solution: CAGradSolution
+    """The dual solve; ``.grad`` holds ``sum_i solution.coefficients[i] * g_i``."""
+    route: str
+    """The route taken: ``"hooks"`` or ``"autogram"``."""
+
+
+def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def gram_of_rows(rows: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The ``(k, k)`` Gram of ``k`` equally sized tensors, reduced in ``dtype`` (float32 or float64).
+
+    Columns are upcast ``UPCAST_CHUNK`` at a time (a bounded transient copy for bf16/fp16 input) and
+    reduced in blocks of ``GRAM_BLOCK`` columns whose sums are added pairwise, as the default path's
+    blocked Gram does. Shapes only decide the loop: no host sync.
+    """
+    flat = [r.reshape(-1) for r in rows]
+    k, n = len(flat), flat[0].numel()
+    out = torch.zeros((k, k), dtype=dtype, device=flat[0].device)
+    with torch.no_grad(), _no_autocast(out.device):
+        for start in range(0, n, UPCAST_CHUNK):
+            chunk = torch.stack([f[start : start + UPCAST_CHUNK] for f in flat]).to(dtype)
+            blocks = chunk.shape[1] // GRAM_BLOCK
+            if blocks >= 2:
+                tiled = chunk[:, : blocks * GRAM_BLOCK].reshape(k, blocks, GRAM_BLOCK).transpose(0, 1)
+                out += torch.bmm(tiled, tiled.transpose(1, 2)).sum(0)
+                chunk = chunk[:, blocks * GRAM_BLOCK :]
+            out.addmm_(chunk, chunk.T)
+    return out
+
+
+# --------------------------------------------------------------------------- route "autogram"
+def _hooked_modules(module: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
+    """The modules TorchJD's Engine hooks: the outermost ones with a direct trainable parameter."""
+    if any(p.requires_grad for p in module.parameters(recurse=False)):
+        yield name, module
+        return
+    for child_name, child in module.named_children():
+        yield from _hooked_modules(child, f"{name}.{child_name}" if name else child_name)
+
+
+@functools.cache
+def _engine_class() -> Any:
+    """TorchJD's ``Engine`` subclassed so each module's Jacobian is reduced to a Gram in float32+.
+
+    TorchJD reduces in the parameters' dtype (a bf16 Gram for a bf16 model); the subclass replaces
+    the per-module Gram computer (private API of torchjd 0.18). Imported lazily.
+    """
+    try:
+        autogram = importlib.import_module("torchjd.autogram")
+    except ImportError as error:
+        raise ImportError(_INSTALL_HINT) from error
+    try:
+        computers = importlib.import_module("torchjd.autogram._gramian_computer")
+    except ImportError:
+        computers = None
+    base_computer: Any = getattr(computers, "JacobianBasedGramianComputerWithCrossTerms", None)
+    if base_computer is None or not hasattr(autogram.Engine, "_make_gramian_computer"):
+        return autogram.Engine  # a TorchJD whose internals moved: its own Gram (AutogramEngine checks the dtype)
+
+    class _Float32Computer(base_computer):
+        def __init__(self, jacobian_computer: Any, dtype: torch.dtype) -> None:
+            super().__init__(jacobian_computer)
+            self.dtype = dtype
+            self.summed_jacobian: Tensor | None = None
+
+        def __call__(self, rg_outputs: Any, grad_outputs: Any, args: Any, kwargs: Any) -> Tensor | None:
+            jacobian: Tensor = self.jacobian_computer(rg_outputs, grad_outputs, args, kwargs)  # (m, module numel)
+            summed = jacobian if self.summed_jacobian is None else self.summed_jacobian + jacobian
+            self.remaining_counter -= 1
+            if self.remaining_counter != 0:  # the module is used again further back: wait for all its uses
+                self.summed_jacobian = summed
+                return None
+            self.summed_jacobian = None
+            return gram_of_rows(list(summed.unbind(0)), self.dtype)
+
+    engine_base: Any = autogram.Engine
+
+    class _Float32Engine(engine_base):
+        def __init__(self, *modules: nn.Module, gram_dtype: torch.dtype) -> None:
+            self.gram_dtype = gram_dtype  # read by _make_gramian_computer during super().__init__
+            super().__init__(*modules, batch_dim=None)
+
+        def _make_gramian_computer(self, module: nn.Module) -> Any:
+            return _Float32Computer(super()._make_gramian_computer(module).jacobian_computer, self.gram_dtype)
+
+    return _Float32Engine
+
+
+class AutogramEngine:
+    """TorchJD's autogram ``Engine`` on the modules that hold the shared parameters.
+
+    Create it **once, before the forward pass** (it records the forward through module hooks) and
+    pass it to :func:`low_memory_backward` as ``engine=``. Its Gram covers every trainable
+    parameter of ``modules`` (which must be exactly the ``shared`` parameters of the step).
+
+    Refused, with a ``ValueError``: a parameter held by two modules the engine hooks, i.e. tied
+    weights such as tied input/output embeddings (``tie_word_embeddings=True``, the default of GPT-2,
+    Gemma and small Qwen3), which TorchJD cannot differentiate; nested or repeated ``modules``.
+
+    Every grad-enabled forward of the hooked modules must be followed by :func:`low_memory_backward`
+    (or :meth:`reset`): run evaluation forwards under ``torch.no_grad()``. Activation checkpointing
+    (a second forward during backward) is not supported. :meth:`close` removes the hooks.
+    """
+
+    def __init__(self, *modules: nn.Module) -> None:
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise TypeError("AutogramEngine(*modules) takes one or more torch.nn.Module instances (those holding the shared parameters)")
+        engine_class = _engine_class()
+        for i, a in enumerate(modules):
+            for j, b in enumerate(modules):
+                if i != j and any(sub is b for sub in a.modules()):
+                    raise ValueError(f"modules[{j}] is modules[{i}] or one of its submodules; pass each module once, none inside another")
+        owner: dict[int, str] = {}
+        params: list[Tensor] = []
+        for k, root in enumerate(modules):
+            for name, module in _hooked_modules(root, f"modules[{k}]" if len(modules) > 1 else ""):
+                for p in module.parameters():
+                    if not p.requires_grad:
+                        continue
+                    if id(p) in owner:
+                        raise ValueError(
+                            f"the parameter of shape {tuple(p.shape)} is held by two modules, {owner[id(p)] or '(root)'!r} and "
+                            f"{name or '(root)'!r} (tied weights, e.g. tied input/output embeddings: tie_word_embeddings=True). "
+                            "TorchJD's autogram engine cannot take the Gramian of tied weights. Use route='hooks' (m <= 2), "
+                            "untie the weights (e.g. config.tie_word_embeddings=False), or the default memory mode"
+                        )
+                    owner[id(p)] = name
+                    params.append(p)
+        if not params:
+            raise ValueError("modules hold no parameter with requires_grad=True; the Gram would be empty")
+        #: the parameters the Gram covers, in the engine's order.
+        self.params = params
+        #: the Gram's dtype: float32, or float64 if a parameter is float64.
+        self.dtype = _accumulation_dtype(params)
+        if engine_class is importlib.import_module("torchjd.autogram").Engine:  # TorchJD reduces in the parameters' dtype
+            if any(p.dtype != self.dtype for p in params):
+                raise ValueError(
+                    "this TorchJD version reduces the Gramian in the parameters' dtype, and the low-memory mode needs float32 "
+                    "reductions for half-precision parameters: use torchjd 0.18 or route='hooks'"
+                )
+            self._engine = engine_class(*modules, batch_dim=None)
+        else:
+            self._engine = engine_class(*modules, gram_dtype=self.dtype)
+
+    def gramian(self, losses: Tensor) -> Tensor:
+        """The ``(m, m)`` Gramian of the 1-D tensor ``losses`` over :attr:`params` (retains the graph)."""
+        try:
+            gram = self._engine.compute_gramian(losses)
+        except ValueError as error:
+            if "without an associated backward pass" not in str(error):
+                raise
+            self.reset()
+            raise ValueError(
+                "TorchJD's autogram engine saw a forward of a hooked module that this backward does not reach. Causes: a "
+                "grad-enabled forward not followed by low_memory_backward (run other forwards under torch.no_grad() or call "
+                "engine.reset() before the step's forward), activation checkpointing, a module whose output was detached, "
+                "or weights tied across modules (use route='hooks' for m <= 2)"
+            ) from error
+        return gram.to(self.dtype)
+
+    def reset(self) -> None:
+        """Forget forwards recorded since the last step (and the graph nodes they hold)."""
+        engine = self._engine
+        for name in ("_gramian_accumulator", "_target_edges"):
+            part = getattr(engine, name, None)
+            if part is not None:
+                part.reset()
+        for computer in getattr(engine, "_gramian_computers", {}).values():
+            computer.reset()
+
+    def close(self) -> None:
+        """Remove the engine's forward hooks from the modules."""
+        manager = getattr(self._engine, "_module_hook_manager", None)
+        finalizer = getattr(manager, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+
+
+# --------------------------------------------------------------------------- route "hooks"
+def _graph_reaches(loss: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether ``loss``'s autograd graph reaches one of ``params`` (a host-side walk, no sync)."""
+    wanted = {id(p) for p in params}
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in wanted:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _hooks_gram(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, dtype: torch.dtype) -> Tensor:
+    """Passes 1 and 2 of the hooks route: ``.grad = g_1`` and the Gram, with no copy of ``g_2`` kept."""
+    m = len(losses)
+    shared = list(params[:shared_count])
+    torch.autograd.backward(losses[0], inputs=list(params), retain_graph=m > 1)
+    if all(p.grad is None for p in params):
+        raise ValueError("loss 0 does not depend on any of the parameters; check that it is computed from the model being trained")
+    gram = torch.zeros((m, m), dtype=dtype, device=shared[0].device)
+    fired: set[int] = set()
+    if m == 2:
+
+        def make_hook(i: int, p: Tensor) -> Any:
+            def hook(g2: Tensor) -> Tensor:
+                g1 = p.grad
+                if g1 is None:  # loss 0 does not reach p: only <g2, g2>
+                    gram[1:, 1:] += gram_of_rows([g2], dtype)
+                else:
+                    gram.add_(gram_of_rows([g1, g2], dtype))
+                fired.add(i)
+                return g2.new_zeros(()).expand_as(g2)  # what autograd.grad returns for p: no storage
+
+            return hook
+
+        handles = []
+        try:
+            for i, p in enumerate(shared):
+                handles.append(p.register_hook(make_hook(i, p)))
+            reached = torch.autograd.grad(losses[1], shared, retain_graph=True, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if all(g is None for g in reached) and not _graph_reaches(losses[1], params[shared_count:]):
+            raise ValueError("loss 1 does not depend on any of the parameters; check that it is computed from the model being trained")
+        del reached
+    rest = [p.grad for i, p in enumerate(shared) if i not in fired and p.grad is not None]
+    for g1 in rest:  # parameters loss 1 did not reach (or m = 1): <g1, g1> only
+        gram[:1, :1] += gram_of_rows([g1], dtype)
+    return gram
+
+
+# --------------------------------------------------------------------------- the entry point
+def _check_inputs(
+    losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, weights: Tensor, settings: CAGradSettings
+) -> tuple[list[Tensor], list[Tensor]]:
+    if isinstance(losses, Tensor) or not isinstance(losses, Sequence) or len(losses) == 0:
+        raise TypeError("losses must be a non-empty sequence of scalar tensors, one per objective")
+    losses = list(losses)
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise ValueError(f"loss {i} must be a floating-point scalar tensor, got {loss!r:.80}")
+        if not loss.requires_grad:
+            raise ValueError(f"loss {i} does not require grad (computed under torch.no_grad(), detached, or from frozen parameters)")
+    params = list(params)
+    if not params or not all(isinstance(p, Tensor) for p in params):
+        raise TypeError("params must be a non-empty sequence of parameter tensors")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("params lists a parameter twice")
+    for i, p in enumerate(params):
+        if not (p.requires_grad and p.is_leaf):
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a leaf tensor with requires_grad=True")
+        if hasattr(p, "placements"):
+            raise NotImplementedError("the low-memory mode does not support sharded (FSDP2 / DTensor) parameters; use the default mode")
+        if p.grad is not None:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) already has a .grad. The low-memory mode writes the combined direction "
+                "into .grad that must be None on entry: call zero_grad(set_to_none=True) before each step. Gradient "
+                "accumulation over several backward calls is not supported: no per-objective gradients are stored to "
+                "accumulate (use the default memory mode)"
+            )
+    if len({p.device for p in params}) > 1:
+        raise ValueError(f"all parameters must be on one device, found {sorted({str(p.device) for p in params})}")
+    if isinstance(shared_count, bool) or not isinstance(shared_count, int) or not 1 <= shared_count <= len(params):
+        raise ValueError(f"shared_count must be an int in [1, {len(params)}] (the shared parameters come first), got {shared_count!r}")
+    if not isinstance(settings, CAGradSettings):
+        raise TypeError(f"settings must be a CAGradSettings, got {type(settings).__name__}")
+    m = len(losses)
+    if settings.num_objectives is not None and settings.num_objectives != m:
+        raise ValueError(f"got {m} losses but settings has {settings.num_objectives} weights")
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != (m,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor of shape ({m},), the normalised user weights, got {shape}")
+    return losses, params
+
+
+def _solve(gram: Tensor, weights: Tensor, settings: CAGradSettings) -> CAGradSolution:
+    w = weights.to(device=gram.device, dtype=gram.dtype)
+    with torch.no_grad(), _no_autocast(gram.device):
+        solve_with_settings = getattr(_dual, "solve_with_settings", None)
+        if solve_with_settings is not None:
+            result: CAGradSolution = solve_with_settings(gram, w, settings)
+            return result
+        return _dual.solve_cagrad(
+            gram, w, c=settings.c, clip=settings.clip, rescale=settings.rescale,
+            max_iter=settings.max_iter, solver=settings.solver, validate=False,
+        )  # fmt: skip
+
+
+def low_memory_backward(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_count: int,
+    weights: Tensor,
+    settings: CAGradSettings,
+    *,
+    route: Route = "auto",
+    engine: AutogramEngine | None = None,
+    per_rank: bool = False,
+) -> LowMemoryResult:
+    """One CAGrad-Clip direction (RACO Algorithm 1) written into ``.grad`` without storing any gradient.
+
+    Args:
+        losses: one scalar loss per objective, from one forward pass (the graph is retained
+            between the backward passes and freed by the last one).
+        params: the trainable parameters, the ``shared_count`` shared ones first. Every ``.grad``
+            must be ``None`` on entry (``ValueError`` otherwise; so gradient accumulation over
+            several calls is refused).
+        shared_count: the Gram is taken over ``params[:shared_count]``; the combination covers all.
+        weights: the normalised user weights ``w``, shape ``(m,)`` (any device and dtype).
+        settings: ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter`` of the solve.
+        route: ``"hooks"`` (``m <= 2``), ``"autogram"`` (needs ``engine``) or ``"auto"``:
+            hooks for ``m <= 2``, autogram above. See :data:`ROUTES`.
+        engine: an :class:`AutogramEngine` on the modules holding exactly the shared parameters,
+            created before the forward pass; needed by the autogram route.
+        per_rank: under ``torch.distributed`` with several ranks, accept that each rank combines
+            its own gradients (the default path averages the gradients first, which needs them
+            stored); otherwise ``NotImplementedError``. Not for modules wrapped in DDP/FSDP.
+
+    Returns:
+        A :class:`LowMemoryResult`. Afterwards every parameter an objective reaches has
+        ``.grad = sum_i a_i g_i`` (in the parameter's dtype); the others keep ``.grad = None``.
+        Nothing is checked for Inf/NaN (no sync): a non-finite ``gram`` diagonal entry says which
+        objective's gradient was not finite. On an exception ``.grad`` may hold a partial result.
+    """
+    losses, params = _check_inputs(losses, params, shared_count, weights, settings)
+    m = len(losses)
+    if route not in ROUTES:
+        raise ValueError(f"unknown route={route!r}; choose one of {list(ROUTES)}")
+    if route == "auto":
+        route = "hooks" if m <= 2 else "autogram"
+    if route == "hooks" and m > 2:
+        raise ValueError(
+            f"route='hooks' keeps one gradient in .grad and measures one more while it is produced, so it applies to m <= 2 "
+            f"objectives, got m = {m}: use route='autogram' with an AutogramEngine, or the default memory mode"
+        )
+    if route == "autogram":
+        if not isinstance(engine, AutogramEngine):
+            raise ValueError(
+                f"route='autogram' (m = {m}) needs engine=AutogramEngine(*shared_modules), created before the forward pass"
+                + ("; for m <= 2, route='hooks' needs none" if m <= 2 else "")
+            )
+        shared_ids = {id(p) for p in params[:shared_count]}
+        covered = {id(p) for p in engine.params}
+        if covered != shared_ids:
+            raise ValueError(
+                f"the engine's modules hold {len(covered - shared_ids)} trainable parameter(s) outside params[:shared_count] and "
+                f"miss {len(shared_ids - covered)} of them: create the AutogramEngine on exactly the modules of the shared parameters"
+            )
+    if not per_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise NotImplementedError(
+                "the low-memory mode stores no per-objective gradient, so it cannot average them across ranks before the Gram; "
+                "pass per_rank=True to let each rank combine its own gradients, or use the default memory mode"
+            )
+    dtype = _accumulation_dtype(params)
+    if route == "hooks":
+        gram = _hooks_gram(losses, params, shared_count, dtype)
+    else:
+        assert engine is not None
+        stacked = torch.stack([loss.reshape(()).to(_accumulation_dtype(losses)) for loss in losses])
+        gram = engine.gramian(stacked).to(dtype)
+    solution = _solve(gram, weights, settings)
+    a = solution.coefficients
+    if route == "hooks":
+        with torch.no_grad():
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, a[0])
+        if m == 2:
+            torch.autograd.backward(losses[1], grad_tensors=a[1].to(losses[1].dtype), inputs=params)
+    else:
+        torch.autograd.backward(stacked, grad_tensors=a.to(stacked.dtype), inputs=params)
+    return LowMemoryResult(gram=gram, solution=solution, route=route)

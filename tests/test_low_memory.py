@@ -1,0 +1,412 @@
+"""Tests of ``cagrad_clip.low_memory`` (no stored per-objective gradients) against an independent reference.
+
+The reference takes each objective's gradient with ``torch.autograd.grad``, the Gram in float64,
+``solve_cagrad`` on it and the combination ``sum_i a_i g_i`` by hand, on the same forward pass.
+
+``python -m tests.test_low_memory`` measures memory and time (the table of ``docs/low_memory.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cagrad_clip import low_memory, solve_cagrad
+from cagrad_clip.low_memory import AutogramEngine, LowMemoryResult, low_memory_backward
+from cagrad_clip.settings import CAGradSettings
+
+transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
+
+# TorchJD's vmapped backward has no batching rule for CPU SDPA's backward (a loop instead): slower, same result.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+
+
+# --------------------------------------------------------------------------- models, built in code
+class EncoderModel(nn.Module):
+    """A 4-layer ``nn.TransformerEncoder`` trunk (shared) and one linear head per objective."""
+
+    def __init__(self, m: int, d_model: int = 32, ff: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.heads = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(m))
+        self.unused = nn.Linear(3, 3)  # reached by no objective: must keep .grad = None
+
+    def losses(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        feats = self.encoder(x).mean(1)
+        return [((head(feats).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]
+
+
+def encoder_case(m: int, dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 8, seq: int = 6, **sizes: int):
+    torch.manual_seed(seed)
+    model = EncoderModel(m, **sizes).to(dtype)
+    d_model = model.heads[0].in_features
+    x, y = torch.randn(batch, seq, d_model, dtype=dtype), torch.randn(batch, m, dtype=dtype)
+    return model, (lambda: model.losses(x, y))
+
+
+def gpt2_case(m: int, tie: bool, dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = 64, n_embd: int = 32,
+              n_layer: int = 2, batch: int = 4, seq: int = 8, attn: str = "eager"):  # fmt: skip
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=max(seq, 16), n_embd=n_embd, n_layer=n_layer, n_head=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    model = transformers.GPT2LMHeadModel(config).to(dtype)
+    ids = torch.randint(0, vocab, (batch, seq))
+    targets = [torch.randint(0, vocab, (batch * seq,)) for _ in range(m)]
+
+    def losses() -> list[Tensor]:
+        logits = model(ids).logits.reshape(-1, vocab)
+        return [nn.functional.cross_entropy(logits, t) for t in targets]
+
+    return model, losses
+
+
+# --------------------------------------------------------------------------- the independent reference
+def reference(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, w: Tensor, settings: CAGradSettings):
+    """Per-objective autograd.grad, float64 Gram, solve_cagrad, sum_i a_i g_i by hand (None: reached by none)."""
+    rows = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    reached = [any(row[j] is not None for row in rows) for j in range(len(params))]
+    flat = [[(g if g is not None else torch.zeros_like(p)).double().reshape(-1) for g, p in zip(row, params)] for row in rows]
+    shared = torch.stack([torch.cat(row[:shared_count]) for row in flat])
+    gram = shared @ shared.T
+    a = solve_cagrad(
+        gram, w.double(), c=settings.c, clip=settings.clip, rescale=settings.rescale, solver=settings.solver, max_iter=settings.max_iter
+    ).coefficients
+    direction = [sum(a[i] * flat[i][j] for i in range(len(losses))).view(p.shape) if reached[j] else None for j, p in enumerate(params)]
+    return gram, a, direction
+
+
+def relative_error(grads: Sequence[Tensor | None], expected: Sequence[Tensor | None]) -> float:
+    for g, e in zip(grads, expected):
+        assert (g is None) == (e is None), "a parameter's .grad is None exactly when no objective reaches it"
+    got = torch.cat([g.double().reshape(-1) for g in grads if g is not None])
+    ref = torch.cat([e.reshape(-1) for e in expected if e is not None])
+    return float((got - ref).norm() / ref.norm())
+
+
+def run_and_compare(model: nn.Module, make_losses: Callable[[], list[Tensor]], shared: list[Tensor], settings: CAGradSettings,
+                    route: str, engine: AutogramEngine | None = None) -> tuple[LowMemoryResult, Tensor, Tensor, float]:  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    shared_ids = {id(p) for p in shared}
+    params = shared + [p for p in trainable if id(p) not in shared_ids]
+    model.zero_grad(set_to_none=True)
+    losses = make_losses()
+    m = len(losses)
+    w = settings.weights_tensor(m)
+    ref_gram, ref_a, ref_direction = reference(losses, params, len(shared), w, settings)
+    result = low_memory_backward(losses, params, len(shared), w, settings, route=route, engine=engine)  # type: ignore[arg-type]
+    error = relative_error([p.grad for p in params], ref_direction)
+    return result, ref_gram, ref_a, error
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# --------------------------------------------------------------------------- route "hooks"
+@pytest.mark.parametrize("shared_part", ["encoder", "all"])
+def test_hooks_route_matches_reference_on_transformer_encoder(shared_part: str) -> None:
+    model, losses = encoder_case(2)
+    shared = list(model.encoder.parameters()) if shared_part == "encoder" else [p for p in model.parameters()]
+    settings = CAGradSettings(weights=(0.8, 0.2), c=0.4)
+    result, ref_gram, ref_a, error = run_and_compare(model, losses, shared, settings, "hooks")
+    assert result.route == "hooks" and result.gram.dtype == torch.float32
+    assert rel(result.gram, ref_gram) < 1e-5
+    assert (ref_a - ref_a.new_tensor([0.8, 0.2])).abs().max() > 1e-3  # the correction is active: the test can fail
+    assert rel(result.solution.coefficients, ref_a) < 1e-5
+    assert error < 1e-5
+    assert model.unused.weight.grad is None
+
+
+def test_hooks_route_gpt2_with_tied_embeddings_and_rescale() -> None:
+    model, losses = gpt2_case(2, tie=True, attn="sdpa")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    settings = CAGradSettings(weights=(0.3, 0.7), c=0.6, rescale="1+c")
+    result, ref_gram, _, error = run_and_compare(model, losses, list(model.parameters()), settings, "auto")
+    assert result.route == "hooks"
+    assert rel(result.gram, ref_gram) < 1e-5
+    assert error < 1e-5
+
+
+def test_hooks_route_one_objective() -> None:
+    model, losses = encoder_case(1)
+    settings = CAGradSettings(c=0.4)
+    result, ref_gram, ref_a, error = run_and_compare(model, losses, list(model.encoder.parameters()), settings, "hooks")
+    assert torch.allclose(result.solution.coefficients.double(), ref_a) and error < 1e-5
+
+
+def test_hooks_route_parameter_reached_by_the_second_objective_only() -> None:
+    torch.manual_seed(1)
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+    x = torch.randn(5)
+    settings = CAGradSettings(weights=(0.5, 0.5))
+    losses = [((a - x) ** 2).sum(), ((a + b) ** 2).sum()]
+    w = settings.weights_tensor(2)
+    gram, coeff, direction = reference(losses, [a, b], 2, w, settings)
+    result = low_memory_backward(losses, [a, b], 2, w, settings)
+    assert rel(result.gram, gram) < 1e-6
+    assert relative_error([a.grad, b.grad], direction) < 1e-6
+
+
+def test_hooks_route_refuses_three_objectives() -> None:
+    model, losses = encoder_case(3)
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="m <= 2"):
+        low_memory_backward(losses(), params, len(params), torch.full((3,), 1 / 3), CAGradSettings(), route="hooks")
+    with pytest.raises(ValueError, match="needs engine=AutogramEngine"):
+        low_memory_backward(losses(), params, len(params), torch.full((3,), 1 / 3), CAGradSettings(), route="auto")
+    assert all(p.grad is None for p in params)
+
+
+def test_grad_must_be_none_on_entry_so_accumulation_is_refused() -> None:
+    model, losses = encoder_case(2)
+    params = list(model.parameters())
+    settings = CAGradSettings()
+    low_memory_backward(losses(), params, len(params), settings.weights_tensor(2), settings)
+    with pytest.raises(ValueError, match="accumulation over several backward calls is not supported"):
+        low_memory_backward(losses(), params, len(params), settings.weights_tensor(2), settings)
+
+
+class _FailOnSecondBackward(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        _FailOnSecondBackward.calls += 1
+        if _FailOnSecondBackward.calls == 2:
+            raise RuntimeError("injected failure in the second backward")
+        return grad
+
+
+def test_hooks_are_removed_when_the_second_backward_fails() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2)
+    _FailOnSecondBackward.calls = 0
+    out = _FailOnSecondBackward.apply(lin(torch.randn(3, 4)))
+    losses = [out[:, 0].sum(), out[:, 1].pow(2).sum()]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        low_memory_backward(losses, list(lin.parameters()), 2, torch.tensor([0.5, 0.5]), CAGradSettings())
+    assert all(not p._backward_hooks for p in lin.parameters())
+
+
+def test_nonfinite_gradient_shows_in_the_gram_diagonal() -> None:
+    model, losses = encoder_case(2)
+    params = list(model.parameters())
+    settings = CAGradSettings()
+    first, second = losses()
+    result = low_memory_backward([first, second * float("inf")], params, len(params), settings.weights_tensor(2), settings)
+    assert torch.isfinite(result.gram.diagonal()).tolist() == [True, False]
+
+
+def test_no_host_sync_on_the_step_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``.item()``, ``bool(tensor)`` or ``.tolist()`` in either route (the forward runs before)."""
+    for route, (model, losses) in [("hooks", encoder_case(2)), ("autogram", encoder_case(3))]:
+        engine = AutogramEngine(model) if route == "autogram" else None
+        values = losses()
+        settings = CAGradSettings()
+        params = list(model.parameters())
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, name, lambda *args, **kwargs: pytest.fail("host sync on the step path"))
+            low_memory_backward(values, params, len(params), settings.weights_tensor(len(values)), settings, route=route, engine=engine)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- route "autogram"
+def test_autogram_route_matches_reference_on_gpt2_untied() -> None:
+    model, losses = gpt2_case(3, tie=False)
+    engine = AutogramEngine(model)
+    settings = CAGradSettings(weights=(0.5, 0.3, 0.2), c=0.5)
+    result, ref_gram, ref_a, error = run_and_compare(model, losses, list(model.parameters()), settings, "auto", engine)
+    assert result.route == "autogram" and result.gram.dtype == torch.float32
+    assert rel(result.gram, ref_gram) < 1e-5
+    assert (ref_a - ref_a.new_tensor([0.5, 0.3, 0.2])).abs().max() > 1e-3
+    assert error < 1e-5
+    # the engine is reusable on the next forward
+    result2, ref_gram2, _, error2 = run_and_compare(model, losses, list(model.parameters()), settings, "autogram", engine)
+    assert rel(result2.gram, ref_gram2) < 1e-5 and error2 < 1e-5
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_autogram_route_with_shared_trunk_on_transformer_encoder(m: int) -> None:
+    model, losses = encoder_case(m)
+    engine = AutogramEngine(model.encoder)  # the Gram over the trunk only; the heads are combined too
+    settings = CAGradSettings(weights=tuple([1.0] * m), c=0.8, clip=False)
+    result, ref_gram, _, error = run_and_compare(model, losses, list(model.encoder.parameters()), settings, "autogram", engine)
+    assert rel(result.gram, ref_gram) < 1e-5 and error < 1e-5
+    assert model.unused.weight.grad is None and all(h.weight.grad is not None for h in model.heads)
+
+
+def test_autogram_refuses_tied_embeddings_with_our_message() -> None:
+    model, _ = gpt2_case(2, tie=True)
+    with pytest.raises(ValueError, match=r"'transformer\.wte' and 'lm_head' \(tied weights"):
+        AutogramEngine(model)
+
+
+def test_autogram_engine_must_cover_exactly_the_shared_parameters() -> None:
+    model, losses = encoder_case(2)
+    engine = AutogramEngine(model)  # covers the heads too
+    params = list(model.encoder.parameters()) + [p for h in model.heads for p in h.parameters()]
+    with pytest.raises(ValueError, match="exactly the modules of the shared parameters"):
+        low_memory_backward(losses(), params, len(list(model.encoder.parameters())), torch.tensor([0.5, 0.5]),
+                            CAGradSettings(), route="autogram", engine=engine)  # fmt: skip
+    engine.close()
+
+
+def test_autogram_stale_forward_gives_our_message_and_reset_recovers() -> None:
+    model, losses = encoder_case(3)
+    engine = AutogramEngine(model.encoder)
+    params = list(model.encoder.parameters())
+    settings = CAGradSettings()
+    losses()  # a grad-enabled forward that no step follows
+    with pytest.raises(ValueError, match=r"engine\.reset\(\)"):
+        low_memory_backward(losses(), params, len(params), settings.weights_tensor(3), settings, engine=engine)
+    model.zero_grad(set_to_none=True)
+    engine.reset()
+    low_memory_backward(losses(), params, len(params), settings.weights_tensor(3), settings, engine=engine)
+
+
+def test_missing_torchjd_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = encoder_case(2)
+    low_memory._engine_class.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchjd.autogram", None)
+    try:
+        with pytest.raises(ImportError, match="pip install torchjd"):
+            AutogramEngine(model)
+    finally:
+        low_memory._engine_class.cache_clear()
+
+
+# --------------------------------------------------------------------------- half precision, autocast
+@pytest.mark.parametrize("route", ["hooks", "autogram"])
+def test_bf16_parameters_under_autocast_reduce_in_float32(route: str) -> None:
+    model, losses = encoder_case(2, dtype=torch.bfloat16)
+    engine = AutogramEngine(model.encoder) if route == "autogram" else None
+    settings = CAGradSettings(weights=(0.8, 0.2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result, ref_gram, _, error = run_and_compare(model, losses, list(model.encoder.parameters()), settings, route, engine)
+    assert result.gram.dtype == torch.float32
+    # hooks: the same bf16 gradients as the reference, reduced in float32. autogram: TorchJD's vmapped
+    # backward rounds the bf16 gradients differently (its Jacobians are reduced in float32 too, see below)
+    assert rel(result.gram, ref_gram) < (1e-5 if route == "hooks" else 5e-3)
+    assert error < 2e-2  # bf16 rounding of a_1 g_1 in .grad and of the seed a_2 of the last backward
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_gram_of_rows_reduces_half_precision_in_float32() -> None:
+    torch.manual_seed(0)
+    rows = [torch.randn(3 * low_memory.GRAM_BLOCK + 17).bfloat16() for _ in range(3)]
+    exact = torch.stack([r.double() for r in rows])
+    gram = low_memory.gram_of_rows(rows, torch.float32)
+    assert gram.dtype == torch.float32 and rel(gram, exact @ exact.T) < 3e-5  # a bf16 reduction: ~1e-3
+
+
+# --------------------------------------------------------------------------- measurement (docs/low_memory.md)
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of (bytes allocated - bytes freed) by the CPU allocator while ``fn`` runs (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure(model_name: str, dtype: torch.dtype, m: int, repeats: int = 5) -> list[dict]:
+    """Peak step memory (in parameter bytes) and median step time of each route on one model.
+
+    A step is zero_grad, forward and the gradient work until ``.grad`` holds the direction (the
+    base optimizer's step is not included). Memory counts what the step allocates beyond the
+    parameters and inputs; time is relative to the default path (``ConflictAverseOptimizer``:
+    m ``autograd.grad`` passes into a stored (m, D) buffer).
+    """
+    from cagrad_clip import ConflictAverseOptimizer
+
+    def build():
+        if model_name == "encoder":
+            model, losses = encoder_case(m, dtype, batch=16, seq=64, d_model=256, ff=1024)
+            return model, losses, list(model.encoder.parameters()), lambda: AutogramEngine(model.encoder)
+        model, losses = gpt2_case(m, tie=False, dtype=dtype, vocab=4096, n_embd=256, n_layer=4, batch=4, seq=64)
+        return model, losses, list(model.parameters()), lambda: AutogramEngine(model)
+
+    settings = CAGradSettings()
+    rows = []
+    variants = ["plain sum backward", "default (m passes, stored)"] + (["hooks"] if m <= 2 else []) + ["autogram"]
+    for variant in variants:
+        model, losses, shared, make_engine = build()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        ids = {id(p) for p in shared}
+        params = shared + [p for p in trainable if id(p) not in ids]
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        engine = make_engine() if variant == "autogram" else None
+        w = settings.weights_tensor(m)
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            values = losses()
+            if variant == "plain sum backward":
+                torch.stack(values).sum().backward()
+            elif variant.startswith("default"):
+                opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), c=settings.c, shared=shared)
+                opt.backward(values)
+            else:
+                low_memory_backward(values, params, len(shared), w, settings, route=variant, engine=engine)  # type: ignore[arg-type]
+
+        step()  # warm-up
+        model.zero_grad(set_to_none=True)
+        peak = _peak_bytes(step)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        numel = sum(p.numel() for p in params)
+        rows.append({"model": model_name, "dtype": str(dtype).removeprefix("torch."), "m": m, "variant": variant,
+                     "peak_P": peak / param_bytes, "time_s": statistics.median(times), "params_M": numel / 1e6})  # fmt: skip
+    base = next(r for r in rows if r["variant"].startswith("default"))
+    plain = next(r for r in rows if r["variant"].startswith("plain"))
+    for r in rows:
+        r["time_rel"] = r["time_s"] / base["time_s"]
+        r["extra_P"] = r["peak_P"] - plain["peak_P"]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["encoder", "gpt2"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | dtype | m | variant | peak memory of a step (P) | over plain (P) | time (s) | time / default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model_name in args.models:
+        for dtype_name in args.dtypes:
+            for m in (2, 3):
+                for r in measure(model_name, getattr(torch, dtype_name), m, args.repeats):
+                    print(f"| {r['model']} ({r['params_M']:.2f} M) | {r['dtype']} | {r['m']} | {r['variant']} | {r['peak_P']:.2f} | "
+                          f"{r['extra_P']:+.2f} | {r['time_s']:.3f} | {r['time_rel']:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
