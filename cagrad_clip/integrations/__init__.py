@@ -1,0 +1,58 @@
+"""Framework integrations for :class:`~cagrad_clip.ConflictAverseOptimizer` (each an optional extra).
+
+Import the submodule you need; this package itself imports nothing heavy:
+
+* :mod:`cagrad_clip.integrations.trl` -- ``MultiObjectiveDPOConfig`` / ``MultiObjectiveDPOTrainer``, TRL's
+  ``DPOTrainer`` with one DPO loss per objective (``pip install "cagrad-clip[trl]"``);
+* :mod:`cagrad_clip.integrations.hf` -- ``MultiObjectiveTrainerMixin`` for a plain Hugging Face ``Trainer``
+  (an ``objective_losses(model, inputs)`` hook);
+* :mod:`cagrad_clip.integrations.lightning` -- ``MultiObjectiveModule``, a ``pytorch_lightning`` module
+  with an ``objective_losses(batch, batch_idx)`` hook (``pip install "cagrad-clip[lightning]"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["find_conflict_averse", "check_weights"]
+
+
+def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = None) -> object | None:
+    """The multi-objective optimizer inside ``optimizer``, or ``None``.
+
+    Walks the chain of ``.optimizer`` attributes (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``, ...) and returns the first object that *is* one of ``types`` (default:
+    :class:`~cagrad_clip.ConflictAverseOptimizer`). A ``hasattr(opt, "optimizer")`` test would return the
+    *base* optimizer when nothing wrapped the wrapper, since the wrapper has an ``.optimizer`` too.
+    """
+    if types is None:
+        from cagrad_clip import ConflictAverseOptimizer
+
+        types = (ConflictAverseOptimizer,)
+    seen: set[int] = set()
+    current = optimizer
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "optimizer", None)
+    return None
+
+
+def check_weights(weights: Sequence[float] | None, names: Sequence[str] | None) -> tuple[list[float] | None, list[str] | None]:
+    """Validate user weights and objective names (shared by the integrations); returns them as lists."""
+    import math
+
+    w = None if weights is None else [float(x) for x in weights]
+    if w is not None:
+        if len(w) == 0:
+            raise ValueError("objective_weights is empty; give one weight per objective")
+        if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+            raise ValueError(f"objective_weights must be finite, >= 0 and have a positive sum; got {w}")
+    n = None if names is None else [str(x) for x in names]
+    if n is not None:
+        if len(set(n)) != len(n):
+            raise ValueError(f"objective_names must be distinct; got {n}")
+        if w is not None and len(n) != len(w):
+            raise ValueError(f"{len(n)} objective_names {n} but {len(w)} objective_weights; give one name per weight")
+    return w, n

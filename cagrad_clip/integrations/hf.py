@@ -1,0 +1,225 @@
+"""Multi-objective training with a plain Hugging Face ``Trainer``: a mixin with one hook.
+
+::
+
+    class MyTrainer(MultiObjectiveTrainerMixin, transformers.Trainer):
+        def objective_losses(self, model, inputs):
+            out = model(input_ids=inputs["input_ids"])
+            return [quality(out, inputs), brevity(out, inputs)]   # one scalar per objective
+
+    MyTrainer(model=model, args=args, train_dataset=ds, objective_weights=[0.8, 0.2], c=0.4).train()
+
+What the mixin does for you:
+
+* builds the optimizer as the ``Trainer`` does (``optim``, learning rate, weight-decay groups, scheduler)
+  and wraps it in :class:`~cagrad_clip.ConflictAverseOptimizer`; a plain optimizer passed through
+  ``optimizers=(opt, sched)`` is wrapped too, a ``ConflictAverseOptimizer`` is used as is;
+* ``training_step`` runs the ``m`` backward passes. With gradient accumulation each micro-batch's losses
+  are weighted by its share of the window's examples (so a window, a short last one included, gives the
+  update of one batch of the same total size) and the dual is solved once, on the window's last
+  micro-batch; the ``Trainer`` then clips the combined direction (``max_grad_norm``) and steps;
+* with fp16 loss scaling, each objective's loss is scaled (the combination is positively homogeneous, so
+  the scaled gradients combine exactly and ``GradScaler`` unscales the combined direction);
+* evaluation calls the same hook (the inputs are never passed to ``model.forward`` wholesale) and
+  reports the weighted loss;
+* logs ``loss/<objective>`` every logging step, and the coefficients ``coef/<objective>`` and pairwise
+  gradient cosines ``cos/<a>|<b>`` of the last step, read from ``opt.last`` once per logging step
+  (no host sync on the other steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cagrad_clip import ConflictAverseOptimizer
+
+from . import check_weights, find_conflict_averse
+
+__all__ = ["MultiObjectiveTrainerMixin"]
+
+
+class MultiObjectiveTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (list it *before* the ``Trainer``) and implement
+    :meth:`objective_losses`.
+
+    Extra keyword arguments of the constructor: ``objective_weights`` (user weights ``w``, default
+    uniform), ``objective_names`` (for the logs; default ``objective_0``, ...), ``c``, ``clip`` and
+    ``rescale`` (passed to :class:`~cagrad_clip.ConflictAverseOptimizer`).
+    """
+
+    #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper).
+    #: A subclass may add an optimizer-shaped class with ``backward(losses, combine=)``, ``last`` and
+    #: ``weights`` (the DPO benchmark's MGDA/PCGrad baselines do).
+    multi_objective_types: tuple[type, ...] = (ConflictAverseOptimizer,)
+
+    # Attributes the Trainer provides (declared for readers and type checkers).
+    args: Any
+    model: Any
+    optimizer: Any
+    accelerator: Any
+
+    def __init__(
+        self,
+        *args: Any,
+        objective_weights: Sequence[float] | None = None,
+        objective_names: Sequence[str] | None = None,
+        c: float = 0.4,
+        clip: bool = True,
+        rescale: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
+        self.conflict_averse_kwargs: dict[str, Any] = {"c": float(c), "clip": bool(clip), "rescale": rescale}
+        self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
+        self._objective_store: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None and find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
+            self.optimizer = self.wrap_optimizer(self.optimizer)
+
+    # ------------------------------------------------------------------ the hook
+    def objective_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sequence[Tensor]:
+        """One scalar loss per objective for this (micro-)batch, each a mean over its examples. Override."""
+        raise NotImplementedError(f"{type(self).__name__} must implement objective_losses(model, inputs)")
+
+    def objective_batch_size(self, inputs: dict[str, Any]) -> int:
+        """Number of examples the losses of ``inputs`` average over (default: the first tensor's length)."""
+        for value in inputs.values():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        raise ValueError("cannot tell the batch size of the inputs; override objective_batch_size()")
+
+    # ------------------------------------------------------------------ optimizer
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Wrap a base optimizer in :class:`~cagrad_clip.ConflictAverseOptimizer` with this trainer's settings."""
+        # With fp16 the GradScaler checks for Inf/NaN itself: no second (host-syncing) check.
+        nonfinite = "ignore" if getattr(self.args, "fp16", False) else "skip"
+        return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, nonfinite=nonfinite, **self.conflict_averse_kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The ``Trainer``'s optimizer (``optim``, learning rate, weight-decay groups), wrapped."""
+        super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
+            self.optimizer = self.wrap_optimizer(self.optimizer)
+        return self.optimizer
+
+    @property
+    def conflict_averse_optimizer(self) -> Any:
+        """The multi-objective optimizer behind ``self.optimizer`` (through accelerate's wrapper)."""
+        opt = find_conflict_averse(self.optimizer, self.multi_objective_types)
+        if opt is None:
+            raise TypeError(
+                f"{type(self).__name__} needs a ConflictAverseOptimizer; got {type(self.optimizer).__name__}. "
+                "Pass optimizers=(ConflictAverseOptimizer(base, weights=...), scheduler) or let the trainer build it."
+            )
+        return opt
+
+    def objective_names_for(self, m: int) -> list[str]:
+        if self.objective_names is not None:
+            if len(self.objective_names) != m:
+                raise ValueError(f"{m} objective losses but {len(self.objective_names)} objective_names {self.objective_names}")
+            return list(self.objective_names)
+        return [f"objective_{i}" for i in range(m)]
+
+    def _weights(self, m: int, like: Tensor) -> Tensor:
+        opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None
+        w = getattr(opt, "weights", None)
+        if w is None:
+            w = self.objective_weights
+        if w is None:
+            return torch.full((m,), 1.0 / m, dtype=like.dtype, device=like.device)
+        w = torch.as_tensor(w, dtype=like.dtype, device=like.device)
+        if w.shape[0] != m:
+            raise ValueError(f"got {m} objective losses but {w.shape[0]} objective weights; give one loss per weight, in the same order")
+        return w / w.sum()
+
+    # ------------------------------------------------------------------ training
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The ``Trainer`` prefetches each accumulation window: remember its micro-batch sizes."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        self._window = [[self.objective_batch_size(b) for b in batch_samples], 0]
+        return batch_samples, num_items
+
+    def _micro_batch_share(self) -> tuple[float, bool]:
+        """(this micro-batch's share of the window's examples, whether it is the window's last)."""
+        window = self._window
+        if window is None or window[1] >= len(window[0]):
+            return 1.0 / max(1, int(getattr(self.args, "gradient_accumulation_steps", 1))), True
+        sizes, i = window
+        window[1] += 1
+        return sizes[i] / max(1, sum(sizes)), i == len(sizes) - 1
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        """Per-objective losses, ``m`` backward passes; the direction is in ``.grad`` after the window's last."""
+        opt = self.conflict_averse_optimizer
+        model.train()
+        inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+        share, last = self._micro_batch_share()
+        # DDP must not all-reduce during our m backward passes: the optimizer averages per objective.
+        no_sync = self.accelerator.no_sync(model) if getattr(self.args, "world_size", 1) > 1 else contextlib.nullcontext()
+        with no_sync:
+            with self.compute_loss_context_manager():  # type: ignore[attr-defined]
+                losses = list(self.objective_losses(model, inputs))
+            self._record_losses("train", losses)
+            scaled = [loss * share for loss in losses]
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:  # fp16: scale every objective (exact: d(s g) = s d(g))
+                scaled = [scaler.scale(loss) for loss in scaled]
+            opt.backward(scaled, combine=last)
+        w = self._weights(len(losses), losses[0])
+        return (torch.stack([loss.detach() for loss in losses]).to(w.dtype) @ w) * share
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The ``w``-weighted sum of :meth:`objective_losses` (what evaluation reports)."""
+        losses = list(self.objective_losses(model, inputs))
+        self._record_losses("train" if model.training else "eval", losses)
+        w = self._weights(len(losses), losses[0])
+        loss = torch.stack(losses).to(w.dtype) @ w
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+        """Evaluation: the weighted loss through :meth:`objective_losses` (no logits)."""
+        inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+        with torch.no_grad(), self.compute_loss_context_manager():  # type: ignore[attr-defined]
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------ logging
+    def _record_losses(self, mode: str, losses: Sequence[Tensor]) -> None:
+        self.record_objective_metric(mode, "loss/{}", torch.stack([loss.detach().float() for loss in losses]))
+
+    def record_objective_metric(self, mode: str, key: str, value: Tensor) -> None:
+        """Keep a detached tensor for the next log: a vector (one per objective; ``key`` has a ``{}`` for
+        the objective's name) or a scalar. Averaged over the steps since the last log, read once."""
+        self._objective_store[mode][key].append(value.detach())
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        store = self._objective_store[mode]
+        for key, values in store.items():
+            mean = torch.stack([v.float() for v in values]).mean(0).tolist()
+            if "{}" in key:
+                for name, v in zip(self.objective_names_for(len(mean)), mean):
+                    logs[prefix + key.format(name)] = v
+            else:
+                logs[prefix + key] = mean
+        store.clear()
+        opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None
+        last = getattr(opt, "last", None)
+        if mode == "train" and last is not None and "train_runtime" not in logs:  # not on the run's summary
+            coefficients, cosines = last.coefficients.tolist(), last.cosines.tolist()  # one read per logging step
+            names = self.objective_names_for(len(coefficients))
+            for name, a in zip(names, coefficients):
+                logs[f"coef/{name}"] = a
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    logs[f"cos/{names[i]}|{names[j]}"] = cosines[i][j]
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]

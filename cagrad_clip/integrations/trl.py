@@ -1,0 +1,238 @@
+"""Multi-objective DPO with TRL: ``MultiObjectiveDPOTrainer`` (``pip install "cagrad-clip[trl]"``).
+
+TRL's ``DPOTrainer`` with one DPO loss per objective, combined by
+:class:`~cagrad_clip.ConflictAverseOptimizer` (RACO's clipped conflict-averse gradient)::
+
+    args = MultiObjectiveDPOConfig(output_dir="out", objective_weights=[0.5, 0.3, 0.2], c=0.4, beta=0.2)
+    MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok).train()
+
+The dataset has TRL's preference columns (``prompt``, ``chosen``, ``rejected``) and ``objective_signs``:
+one number per objective, ``+1`` if ``chosen`` is better for that objective, ``-1`` if ``rejected`` is,
+``0`` for a tie. With ``Delta`` TRL's DPO margin against the reference (policy-minus-reference log-ratio
+of ``chosen`` minus that of ``rejected``), objective ``i``'s loss is ``-mean log sigmoid(s_i * beta * Delta)``:
+the objectives share one policy forward and one reference forward per batch and differ only in the
+signs (a tie gives no gradient). Everything else is TRL's: tokenisation, the collator, the reference
+(a ``ref_model``, a PEFT model with its adapter disabled, or ``precompute_ref_log_probs``), the
+optimizer and scheduler from the config, checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from trl import DPOConfig, DPOTrainer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError('cagrad_clip.integrations.trl needs TRL: pip install "cagrad-clip[trl]"') from exc
+
+from cagrad_clip.dual import RESCALE_OPTIONS
+
+from . import check_weights
+from .hf import MultiObjectiveTrainerMixin
+
+__all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer", "SignsCollator"]
+
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class MultiObjectiveDPOConfig(DPOConfig):
+    """``DPOConfig`` plus the multi-objective settings.
+
+    Args:
+        objective_weights: user weights ``w``, one per objective (finite, ``>= 0``, positive sum;
+            normalised). ``None``: uniform over the number of signs in the data.
+        c: trust-region radius of the conflict-averse correction (``0``: the weighted sum of the DPO losses).
+        clip: RACO's clip of the dual solution to ``w`` (``False``: CAGrad with a weighted anchor).
+        rescale: ``None``, ``"1+c"`` or ``"1+c^2"`` (see :class:`~cagrad_clip.ConflictAverseOptimizer`).
+        objective_names: names used in the logs (default ``objective_0``, ...).
+        signs_column: the dataset column with the per-objective preference signs.
+    """
+
+    objective_weights: list[float] | None = field(default=None, metadata={"help": "User weights w, one per objective."})
+    c: float = field(default=0.4, metadata={"help": "Trust-region radius of the conflict-averse correction (0: weighted sum)."})
+    clip: bool = field(default=True, metadata={"help": "RACO's clip of the dual to w (False: CAGrad, weighted anchor)."})
+    rescale: str | None = field(default=None, metadata={"help": "None, '1+c' or '1+c^2'."})
+    objective_names: list[str] | None = field(default=None, metadata={"help": "Objective names for the logs."})
+    signs_column: str = field(default="objective_signs", metadata={"help": "Column of per-objective signs in {+1, -1, 0}."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.objective_weights, self.objective_names = check_weights(self.objective_weights, self.objective_names)
+        if not (math.isfinite(self.c) and self.c >= 0):
+            raise ValueError(f"c must be finite and >= 0; got {self.c}")
+        if self.rescale not in RESCALE_OPTIONS:
+            raise ValueError(f"rescale must be one of {RESCALE_OPTIONS}; got {self.rescale!r}")
+        unsupported = []
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if loss_types != ["sigmoid"]:
+            unsupported.append(f"loss_type={loss_types} (only the sigmoid DPO loss has a per-objective sign form)")
+        if self.loss_weights not in (None, [1.0]):
+            unsupported.append(f"loss_weights={self.loss_weights} (use objective_weights)")
+        if self.ld_alpha is not None:
+            unsupported.append(f"ld_alpha={self.ld_alpha}")
+        if self.f_divergence_type != "reverse_kl":
+            unsupported.append(f"f_divergence_type={self.f_divergence_type!r}")
+        if self.use_weighting:
+            unsupported.append("use_weighting=True")
+        if self.label_smoothing:
+            unsupported.append(f"label_smoothing={self.label_smoothing}")
+        if self.padding_free:
+            unsupported.append("padding_free=True")
+        if self.router_aux_loss_coef:
+            unsupported.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (an MoE auxiliary loss is not an objective)")
+        if unsupported:
+            raise ValueError("MultiObjectiveDPOTrainer does not support " + "; ".join(unsupported) + ". Leave these at TRL's defaults.")
+        if self.gradient_checkpointing:
+            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant", False):
+                raise ValueError(
+                    "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the per-objective gradients are "
+                    "taken with torch.autograd.grad, which reentrant checkpointing does not support. Use use_reentrant=False."
+                )
+            kwargs["use_reentrant"] = False
+            self.gradient_checkpointing_kwargs = kwargs
+
+
+def _signs_tensor(rows: Sequence[Any], column: str, m: int | None) -> Tensor:
+    """Validate a batch (or dataset) of sign rows: a ``(n, m)`` float tensor with entries in {-1, 0, 1}."""
+    try:
+        signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"column {column!r} must hold one list of numbers per example, all of the same length") from exc
+    if signs.dim() != 2 or signs.shape[1] == 0:
+        raise ValueError(f"column {column!r} must hold one non-empty list of signs per example; got shape {tuple(signs.shape)}")
+    if m is not None and signs.shape[1] != m:
+        raise ValueError(f"column {column!r} has {signs.shape[1]} signs per example but there are {m} objective_weights")
+    bad = ~((signs == 1) | (signs == 0) | (signs == -1))
+    if bool(bad.any()):
+        raise ValueError(f"column {column!r} holds {sorted(set(signs[bad].tolist()))}; signs must be +1, -1 or 0")
+    return signs
+
+
+class SignsCollator:
+    """Wraps a preference collator: takes ``column`` out of the examples, collates the rest, and adds
+    the validated signs as a ``(batch, m)`` float tensor (TRL's collator would drop them)."""
+
+    def __init__(self, collator: Any, column: str, num_objectives: int | None) -> None:
+        self.collator, self.column, self.num_objectives = collator, column, num_objectives
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        missing = [i for i, ex in enumerate(examples) if self.column not in ex]
+        if missing:
+            raise KeyError(f"examples {missing} have no {self.column!r} (per-objective signs); keys: {sorted(examples[missing[0]])}")
+        signs = _signs_tensor([ex[self.column] for ex in examples], self.column, self.num_objectives)
+        batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
+        batch[self.column] = signs
+        return batch
+
+
+def _check_dataset(dataset: Any, column: str, m: int | None, name: str) -> None:
+    """Fail early on a map-style dataset without (valid) signs; streamed data is checked per batch."""
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is None or isinstance(column_names, dict):
+        return
+    if column not in column_names:
+        raise ValueError(
+            f"{name} has no {column!r} column (one sign per objective: +1 chosen better, -1 rejected better, 0 tie); "
+            f"its columns are {column_names}. Set signs_column= to use another column."
+        )
+    if len(dataset):
+        _signs_tensor(dataset[column], column, m)
+
+
+class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` with one DPO loss per objective and a conflict-averse combination.
+
+    Takes the same arguments as ``DPOTrainer``; ``args`` must be a :class:`MultiObjectiveDPOConfig`.
+    ``optimizers=(opt, scheduler)`` accepts a :class:`~cagrad_clip.ConflictAverseOptimizer` (used as is)
+    or a plain optimizer (wrapped with the config's settings).
+
+    Logged every logging step: ``loss/<objective>``, ``rewards/<objective>/margins`` (mean of
+    ``s_i * beta * Delta`` over the pairs that are not ties for the objective),
+    ``rewards/<objective>/accuracies``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    and the last step's ``coef/<objective>`` (the coefficients ``a``) and ``cos/<a>|<b>``.
+    """
+
+    def __init__(self, model: Any, ref_model: Any = None, args: MultiObjectiveDPOConfig | None = None, data_collator: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, **kwargs: Any) -> None:
+        if not isinstance(args, MultiObjectiveDPOConfig):
+            raise TypeError(f"args must be a MultiObjectiveDPOConfig, got {type(args).__name__}")
+        m = None if args.objective_weights is None else len(args.objective_weights)
+        if train_dataset is not None:
+            _check_dataset(train_dataset, args.signs_column, m, "train_dataset")
+        evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+        for name, ds in evals:
+            if ds is not None:
+                _check_dataset(ds, args.signs_column, m, str(name))
+        super().__init__(
+            model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, objective_weights=args.objective_weights, objective_names=args.objective_names,
+            c=args.c, clip=args.clip, rescale=args.rescale, **kwargs,
+        )
+        if self._is_vision_dataset:
+            raise ValueError("MultiObjectiveDPOTrainer supports text preference data only (no images)")
+        if self.aux_loss_enabled:
+            raise ValueError("MultiObjectiveDPOTrainer does not support an MoE auxiliary loss; set router_aux_loss_coef=0.0")
+        self.signs_column = args.signs_column
+        self.data_collator = SignsCollator(self.data_collator, args.signs_column, m)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.args.signs_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.args.signs_column]
+
+    def objective_batch_size(self, inputs: dict[str, Any]) -> int:
+        return int(inputs["input_ids"].shape[0]) // 2  # [chosen; rejected]
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.maybe_activation_offload_context:
+            return MultiObjectiveTrainerMixin.training_step(self, *args, **kwargs)
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+        inputs = {k: v for k, v in inputs.items() if k != self.args.signs_column}
+        return super().compute_ref_log_probs(model, inputs)
+
+    def objective_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
+        """One policy forward (TRL's fused LM head) and one reference forward; one DPO loss per objective."""
+        column = self.args.signs_column
+        if column not in inputs:
+            raise KeyError(f"the batch has no {column!r}; was the collator replaced? (keys: {sorted(inputs)})")
+        signs = inputs[column]
+        inputs = {k: v for k, v in inputs.items() if k != column}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.shape[1] - 1
+        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen)
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
+        logits = chosen_rewards - rejected_rewards  # beta * Delta, (B,)
+        signs = signs.to(device=logits.device, dtype=logits.dtype)
+        signed = signs * logits.unsqueeze(1)  # (B, m)
+        losses = [-F.logsigmoid(signed[:, i]).mean() for i in range(signs.shape[1])]
+
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            decided = signs != 0
+            count = decided.sum(0).clamp_min(1).to(logits.dtype)
+            self.record_objective_metric(mode, "rewards/{}/margins", (signed * decided).sum(0) / count)
+            self.record_objective_metric(mode, "rewards/{}/accuracies", ((signed > 0) & decided).sum(0) / count)
+            self.record_objective_metric(mode, "rewards/chosen", chosen_rewards.mean())
+            self.record_objective_metric(mode, "rewards/rejected", rejected_rewards.mean())
+            self.record_objective_metric(mode, "rewards/margins", logits.mean())
+        return losses

@@ -1,0 +1,276 @@
+"""MultiObjectiveDPOTrainer against a hand-written loop with ConflictAverseOptimizer (tiny GPT-2, no download)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
+from cagrad_clip.integrations.trl import MultiObjectiveDPOConfig, MultiObjectiveDPOTrainer  # noqa: E402
+
+from . import tiny  # noqa: E402
+
+BETA, LR = 0.5, 1.0  # SGD: the step is linear in the direction (Adam's first step, lr * sign(g), would amplify
+# rounding-level differences of near-zero gradient entries to 2 lr)
+WEIGHTS = {2: [0.7, 0.3], 3: [0.5, 0.3, 0.2]}
+TOL = 1e-5
+
+
+class SequentialDPOTrainer(MultiObjectiveDPOTrainer):
+    """The examples in dataset order, so a hand-written loop can take the same batches."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.tokenizer()
+
+
+def config(out, m: int = 2, **kw) -> MultiObjectiveDPOConfig:
+    base = dict(
+        output_dir=str(out), objective_weights=WEIGHTS[m], c=0.4, beta=BETA, learning_rate=LR, lr_scheduler_type="constant",
+        per_device_train_batch_size=4, max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no",
+        logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, optim="sgd", bf16=False,  # TRL: bf16 by default
+    )
+    base.update(kw)
+    return MultiObjectiveDPOConfig(**base)
+
+
+def hand_loop(model, ref, tok, windows, m, *, clip=True, c=0.4, max_norm=1.0, optimizer="sgd", reference=None):
+    """Independent reference: per window of rows, hand-written DPO losses, one ConflictAverseOptimizer step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = torch.optim.AdamW(params, lr=LR, weight_decay=0.0) if optimizer == "adamw" else torch.optim.SGD(params, lr=LR)
+    opt = ConflictAverseOptimizer(base, weights=WEIGHTS[m], c=c, clip=clip)
+    for rows in windows:
+        opt.zero_grad()
+        opt.backward(tiny.hand_dpo_losses(model, reference or ref, tok, rows, BETA))
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+    return opt
+
+
+def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+def run_trainer(tok, rows, args, model, ref, trainer_cls=SequentialDPOTrainer, **kw):
+    trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=tok, **kw)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_one_step_equals_hand_written_loop(tok, tmp_path, m):
+    rows = tiny.preference_rows(8, m, seed=m)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    mine = copy.deepcopy(model)
+    hand_loop(mine, ref, tok, [rows], m)
+    run_trainer(tok, rows, config(tmp_path, m, per_device_train_batch_size=8, max_steps=1), model, copy.deepcopy(ref))
+    diff = max_diff(model, mine)
+    print(f"m={m}: trainer vs hand-written loop, max parameter difference {diff:.2e}")
+    assert diff < TOL
+    assert max_diff(model, tiny.no_dropout_gpt2(tok)) > 1e-2  # it did train (the step is 1000 x TOL)
+
+
+def test_accumulation_equals_one_batch_of_the_same_size_short_last_window_too(tok, tmp_path):
+    # 10 pairs, micro-batches of 4, accumulation 2: windows (4+4) and a short last one (2).
+    rows = tiny.preference_rows(10, 2, seed=5)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    mine = copy.deepcopy(model)
+    hand_loop(mine, ref, tok, [rows[:8], rows[8:]], 2)
+    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                            num_train_epochs=1), model, copy.deepcopy(ref))
+    assert trainer.state.global_step == 2
+    diff = max_diff(model, mine)
+    print(f"accumulation: trainer vs hand-written loop, max parameter difference {diff:.2e}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("variant", ["cagrad", "weighted"])
+def test_settings_reach_the_optimizer(tok, tmp_path, variant):
+    rows = tiny.preference_rows(8, 2, seed=3)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    mine = copy.deepcopy(model)
+    c, clip = (0.4, False) if variant == "cagrad" else (0.0, True)
+    hand_loop(mine, ref, tok, [rows], 2, clip=clip, c=c)
+    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=8, max_steps=1, c=c, clip=clip), model,
+                          copy.deepcopy(ref))
+    assert max_diff(model, mine) < TOL
+    if variant == "weighted":  # c = 0: the coefficients are w exactly
+        torch.testing.assert_close(trainer.conflict_averse_optimizer.last.coefficients, torch.tensor(WEIGHTS[2]))
+
+
+def test_precomputed_reference_and_gradient_checkpointing(tok, tmp_path):
+    rows = tiny.preference_rows(8, 2, seed=4)
+    model, ref = tiny.no_dropout_gpt2(tok, n_layer=2), tiny.no_dropout_gpt2(tok, seed=1, n_layer=2)
+    mine = copy.deepcopy(model)
+    hand_loop(mine, ref, tok, [rows], 2)
+    args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, precompute_ref_log_probs=True, gradient_checkpointing=True)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    run_trainer(tok, rows, args, model, copy.deepcopy(ref))
+    assert max_diff(model, mine) < TOL
+
+
+def test_lora_reference_is_the_model_with_its_adapter_disabled(tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import set_seed
+
+    rows = tiny.preference_rows(8, 2, seed=6)
+    base = tiny.no_dropout_gpt2(tok)
+    # init_lora_weights=False: B is not zero, so the policy differs from the reference from the first step.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], init_lora_weights=False)
+    set_seed(0)  # the trainer seeds with args.seed before it adds the adapter
+    mine = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
+    init = copy.deepcopy(mine)
+
+    def reference(ids, attn, comp):
+        with mine.disable_adapter():
+            return tiny.sequence_logps(mine, ids, attn, comp)
+
+    hand_loop(mine, None, tok, [rows, rows], 2, reference=reference)
+    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=8, max_steps=2), base, None, peft_config=lora)
+    assert trainer.ref_model is None
+    model = trainer.model
+    diff = max_diff(model, mine)
+    print(f"LoRA: trainer vs hand-written loop, max parameter difference {diff:.2e}")
+    assert diff < TOL
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert max_diff(model, init) > 1e-2  # it trained
+
+
+def test_fp16_loss_scaling_scales_every_objective(tok, tmp_path):
+    """CPU has no fp16 AMP in accelerate: inject a GradScaler and check the step equals the unscaled one.
+    With SGD a missing or doubled scale would change the step by the scale factor."""
+    rows = tiny.preference_rows(8, 2, seed=7)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    mine = copy.deepcopy(model)
+    hand_loop(mine, ref, tok, [rows], 2, max_norm=0)
+    args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, max_grad_norm=0.0)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), weights=WEIGHTS[2], nonfinite="ignore")
+    trainer = SequentialDPOTrainer(model=model, ref_model=copy.deepcopy(ref), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                   processing_class=tok, optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    trainer.accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled_norms = []
+    combine = opt.combine
+
+    def spy():
+        out = combine()
+        scaled_norms.append(out.anchor_norm.item())
+        return out
+
+    opt.combine = spy
+    trainer.train()
+    assert scaler.get_scale() == 2.0**12  # no overflow, no skipped step
+    assert max_diff(model, mine) < TOL
+    hand_norm = hand_loop(tiny.no_dropout_gpt2(tok), ref, tok, [rows], 2, max_norm=0).last.anchor_norm.item()
+    assert scaled_norms[0] > 1000 * hand_norm  # the objectives' gradients were scaled before the combination
+
+
+def test_bf16_runs_close_to_fp32(tok, tmp_path):
+    rows = tiny.preference_rows(8, 2, seed=8)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    mine = copy.deepcopy(model)
+    hand_loop(mine, ref, tok, [rows], 2)
+    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=8, max_steps=1, bf16=True), model, copy.deepcopy(ref))
+    assert torch.isfinite(trainer.conflict_averse_optimizer.last.coefficients).all()
+    moved = max_diff(mine, tiny.no_dropout_gpt2(tok))
+    assert max_diff(model, mine) < 0.05 * moved  # autocast changes the numbers, not the step
+
+
+def test_resume_from_checkpoint_equals_a_straight_run(tok, tmp_path):
+    rows = tiny.preference_rows(16, 2, seed=9)
+    ref = tiny.no_dropout_gpt2(tok, seed=1)
+    args = dict(per_device_train_batch_size=4, max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="linear",
+                optim="adamw_torch", learning_rate=1e-2)  # Adam: its state must be restored too
+    straight = tiny.no_dropout_gpt2(tok)
+    run_trainer(tok, rows, config(tmp_path / "a", **args), straight, copy.deepcopy(ref), MultiObjectiveDPOTrainer)
+    resumed = tiny.no_dropout_gpt2(tok)
+    trainer = MultiObjectiveDPOTrainer(model=resumed, ref_model=copy.deepcopy(ref), args=config(tmp_path / "a", **args),
+                                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert max_diff(straight, resumed) < 1e-6
+    state = trainer.conflict_averse_optimizer.state_dict()
+    assert state["conflict_averse"]["weights"] == pytest.approx(WEIGHTS[2])
+
+
+def test_optimizer_is_built_from_the_config_and_user_optimizers_work(tok, tmp_path):
+    rows = tiny.preference_rows(8, 2, seed=10)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    trainer = run_trainer(tok, rows, config(tmp_path, max_steps=1, weight_decay=0.1, c=0.3, clip=False, optim="adamw_torch"), model, ref)
+    opt = trainer.conflict_averse_optimizer
+    assert isinstance(opt, ConflictAverseOptimizer) and opt.c == 0.3 and opt.clip is False
+    assert isinstance(opt.optimizer, torch.optim.AdamW)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]  # TRL's weight-decay groups
+    assert trainer.optimizer is not opt  # accelerate's wrapper around ours, reached by type
+
+    own = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weights=[0.2, 0.8], c=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(own, lambda step: 1.0)
+    trainer = run_trainer(tok, rows, config(tmp_path, max_steps=2), model, ref, optimizers=(own, sched))
+    assert trainer.conflict_averse_optimizer is own and own.optimizer.state_dict()["param_groups"][0]["lr"] == 0.1
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1),
+                                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                                       optimizers=(plain, torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0)))
+    assert trainer.conflict_averse_optimizer.optimizer is plain
+
+
+def test_logs_and_evaluation(tok, tmp_path):
+    rows = tiny.preference_rows(8, 3, seed=11)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    names = ["coverage", "brevity", "politeness"]
+    args = config(tmp_path, 3, max_steps=2, logging_strategy="steps", logging_steps=1, objective_names=names)
+    trainer = run_trainer(tok, rows, args, model, ref, eval_dataset=datasets.Dataset.from_list(rows))
+    logged = trainer.state.log_history[0]
+    for name in names:
+        for key in (f"loss/{name}", f"coef/{name}", f"rewards/{name}/margins", f"rewards/{name}/accuracies"):
+            assert key in logged, key
+    assert "cos/coverage|brevity" in logged and -1 <= logged["cos/brevity|politeness"] <= 1
+    metrics = trainer.evaluate()
+    per_objective = [metrics[f"eval_loss/{n}"] for n in names]
+    assert metrics["eval_loss"] == pytest.approx(sum(w * x for w, x in zip(WEIGHTS[3], per_objective)), rel=1e-5)
+    hand = tiny.hand_dpo_losses(model.eval(), ref, tok, rows, BETA)
+    assert per_objective == pytest.approx([h.item() for h in hand], abs=1e-5)
+
+
+def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+
+    def make(rows, **kw):
+        return MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, **kw),
+                                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+
+    with pytest.raises(ValueError, match="3 signs per example but there are 2 objective_weights"):
+        make(tiny.preference_rows(4, 3))
+    bad = tiny.preference_rows(4, 2)
+    bad[1]["objective_signs"] = [1, 0.5]
+    with pytest.raises(ValueError, match="signs must be"):
+        make(bad)
+    missing = [{k: v for k, v in r.items() if k != "objective_signs"} for r in tiny.preference_rows(4, 2)]
+    with pytest.raises(ValueError, match="no 'objective_signs' column"):
+        make(missing)
+    with pytest.raises(ValueError, match="loss_type"):
+        config(tmp_path, loss_type=["hinge"])
+    with pytest.raises(ValueError, match="objective_names"):
+        config(tmp_path, objective_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="use_reentrant"):
+        config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="objective_weights"):
+        config(tmp_path, objective_weights=[0.5, -1.0])
+    from trl import DPOConfig
+
+    with pytest.raises(TypeError, match="MultiObjectiveDPOConfig"):
+        MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+                                 train_dataset=datasets.Dataset.from_list(tiny.preference_rows(4, 2)), processing_class=tok)
