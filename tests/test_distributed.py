@@ -56,9 +56,10 @@ def losses_of(model: nn.Module, x: torch.Tensor, ya: torch.Tensor, yb: torch.Ten
 
 
 def train(model: nn.Module, params, batches, *, distributed: bool = True, micro: int = 1, combine_each: bool = False,
-          ddp: nn.Module | None = None, no_sync: bool = True):
-    """3 AdamW steps; ``micro`` micro-batches per step; returns (parameters, coefficients per step)."""
-    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4, distributed=distributed)
+          ddp: nn.Module | None = None, no_sync: bool = True, sgd: bool = False):
+    """3 AdamW (or plain SGD) steps; ``micro`` micro-batches per step; returns (parameters, coefficients per step)."""
+    base = torch.optim.SGD(params, lr=0.05) if sgd else torch.optim.AdamW(params, lr=0.05)
+    opt = ConflictAverseOptimizer(base, weights=WEIGHTS, c=0.4, distributed=distributed)
     coefs = []
     for x, ya, yb in batches:
         opt.zero_grad()
@@ -72,7 +73,8 @@ def train(model: nn.Module, params, batches, *, distributed: bool = True, micro:
                 losses = losses_of(ddp if ddp is not None else model, x[sl], ya[sl], yb[sl])
             # Each loss is a mean over its micro-batch; scale so the sum over micro-batches is the batch mean.
             opt.backward([loss / micro for loss in losses], combine=combine_each or k == micro - 1)
-        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)  # clipping sees the combined, averaged direction
+        if not sgd:  # clipping sees the combined, averaged direction (it would hide the scale SGD checks)
+            torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
         opt.step()
         coefs.append(opt.last.coefficients.clone())
     return [p.detach().clone() for p in params], torch.stack(coefs)
@@ -83,6 +85,9 @@ SCENARIOS = {
     "ddp": dict(ddp=True),
     "accumulate_combine_each": dict(micro=2, combine_each=True),
     "ddp_accumulate": dict(ddp=True, micro=2),
+    # SGD sees the scale of the averaged gradients (AdamW and the coefficients do not): a sum over
+    # ranks instead of a mean would double every step here.
+    "sgd": dict(sgd=True),
     "off": dict(distributed=False),
 }
 
@@ -107,6 +112,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["ddp_without_no_sync"] = "no error"
         except RuntimeError as error:
             results["ddp_without_no_sync"] = str(error)
+        # Ranks that pass different numbers of losses get a clear error on every rank (not a gloo abort).
+        model = make_model()
+        opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        x, ya, yb = shards[0]
+        losses = losses_of(model, x, ya, yb)
+        try:
+            opt.step(losses if rank == 0 else losses + [losses[0] * 2])
+            results["count_mismatch"] = "no error"
+        except ValueError as error:
+            results["count_mismatch"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -118,11 +133,13 @@ def runs():
     # the forked ranks then inherit (fork, not spawn: a fresh interpreter costs seconds per rank).
     model = make_model()
     single = train(model, list(model.parameters()), make_data())
+    model = make_model()
+    single_sgd = train(model, list(model.parameters()), make_data(), sgd=True)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    return ranks, single
+    return ranks, single, single_sgd
 
 
 def assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs) -> None:
@@ -139,20 +156,33 @@ def assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
 
 @pytest.mark.parametrize("scenario", ["plain", "ddp", "accumulate_combine_each", "ddp_accumulate"])
 def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
-    ranks, (single_params, single_coefs) = runs
+    ranks, (single_params, single_coefs), _ = runs
     assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
+
+
+def test_two_ranks_average_not_sum_the_gradients_under_sgd(runs):
+    """Case 22: a sum instead of a mean is invisible to AdamW and to the coefficients; SGD sees it."""
+    ranks, _, (single_params, single_coefs) = runs
+    assert_ranks_match_one_process(ranks, "sgd", single_params, single_coefs)
+
+
+def test_ranks_passing_different_numbers_of_losses_all_get_a_clear_error(runs):
+    """Case 15: gloo aborted (SIGABRT) and NCCL would hang or corrupt."""
+    ranks, _, _ = runs
+    for rank in ranks:
+        assert "the ranks passed different numbers of losses" in rank["count_mismatch"]
 
 
 def test_ddp_without_no_sync_is_refused_clearly(runs):
     """DDP's reducer must stay out of the m backward passes: the error says what to do."""
-    ranks, _ = runs
+    ranks, _, _ = runs
     for rank in ranks:
         assert "model.no_sync()" in rank["ddp_without_no_sync"]
 
 
 def test_without_averaging_ranks_disagree(runs):
     """``distributed=False`` reproduces the bug of combining per-rank gradients: coefficients differ."""
-    ranks, _ = runs
+    ranks, _, _ = runs
     assert not torch.allclose(ranks[0]["off"][1], ranks[1]["off"][1])
 
 

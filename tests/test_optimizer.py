@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip import ConflictAverseOptimizer, solve_cagrad
 from tests.reference import reference_coefficients
 
 
@@ -495,3 +495,219 @@ def test_blocked_gram_matches_float64_reference(dtype):
     opt.step(losses(layer))
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(opt.last.gram.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# regressions: each case of the trust review, named by what it guards
+# ----------------------------------------------------------------------------------------------
+def test_reductions_never_run_under_the_callers_autocast():
+    """Case 3: ``opt.backward`` under ``torch.autocast`` (Lightning's bf16-mixed) ran the Gram and the
+    solve in bf16 and lost the correction. The backward passes behave as the caller's own
+    ``backward`` would under autocast; the Gram and the solve must be float32-exact on those gradients."""
+    torch.set_default_dtype(torch.float32)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    opt = sgd_on(trunk, heads, weights=[0.5, 0.5], c=0.6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.backward(head_losses(trunk, heads, x, y))
+        params = list(twin_trunk.parameters()) + list(twin_heads.parameters())
+        grads = per_objective_grads(head_losses(twin_trunk, twin_heads, x, y), params)
+    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]) for gs in grads])
+    gram = G.double() @ G.double().T
+    assert opt.last.gram.dtype == torch.float32 and opt.last.coefficients.dtype == torch.float32
+    torch.testing.assert_close(opt.last.gram.double(), gram, rtol=1e-6, atol=1e-6)
+    expected = solve_cagrad(gram, [0.5, 0.5], c=0.6).coefficients
+    torch.testing.assert_close(opt.last.coefficients.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (expected - 0.5).abs().max() > 0.05  # the correction is there to lose
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_torch_compile_around_step_applies_the_direction_once(call):
+    """Case 4: Dynamo dropped attribute writes, so the direction landed twice (2x SGD step) and
+    ``opt.last`` stayed ``None``. The optimizer's methods run eagerly (a graph break)."""
+    torch.set_default_dtype(torch.float32)
+    trunk, heads = mlp_with_heads()
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    compiled_opt, eager_opt = sgd_on(trunk, heads), sgd_on(twin_trunk, twin_heads)
+
+    def train_step(opt, t, h):
+        opt.zero_grad()
+        if call == "step":
+            opt.step(head_losses(t, h, x, y))
+        else:
+            opt.backward(head_losses(t, h, x, y))
+            opt.step()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(train_step, backend="eager")
+    for _ in range(2):
+        compiled(compiled_opt, trunk, heads)
+        train_step(eager_opt, twin_trunk, twin_heads)
+    assert compiled_opt.last is not None
+    for p, q in zip(list(trunk.parameters()) + list(heads.parameters()), list(twin_trunk.parameters()) + list(twin_heads.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_a_rejected_backward_changes_nothing():
+    """Case 6: a different number of losses mid-accumulation raised only after the previous direction
+    was taken out of .grad, and step() then applied zero while Adam's step count advanced."""
+    trunk, heads = mlp_with_heads()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.Adam(params, lr=0.1))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.backward(head_losses(trunk, heads, x, y))
+    grads = [p.grad.clone() for p in params]
+    last = opt.last
+    with pytest.raises(ValueError, match="2 objectives were accumulated"):
+        opt.backward(head_losses(trunk, heads, x, y) + [(trunk(x) ** 2).mean()])
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert opt.last is last
+    before = [p.detach().clone() for p in params]
+    opt.step()  # applies the direction that was in .grad
+    for p, b, g in zip(params, before, grads):
+        assert not torch.equal(p, b) or not g.any()
+    twin_trunk, twin_heads = mlp_with_heads()
+    twin = torch.optim.Adam(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1)
+    for q, g in zip(twin.param_groups[0]["params"], grads):
+        q.grad = g.clone()
+    twin.step()
+    for p, q in zip(params, twin.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q)
+
+
+def test_settings_change_only_through_configure_and_take_effect():
+    """Case 10: ``opt.c = 0.8`` kept the old rescale divisor and ``opt.c = -3`` was accepted."""
+    opt, trunk, heads = make_opt(c=0.2, rescale="1+c")
+    with pytest.raises(AttributeError, match=r"configure\(c=...\)"):
+        opt.c = 0.8
+    with pytest.raises(AttributeError, match=r"configure\(weights=...\)"):
+        opt.weights = [0.5, 0.5]
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        opt.configure(c=-3)
+    assert opt.c == 0.2
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.configure(c=0.8, weights=[0.7, 0.3])
+    opt.backward(head_losses(trunk, heads, x, y))
+    params = list(trunk.parameters()) + list(heads.parameters())
+    grads = per_objective_grads(head_losses(trunk, heads, x, y), params)
+    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]) for gs in grads])
+    expected = reference_coefficients((G @ G.T).numpy(), np.array([0.7, 0.3]), 0.8, clip=True, rescale="1+c")
+    np.testing.assert_allclose(opt.last.coefficients.numpy(), expected, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="3 weights given while 2 objectives are accumulated"):
+        opt.configure(weights=[0.2, 0.3, 0.5])
+
+
+def test_construction_refuses_what_cannot_work_naming_the_cause():
+    """Case 13: complex parameters failed inside the solver, LBFGS with a missing 'closure'."""
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="complex"):
+        ConflictAverseOptimizer(torch.optim.SGD([z], lr=0.1))
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match="LBFGS re-evaluates its closure"):
+        ConflictAverseOptimizer(torch.optim.LBFGS([w]))
+    with pytest.raises(TypeError, match="SparseAdam needs sparse gradients"):
+        ConflictAverseOptimizer(torch.optim.SparseAdam([w]))
+
+
+def test_sparse_embedding_gradients_are_combined_densely():
+    """Case 13: ``nn.Embedding(sparse=True)`` failed with ``copy_() between dense and sparse``;
+    its gradients are now accumulated densely and combined like the rest."""
+    torch.manual_seed(0)
+    sparse = torch.nn.Embedding(10, 4, sparse=True)
+    dense = copy.deepcopy(sparse)
+    dense.sparse = False
+    idx = torch.tensor([1, 3, 3, 7])
+
+    def losses(emb):
+        e = emb(idx)
+        return [(e[:, 0] - 1).pow(2).mean(), (e[:, 0] + e[:, 1]).pow(2).mean()]
+
+    ours = ConflictAverseOptimizer(torch.optim.SGD(sparse.parameters(), lr=0.1))
+    ours.backward(losses(sparse))
+    reference = ConflictAverseOptimizer(torch.optim.SGD(dense.parameters(), lr=0.1))
+    reference.backward(losses(dense))
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad)
+
+
+def test_friendly_setting_types_and_frictions():
+    """Case 16: numpy / 0-d tensor ``c`` rejected, ``weights='ab'`` an internal TypeError,
+    ``add_param_group`` refused right after ``step()``."""
+    opt, trunk, heads = make_opt(c=np.float32(0.5))
+    assert opt.c == 0.5
+    assert make_opt(c=torch.tensor(0.25))[0].c == 0.25
+    with pytest.raises(TypeError, match="weights must be a sequence of real numbers"):
+        make_opt(weights="ab")
+    opt.step(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
+    extra = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra]})  # allowed: the next backward starts a new window
+    opt.backward(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)) )
+    assert extra.grad is None  # no objective reaches it
+    with pytest.raises(RuntimeError, match="while gradients are accumulated"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+
+
+def test_graph_is_freed_as_soon_as_the_last_objective_is_done():
+    """Case 17: probe right after backward (before any parameter update): a retained graph would let
+    a further backward through the last loss succeed."""
+    opt, trunk, heads = make_opt()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    losses = head_losses(trunk, heads, x, y)
+    opt.backward(losses, combine=False)
+    for loss in losses:
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            torch.autograd.grad(loss, list(trunk.parameters()))
+
+
+def test_the_solver_setting_is_honoured():
+    """Case 18: ignoring ``solver=`` passed the suite (the old test only checked that both solvers
+    agree). With a zero Frank-Wolfe budget they differ on a problem whose optimum has 4 active
+    objectives: the exact solver is exact, Frank-Wolfe stops at its start (best face of <= 3)."""
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(5, 12, generator=g) + 1.0  # objective i's gradient is G[i] for L_i = <G[i], theta>
+    results = {}
+    for solver in ("exact", "frank_wolfe"):
+        theta = torch.nn.Parameter(torch.zeros(12))
+        opt = ConflictAverseOptimizer(torch.optim.SGD([theta], lr=0.0), c=3.0, solver=solver, max_iter=0)
+        opt.backward(list(G @ theta))
+        torch.testing.assert_close(opt.last.gram, G @ G.T)
+        results[solver] = opt.last
+    exact, fw = results["exact"], results["frank_wolfe"]
+    assert exact.fw_gap <= 1e-10 < 1.0 < fw.fw_gap
+    assert (exact.coefficients - fw.coefficients).abs().max() > 0.1
+    for solver, last in results.items():
+        expected = solve_cagrad(G @ G.T, None, c=3.0, solver=solver, max_iter=0)
+        torch.testing.assert_close(last.coefficients, expected.coefficients, rtol=0, atol=0)
+
+
+def test_freezing_or_unfreezing_after_construction_rebuilds_the_layout():
+    """Case 19: nothing unfroze a parameter after construction; a skipped rebuild would leave the
+    unfrozen parameter untrained (and a frozen one still in the Gram)."""
+    trunk, heads = mlp_with_heads()
+    trunk[0].weight.requires_grad_(False)
+    opt = sgd_on(trunk, heads)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.step(head_losses(trunk, heads, x, y))
+    assert trunk[0].weight.grad is None
+    trunk[0].weight.requires_grad_(True)
+    heads[1].bias.requires_grad_(False)
+    opt.zero_grad()
+    before = trunk[0].weight.detach().clone()
+    opt.step(head_losses(trunk, heads, x, y))
+    assert trunk[0].weight.grad is not None and not torch.equal(trunk[0].weight, before)
+    assert heads[1].bias.grad is None
+    params = [p for p in list(trunk.parameters()) + list(heads.parameters()) if p.requires_grad]
+    assert opt.last.gram.shape == (2, 2)
+    grads = per_objective_grads(head_losses(trunk, heads, x, y), params)
+    assert sum(p.numel() for p in params) == opt._store.numel and len(grads[0]) == len(params)
+
+
+def test_unfreezing_mid_accumulation_is_refused_before_anything_changes():
+    opt, trunk, heads = make_opt()
+    trunk[0].bias.requires_grad_(False)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.backward(head_losses(trunk, heads, x, y), combine=False)
+    trunk[0].bias.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="changed during gradient accumulation"):
+        opt.backward(head_losses(trunk, heads, x, y))

@@ -1,0 +1,260 @@
+"""Tests of the gradient stores (cagrad_clip/storage): where the per-objective gradients live and
+what reaches ``.grad``, against hand-written references (per-objective ``torch.autograd.grad``,
+float64 Grams, ``sum(losses).backward()``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip.storage.blocks import CHUNK, blocked_gram, combine_into_row
+
+
+def trunk_and_heads(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).to(dtype)
+    heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)]).to(dtype)
+    return trunk, heads
+
+
+def params_of(*modules):
+    return [p for m in modules for p in m.parameters()]
+
+
+def two_losses(trunk, heads, x, y):
+    z = trunk(x)
+    return [((heads[0](z) - y) ** 2).mean(), ((heads[1](z) + y) ** 2).mean()]
+
+
+def reference_direction(losses, params, coefficients):
+    """``sum_i a_i g_i`` per parameter from independent autograd.grad calls (None where no loss reaches)."""
+    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    out = []
+    for j in range(len(params)):
+        parts = [coefficients[i] * g[j] for i, g in enumerate(grads) if g[j] is not None]
+        out.append(sum(parts) if parts else None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ blocks
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocked_gram_of_half_rows_accumulates_in_float32(dtype):
+    """Half-precision rows, more than one chunk: the Gram equals the float64 Gram of the same values
+    to float32 accuracy (a half-precision accumulation would be off by ~1e-2)."""
+    torch.manual_seed(0)
+    rows = torch.randn(3, CHUNK + 12345).to(dtype)
+    expected = rows.double() @ rows.double().T
+    gram = blocked_gram(rows, rows.shape[1])
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), expected, rtol=2e-6, atol=2e-6 * expected.abs().max().item())
+
+
+def test_combine_into_row_is_in_place_and_float32_accurate():
+    torch.manual_seed(1)
+    rows = torch.randn(3, CHUNK + 7).to(torch.bfloat16)
+    a = torch.tensor([0.7, -1.3, 2.1])
+    exact = a.double() @ rows.double()
+    magnitude = a.double().abs() @ rows.double().abs()  # float32 accumulation error is relative to this
+    pointer = rows[2].data_ptr()
+    finite = combine_into_row(rows, a, 2)
+    assert rows[2].data_ptr() == pointer and bool(finite)
+    # every value is the exact combination up to the bf16 rounding of the result (no bf16 accumulation)
+    error = (rows[2].double() - exact).abs()
+    assert bool((error <= 2.0**-8 * exact.abs() + 1e-6 * magnitude).all())
+
+
+def test_combine_into_row_flags_an_overflow_of_the_rows_dtype():
+    rows = torch.full((2, 10), 5e4, dtype=torch.float16)
+    assert not bool(combine_into_row(rows, torch.tensor([0.7, 0.7]), 1))  # 7e4 > 65504
+    assert torch.isinf(rows[1]).all()
+
+
+# ------------------------------------------------------------------------------------------ memory floor
+def test_the_home_objectives_gradient_is_grad_itself_and_rows_keep_the_parameter_dtype():
+    """Direct store: the rows have the parameters' dtype and ``.grad`` is a view of the home row
+    (no separate direction buffer, no copy of the last objective)."""
+    trunk, heads = trunk_and_heads(torch.bfloat16)
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.3, 0.7])
+    x, y = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 1, dtype=torch.bfloat16)
+    opt.backward(two_losses(trunk, heads, x, y))
+    rows = opt._store.rows
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2, sum(p.numel() for p in params))
+    home = rows[1]  # the largest weight
+    start = home.data_ptr()
+    end = start + home.numel() * home.element_size()
+    for p in params:
+        assert start <= p.grad.data_ptr() < end
+
+
+def test_accumulate_dtype_float32_sums_bf16_gradients_in_float32():
+    trunk, heads = trunk_and_heads(torch.bfloat16)
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), accumulate_dtype=torch.float32)
+    x, y = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 1, dtype=torch.bfloat16)
+    losses = two_losses(trunk, heads, x, y)
+    expected = reference_direction(losses, params, [1.0, 0.0])  # objective 0's gradient, in bf16
+    opt.backward(losses)
+    assert opt._store.rows.dtype == torch.float32
+    assert all(p.grad.dtype == torch.bfloat16 for p in params)
+    row0 = opt._store.views(opt._store.rows[0])
+    for r, e in zip(row0, expected):
+        torch.testing.assert_close(r, e.float())
+
+
+# ------------------------------------------------------------------------------------------ case 7
+def test_a_parameter_no_objective_reaches_keeps_grad_none():
+    """Case 7: as loss.backward() leaves it (AdamW would otherwise decay it, momentum move it)."""
+    trunk, heads = trunk_and_heads()
+    unused = nn.Linear(3, 3)
+    params = params_of(trunk, heads, unused)
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.1, weight_decay=0.5))
+    before = [p.detach().clone() for p in unused.parameters()]
+    opt.step(two_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
+    assert all(p.grad is None for p in unused.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), before))
+    assert len(opt.state) == len(params_of(trunk, heads))  # AdamW never saw them
+
+
+# ------------------------------------------------------------------------------------------ case 1
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_gradient_in_a_head_outside_shared_is_caught(policy):
+    """Case 1: the Gram is over ``shared`` only; a NaN that reaches only a head must still stop the step."""
+    trunk, heads = trunk_and_heads()
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.Adam(params, lr=0.1), shared=trunk.parameters(), nonfinite=policy)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    z = trunk(x)
+    nan_in_head_only = heads[1](z.detach()) * torch.tensor(float("nan"))  # no path back to the trunk
+    losses = [((heads[0](z) - y) ** 2).mean(), ((heads[1](z) + y) ** 2).mean() + nan_in_head_only.mean()]
+    before = [p.detach().clone() for p in params]
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"objective\(s\) \[1\]"):
+            opt.step(losses)
+    else:
+        with pytest.warns(RuntimeWarning, match=r"objective\(s\) \[1\]"):
+            opt.step(losses)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert len(opt.state) == 0  # Adam's state untouched
+
+
+# ------------------------------------------------------------------------------------------ case 2
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_combination_that_overflows_float16_is_not_applied(policy):
+    """Case 2: finite fp16 gradients whose combination exceeds 65504 must not reach the weights."""
+    w = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    # orthogonal gradients of norm 5e4 (finite in float16); with c = 2 the coefficients are
+    # a = (0.5 + 0.5 c) = (1.5, 1.5), so the direction is 7.5e4 > 65504 per entry
+    losses = [w[0] * 5.0e4, w[1] * 5.0e4]
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=1.0), weights=[0.5, 0.5], c=2.0, nonfinite=policy)
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="overflows the parameters' dtype"):
+            opt.step(losses)
+    else:
+        with pytest.warns(RuntimeWarning, match="overflows the parameters' dtype"):
+            opt.step(losses)
+    assert torch.equal(w.detach(), torch.zeros(2, dtype=torch.float16))
+    torch.testing.assert_close(opt.last.coefficients, torch.tensor([1.5, 1.5]))
+
+
+# ------------------------------------------------------------------------------------------ case 14
+def test_a_finite_but_huge_gradient_is_reported_as_an_overflow():
+    """Case 14: |g| ~ 1e22 squares past float32; the message must not call the gradient non-finite."""
+    w = nn.Parameter(torch.ones(3))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"objective\(s\) \[0\] have finite gradients whose squared norm overflows"):
+        opt.step([(w * 1e22).sum(), (w * 2.0).sum()])
+
+
+# ------------------------------------------------------------------------------------------ case 5
+def test_model_zero_grad_without_set_to_none_between_backwards_starts_over():
+    """Case 5: ``model.zero_grad(set_to_none=False)`` zeroes .grad in place; the next backward must
+    give d(b) (a fresh window), not d(a + b) - d(a)."""
+    trunk, heads = trunk_and_heads(torch.float64)
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.6, 0.4])
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt.backward(two_losses(trunk, heads, x, y))
+    trunk.zero_grad(set_to_none=False)
+    heads.zero_grad(set_to_none=False)
+    opt.backward(two_losses(trunk, heads, x + 1.0, y))
+    expected = reference_direction(two_losses(trunk, heads, x + 1.0, y), params, opt.last.coefficients)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-12)
+    # and the Gram is that of the second batch alone
+    grads = [
+        torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+        for gs in (torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in two_losses(trunk, heads, x + 1.0, y))
+    ]
+    G = torch.stack(grads)
+    torch.testing.assert_close(opt.last.gram, G @ G.T)
+
+
+def test_grad_scaler_recovers_after_one_overflow_with_zero_grad_set_to_none_false():
+    """Case 5 (GradScaler): after one overflow the NaN direction must not poison every later step."""
+    trunk, heads = trunk_and_heads()
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.01), nonfinite="ignore")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    stepped = []
+    for k in range(3):
+        trunk.zero_grad(set_to_none=False)
+        heads.zero_grad(set_to_none=False)
+        losses = two_losses(trunk, heads, x, y)
+        if k == 0:
+            losses[0] = losses[0] * float("inf")
+        opt.backward([scaler.scale(loss) for loss in losses])
+        scale_before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        stepped.append(scaler.get_scale() >= scale_before)
+        assert all(torch.isfinite(p).all() for p in params)
+    assert stepped == [False, True, True]
+    assert all(torch.isfinite(p.grad).all() for p in params)
+
+
+# ------------------------------------------------------------------------------------------ case 8
+def test_reentrant_checkpointing_gives_the_same_direction_as_no_checkpointing():
+    """Case 8: ``use_reentrant=True`` with inputs that require grad runs its own backward into
+    ``.grad``; the stores take every objective's gradient with ``backward()``, so the checkpointed
+    block is trained exactly. (With no input requiring grad, torch itself gives the block no
+    gradient and warns; that is torch's documented behaviour.)"""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).double()
+    heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)]).double()
+    params = params_of(block, heads)
+    x = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+
+    def losses(reentrant):
+        h = checkpoint(block, x, use_reentrant=True) if reentrant else block(x)
+        return [heads[0](h).pow(2).mean(), (heads[1](h) - 1).pow(2).mean()]
+
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.5, 0.5])
+    opt.backward(losses(True))
+    with_ckpt = [p.grad.clone() for p in params]
+    expected = reference_direction(losses(False), params, opt.last.coefficients)
+    for g, e in zip(with_ckpt, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ case 9
+def test_leaves_outside_the_optimizer_get_the_plain_sum_like_backward():
+    """Case 9 (decided): a leaf that requires grad but is not in the wrapped optimizer (a SparseAdam
+    embedding next to the model) receives the plain sum of the objectives' gradients, exactly what
+    ``sum(losses).backward()`` gives it, on the dense path as on the FSDP path; it is not combined."""
+    torch.manual_seed(0)
+    outside = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    trunk, heads = trunk_and_heads(torch.float64)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params_of(trunk, heads), lr=0.1))
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+
+    def losses():
+        return two_losses(trunk, heads, x * outside, y)
+
+    opt.backward(losses())
+    expected = torch.autograd.grad(sum(losses()), outside)[0]
+    torch.testing.assert_close(outside.grad, expected, rtol=1e-12, atol=1e-12)
