@@ -136,7 +136,10 @@ def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = 
     if isinstance(weights, (str, bytes)):
         raise TypeError(f"weights must be a sequence of real numbers (one per objective), got the string {weights!r}")
     try:
-        w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+        if isinstance(weights, Tensor):
+            w = weights.detach().to("cpu", torch.float64)
+        else:  # Python floats straight to float64 (through the default float32 they would lose digits)
+            w = torch.as_tensor(weights, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"weights must be a sequence of real numbers (one per objective), got {weights!r}") from error
     if w.dim() < 1 or w.shape[-1] < 1:

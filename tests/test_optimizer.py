@@ -711,3 +711,9 @@ def test_unfreezing_mid_accumulation_is_refused_before_anything_changes():
     trunk[0].bias.requires_grad_(True)
     with pytest.raises(RuntimeError, match="changed during gradient accumulation"):
         opt.backward(head_losses(trunk, heads, x, y))
+
+
+def test_weights_given_as_python_floats_keep_every_digit():
+    """Weights went through the default float32 dtype on their way to float64 (0.3 -> 0.30000000745)."""
+    opt = make_opt(weights=[0.2, 0.3, 0.5])[0]
+    assert opt.settings.weights == (0.2, 0.3, 0.5)
