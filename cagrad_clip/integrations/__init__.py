@@ -20,18 +20,31 @@ __all__ = ["find_conflict_averse", "check_weights"]
 def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = None) -> object | None:
     """The multi-objective optimizer inside ``optimizer``, or ``None``.
 
-    Walks the chain of ``.optimizer`` attributes (accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``, ...) and returns the first object that *is* one of ``types`` (default:
-    :class:`~cagrad_clip.ConflictAverseOptimizer`). A ``hasattr(opt, "optimizer")`` test would return the
-    *base* optimizer when nothing wrapped the wrapper, since the wrapper has an ``.optimizer`` too.
+    Walks the chain of ``.optimizer`` attributes (accelerate's ``AcceleratedOptimizer``, ...) and returns
+    the first object that *is* one of ``types`` (default: :class:`~cagrad_clip.ConflictAverseOptimizer`).
+    A ``hasattr(opt, "optimizer")`` test would return the *base* optimizer when nothing wrapped the
+    wrapper, since the wrapper has an ``.optimizer`` too. Lightning's ``LightningOptimizer`` is looked
+    through first: it passes ``isinstance`` for the class it wraps but holds a shallow *copy* of its
+    attributes, so state set on it (``last``, ...) would not reach the real optimizer.
     """
+    import sys
+
     if types is None:
         from cagrad_clip import ConflictAverseOptimizer
 
         types = (ConflictAverseOptimizer,)
     seen: set[int] = set()
     current = optimizer
+    lightning = tuple(
+        cls for cls in (getattr(sys.modules.get(name), "LightningOptimizer", None)
+                        for name in ("pytorch_lightning.core.optimizer", "lightning.pytorch.core.optimizer"))
+        if isinstance(cls, type)
+    )
     while current is not None and id(current) not in seen:
+        if lightning and isinstance(current, lightning):
+            seen.add(id(current))
+            current = current._optimizer
+            continue
         if isinstance(current, types):
             return current
         seen.add(id(current))

@@ -32,7 +32,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('cagrad_clip.integrations.trl needs TRL: pip install "cagrad-clip[trl]"') from exc
 
-from cagrad_clip.dual import RESCALE_OPTIONS
+from cagrad_clip import RESCALE_OPTIONS
 
 from . import check_weights
 from .hf import MultiObjectiveTrainerMixin
@@ -69,7 +69,7 @@ class MultiObjectiveDPOConfig(DPOConfig):
         if not (math.isfinite(self.c) and self.c >= 0):
             raise ValueError(f"c must be finite and >= 0; got {self.c}")
         if self.rescale not in RESCALE_OPTIONS:
-            raise ValueError(f"rescale must be one of {RESCALE_OPTIONS}; got {self.rescale!r}")
+            raise ValueError(f"rescale must be one of {list(RESCALE_OPTIONS)}; got {self.rescale!r}")
         unsupported = []
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_types != ["sigmoid"]:

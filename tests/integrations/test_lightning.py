@@ -1,0 +1,131 @@
+"""MultiObjectiveModule (pytorch_lightning) against a hand-written loop with ConflictAverseOptimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
+from cagrad_clip.integrations.lightning import MultiObjectiveModule  # noqa: E402
+
+LR, WEIGHTS = 0.5, [0.7, 0.3]
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def losses_of(model: nn.Module, batch) -> list[torch.Tensor]:
+    x, y = batch
+    out = model(x).float()
+    return [(out[:, 0] - y).pow(2).mean(), (out[:, 1] + out[:, 0] * y).pow(2).mean()]
+
+
+def data(n_batches: int = 6, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 4, generator=g), torch.randn(size, generator=g)) for _ in range(n_batches)]
+
+
+class Module(MultiObjectiveModule):
+    def __init__(self, model: nn.Module, **kw) -> None:
+        super().__init__(objective_weights=WEIGHTS, objective_names=["fit", "tie"], **kw)
+        self.model = model
+
+    def objective_losses(self, batch, batch_idx):
+        return losses_of(self.model, batch)
+
+    def configure_optimizers(self):
+        base = torch.optim.SGD(self.parameters(), lr=LR)
+        opt = self.wrap_optimizer(base)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+def fit(module: pl.LightningModule, batches, **kw) -> pl.Trainer:
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, **kw)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
+    return trainer
+
+
+def hand_loop(model: nn.Module, batches, accumulate: int, clip_val: float | None, scale: float = 1.0) -> None:
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), weights=WEIGHTS)
+    lr = LR
+    for start in range(0, len(batches), accumulate):
+        window = batches[start : start + accumulate]
+        opt.zero_grad()
+        for i, batch in enumerate(window):
+            opt.backward([loss / accumulate for loss in losses_of(model, batch)], combine=i == len(window) - 1)
+        if clip_val:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_val)
+        opt.step()
+        lr *= 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("accumulate, clip_val", [(1, None), (2, 0.5)])
+def test_module_equals_hand_written_loop(accumulate, clip_val):
+    batches = data()
+    mine = net()
+    hand_loop(mine, batches, accumulate, clip_val)
+    module = Module(net(), accumulate_grad_batches=accumulate, gradient_clip_val=clip_val)
+    trainer = fit(module, batches)
+    assert trainer.global_step == len(batches) // accumulate
+    assert max_diff(module.model, mine) < 1e-6
+    assert max_diff(module.model, net()) > 1e-2
+    metrics = trainer.callback_metrics
+    for key in ("loss/fit", "loss/tie", "coef/fit", "coef/tie", "cos/fit|tie"):
+        assert key in metrics, key
+    assert metrics["coef/fit"].item() == pytest.approx(module.conflict_averse_optimizer().last.coefficients[0].item())
+
+
+def test_fp16_loss_scaling_unscales_before_clipping():
+    """16-mixed on CPU through a MixedPrecision plugin with a CPU GradScaler: every objective's loss is scaled,
+    the plugin unscales before our clipping hook, so the step is the fp32 one up to fp16 autocast rounding."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    batches = data(4)
+    mine = net()
+    hand_loop(mine, batches, 1, 0.5)
+    module = Module(net(), gradient_clip_val=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    fit(module, batches, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    moved = max_diff(mine, net())
+    assert max_diff(module.model, mine) < 0.05 * moved
+    assert scaler.get_scale() == 2.0**12  # no overflow was met
+
+
+def test_bf16_autocast_runs_and_wrong_optimizer_is_refused():
+    module = Module(net(), gradient_clip_val=1.0)
+    fit(module, data(2), precision="bf16-mixed")
+    assert torch.isfinite(module.conflict_averse_optimizer().last.coefficients).all()
+
+    class Plain(Module):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    with pytest.raises(TypeError, match="wrap_optimizer"):
+        fit(Plain(net()), data(1))
+
+
+def test_user_wrapper_is_used_as_is():
+    model = net()
+
+    class Own(Module):
+        def configure_optimizers(self):
+            return ConflictAverseOptimizer(torch.optim.SGD(self.parameters(), lr=LR), weights=[0.1, 0.9], c=0.0)
+
+    module = Own(model)
+    fit(module, data(2))
+    torch.testing.assert_close(module.conflict_averse_optimizer().last.coefficients, torch.tensor([0.1, 0.9]))
+    assert copy.deepcopy(module.conflict_averse_optimizer().weights).tolist() == pytest.approx([0.1, 0.9])
