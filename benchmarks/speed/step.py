@@ -1,0 +1,146 @@
+"""Section ``step``: training-step time against the floor, side by side in one process.
+
+Median ms per iteration (zero_grad, forward, gradients, SGD step) over interleaved repeats of:
+(a) plain summed loss, (b) **the floor**: m ``autograd.grad`` passes + base step and nothing
+else, (c) ours, ``opt.step(losses)``, (d) TorchJD ``backward`` / ``mtl_backward`` + ``jac_to_grad``
+with CAGrad and UPGrad. Ratios are to (b). ``combine()`` alone (Gram + solve + write-back) is
+timed on freshly accumulated gradients each repeat (the accumulation itself is not timed).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+
+import torch
+
+from cagrad_clip import ConflictAverseOptimizer
+
+from .common import C, Log, median_ms, time_interleaved
+from .models import StepCase, make_step_case
+from .peers import HAVE_TORCHJD, TJDCAGrad, TJDUPGrad, tjd_backward, tjd_jac_to_grad, tjd_mtl_backward
+
+#: The issue's targets for ours / floor (model prefix -> bound); checked in the report.
+TARGETS = {"transformer": 1.05, "mlp-2048": 1.20}
+
+
+def _sgd(case: StepCase) -> torch.optim.SGD:
+    return torch.optim.SGD(case.model.parameters(), lr=1e-6)
+
+
+def plain_variant(case: StepCase) -> Callable[[], None]:
+    """(a) one backward of the summed losses."""
+    base = _sgd(case)
+
+    def step() -> None:
+        base.zero_grad()
+        losses, _ = case.model.losses(case.x, case.y)
+        torch.stack(losses).sum().backward()
+        base.step()
+
+    return step
+
+
+def floor_variant(case: StepCase) -> Callable[[], None]:
+    """(b) the floor: m ``autograd.grad`` passes, the last one's gradients as ``.grad``, base step."""
+    base = _sgd(case)
+    params = list(case.model.parameters())
+
+    def step() -> None:
+        base.zero_grad()
+        losses, _ = case.model.losses(case.x, case.y)
+        m = len(losses)
+        grads: tuple = ()
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, params, retain_graph=i < m - 1, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        base.step()
+
+    return step
+
+
+def ours_variant(case: StepCase) -> tuple[Callable[[], None], ConflictAverseOptimizer]:
+    """(c) ``opt.zero_grad(); opt.step(losses)`` (``nonfinite="ignore"``: no host read)."""
+    opt = ConflictAverseOptimizer(_sgd(case), c=C, shared=case.shared, nonfinite="ignore")
+
+    def step() -> None:
+        opt.zero_grad()
+        losses, _ = case.model.losses(case.x, case.y)
+        opt.step(losses)
+
+    return step, opt
+
+
+def torchjd_variant(case: StepCase, aggregator: object) -> Callable[[], None]:
+    """(d) TorchJD: ``backward`` (all shared) or ``mtl_backward`` (with heads), then ``jac_to_grad``."""
+    base = _sgd(case)
+
+    def step() -> None:
+        base.zero_grad()
+        losses, feats = case.model.losses(case.x, case.y)
+        if case.heads is None:
+            tjd_backward(losses, inputs=case.shared)
+        else:
+            tjd_mtl_backward(losses, feats, tasks_params=case.heads, shared_params=case.shared)
+        tjd_jac_to_grad(case.shared, aggregator)
+        base.step()
+
+    return step
+
+
+def step_variants(kind: str, m: int) -> tuple[dict[str, Callable[[], None]], tuple[ConflictAverseOptimizer, StepCase]]:
+    """Every variant on its own (identically seeded) model copy, and ours' optimizer and case."""
+    variants = {"(a) plain sum": plain_variant(make_step_case(kind, m)), "(b) floor": floor_variant(make_step_case(kind, m))}
+    ours_case = make_step_case(kind, m)
+    variants["(c) ours"], opt = ours_variant(ours_case)
+    if HAVE_TORCHJD:
+        variants["(d) TorchJD CAGrad"] = torchjd_variant(make_step_case(kind, m), TJDCAGrad(C))
+        variants["(d) TorchJD UPGrad"] = torchjd_variant(make_step_case(kind, m), TJDUPGrad())
+    return variants, (opt, ours_case)
+
+
+def graph_freed_after_step(opt: ConflictAverseOptimizer, case: StepCase) -> bool:
+    """Whether the autograd graph is gone after ``opt.step(losses)`` (a second backward must fail)."""
+    opt.zero_grad()
+    losses, _ = case.model.losses(case.x, case.y)
+    opt.step(losses)
+    try:
+        torch.autograd.grad(losses[-1], list(case.model.parameters()), allow_unused=True)
+    except RuntimeError:
+        return True
+    return False
+
+
+def combine_only_ms(opt: ConflictAverseOptimizer, case: StepCase, repeats: int, warmup: int = 2) -> float:
+    """Median time of ``opt.combine()`` alone, each time on freshly accumulated gradients."""
+    samples = []
+    for r in range(warmup + repeats):
+        opt.zero_grad()
+        losses, _ = case.model.losses(case.x, case.y)
+        opt.backward(losses, combine=False)
+        t0 = time.perf_counter()
+        opt.combine()
+        if r >= warmup:
+            samples.append(time.perf_counter() - t0)
+    return median_ms(samples)
+
+
+def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> list[dict]:
+    """Rows ``{model, m, variant, ms, ratio, combine_ms, graph_freed}``."""
+    rows = []
+    for kind in kinds:
+        for m in ms:
+            variants, (opt, case) = step_variants(kind, m)
+            times = time_interleaved(variants, repeats)  # type: ignore[arg-type]
+            freed = graph_freed_after_step(opt, case)
+            combine_ms = combine_only_ms(opt, case, repeats)
+            floor = times["(b) floor"]
+            for name, t in times.items():
+                rows.append({"model": kind, "m": m, "variant": name, "ms": t, "ratio": t / floor, "combine_ms": combine_ms,
+                             "graph_freed": freed})
+            log(f"  step {kind} m={m}: " + ", ".join(f"{k} {v:.1f} ms ({v / floor:.3f}x)" for k, v in times.items()))
+            del variants, opt, case
+            gc.collect()
+    return rows
