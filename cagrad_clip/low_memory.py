@@ -47,8 +47,8 @@ ROUTES: dict[str, str] = {
 
 #: Columns per block of the blocked Gram: each block's dot products are one float32 chain of this length.
 GRAM_BLOCK = 1 << 14
-#: Columns upcast at a time: bounds the transient float32 copy of a half-precision gradient piece.
-UPCAST_CHUNK = 1 << 20
+#: Elements upcast at a time: bounds the transient float32 copy of a half-precision gradient piece.
+UPCAST_CHUNK = 1 << 22
 
 _INSTALL_HINT = "route='autogram' needs TorchJD's autogram engine: pip install torchjd  (version 0.18 or later)"
 
@@ -78,26 +78,41 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
+def _pair_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` of two contiguous 1-D tensors: ``GRAM_BLOCK``-long float chains, their sums added pairwise."""
+    blocks = x.numel() // GRAM_BLOCK
+    if blocks < 2:
+        return torch.dot(x, y)
+    main = blocks * GRAM_BLOCK
+    partial = torch.bmm(x[:main].view(blocks, 1, GRAM_BLOCK), y[:main].view(blocks, GRAM_BLOCK, 1)).sum()
+    return partial + torch.dot(x[main:], y[main:])
+
+
 def gram_of_rows(rows: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """The ``(k, k)`` Gram of ``k`` equally sized tensors, reduced in ``dtype`` (float32 or float64).
 
-    Columns are upcast ``UPCAST_CHUNK`` at a time (a bounded transient copy for bf16/fp16 input) and
-    reduced in blocks of ``GRAM_BLOCK`` columns whose sums are added pairwise, as the default path's
-    blocked Gram does. Shapes only decide the loop: no host sync.
+    Rows already in ``dtype`` are reduced in place (no copy); others are upcast ``UPCAST_CHUNK``
+    columns at a time (a transient of ``k x UPCAST_CHUNK`` elements of ``dtype``). Dot products
+    are ``GRAM_BLOCK``-long chains whose sums are added pairwise, as the default path's blocked
+    Gram does. Shapes alone decide the loops: no host sync.
     """
     flat = [r.reshape(-1) for r in rows]
     k, n = len(flat), flat[0].numel()
-    out = torch.zeros((k, k), dtype=dtype, device=flat[0].device)
-    with torch.no_grad(), _no_autocast(out.device):
-        for start in range(0, n, UPCAST_CHUNK):
-            chunk = torch.stack([f[start : start + UPCAST_CHUNK] for f in flat]).to(dtype)
-            blocks = chunk.shape[1] // GRAM_BLOCK
-            if blocks >= 2:
-                tiled = chunk[:, : blocks * GRAM_BLOCK].reshape(k, blocks, GRAM_BLOCK).transpose(0, 1)
-                out += torch.bmm(tiled, tiled.transpose(1, 2)).sum(0)
-                chunk = chunk[:, blocks * GRAM_BLOCK :]
-            out.addmm_(chunk, chunk.T)
-    return out
+    same = all(f.dtype == dtype for f in flat)
+    step = max(n, 1) if same else UPCAST_CHUNK
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    with torch.no_grad(), _no_autocast(flat[0].device):
+        total: Tensor | None = None
+        for start in range(0, n, step):
+            pieces = [f[start : start + step] for f in flat]
+            if not same:
+                pieces = [p.to(dtype) for p in pieces]
+            values = torch.stack([_pair_dot(pieces[i], pieces[j]) for i, j in pairs])
+            total = values if total is None else total + values
+        if total is None:  # empty tensors
+            return torch.zeros((k, k), dtype=dtype, device=flat[0].device)
+        where = {pair: n for n, pair in enumerate(pairs)}  # (i, j) -> entry of total; Python ints only (no copy to the device)
+        return torch.stack([torch.stack([total[where[min(i, j), max(i, j)]] for j in range(k)]) for i in range(k)])
 
 
 # --------------------------------------------------------------------------- route "autogram"

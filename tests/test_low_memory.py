@@ -9,7 +9,7 @@ The reference takes each objective's gradient with ``torch.autograd.grad``, the 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 import time
 import warnings
@@ -264,7 +264,9 @@ def test_autogram_engine_must_cover_exactly_the_shared_parameters() -> None:
     with pytest.raises(ValueError, match="exactly the modules of the shared parameters"):
         low_memory_backward(losses(), params, len(list(model.encoder.parameters())), torch.tensor([0.5, 0.5]),
                             CAGradSettings(), route="autogram", engine=engine)  # fmt: skip
+    assert any(module._forward_hooks for module in model.modules())
     engine.close()
+    assert not any(module._forward_hooks for module in model.modules())
 
 
 def test_autogram_stale_forward_gives_our_message_and_reset_recovers() -> None:
@@ -331,56 +333,70 @@ def _peak_bytes(fn: Callable[[], object]) -> int:
 
 
 def measure(model_name: str, dtype: torch.dtype, m: int, repeats: int = 5) -> list[dict]:
-    """Peak step memory (in parameter bytes) and median step time of each route on one model.
+    """Peak step memory (in parameter bytes) and step time of each route on one model.
+
+    The models are parameter-dominated, as in full fine-tuning of a large model with a small
+    micro-batch: the 4-layer encoder (d_model 512, 12.6 M parameters) on 4 x 16 tokens, the 4-layer
+    GPT-2 (n_embd 512, vocab 8192, untied, 21 M parameters) on 2 x 32 tokens.
 
     A step is zero_grad, forward and the gradient work until ``.grad`` holds the direction (the
     base optimizer's step is not included). Memory counts what the step allocates beyond the
-    parameters and inputs; time is relative to the default path (``ConflictAverseOptimizer``:
+    parameters and inputs (the peak of the CPU allocator's live bytes, torch profiler); time is
+    the process CPU time (one intra-op thread), fastest of ``repeats`` interleaved rounds, relative
+    to the default path (``ConflictAverseOptimizer``:
     m ``autograd.grad`` passes into a stored (m, D) buffer).
     """
     from cagrad_clip import ConflictAverseOptimizer
 
     def build():
         if model_name == "encoder":
-            model, losses = encoder_case(m, dtype, batch=16, seq=64, d_model=256, ff=1024)
+            model, losses = encoder_case(m, dtype, batch=4, seq=16, d_model=512, ff=2048)
             return model, losses, list(model.encoder.parameters()), lambda: AutogramEngine(model.encoder)
-        model, losses = gpt2_case(m, tie=False, dtype=dtype, vocab=4096, n_embd=256, n_layer=4, batch=4, seq=64)
+        model, losses = gpt2_case(m, tie=False, dtype=dtype, vocab=8192, n_embd=512, n_layer=4, batch=2, seq=32)
         return model, losses, list(model.parameters()), lambda: AutogramEngine(model)
 
     settings = CAGradSettings()
-    rows = []
     variants = ["plain sum backward", "default (m passes, stored)"] + (["hooks"] if m <= 2 else []) + ["autogram"]
-    for variant in variants:
+    steps, info = {}, {}
+    for variant in variants:  # each on its own copy of the model (same seed, same data)
         model, losses, shared, make_engine = build()
         trainable = [p for p in model.parameters() if p.requires_grad]
         ids = {id(p) for p in shared}
         params = shared + [p for p in trainable if id(p) not in ids]
-        param_bytes = sum(p.numel() * p.element_size() for p in params)
         engine = make_engine() if variant == "autogram" else None
-        w = settings.weights_tensor(m)
 
-        def step() -> None:
+        opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), c=settings.c, shared=shared)
+
+        def step(variant=variant, model=model, losses=losses, shared=shared, params=params, engine=engine, opt=opt, fresh=False):
             model.zero_grad(set_to_none=True)
             values = losses()
             if variant == "plain sum backward":
                 torch.stack(values).sum().backward()
-            elif variant.startswith("default"):
-                opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), c=settings.c, shared=shared)
+            elif variant.startswith("default"):  # timed with a persistent optimizer; profiled with a fresh one (its buffers count)
+                if fresh:
+                    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), c=settings.c, shared=shared)
+                opt.zero_grad()
                 opt.backward(values)
             else:
+                w = settings.weights_tensor(m)
                 low_memory_backward(values, params, len(shared), w, settings, route=variant, engine=engine)  # type: ignore[arg-type]
 
         step()  # warm-up
         model.zero_grad(set_to_none=True)
-        peak = _peak_bytes(step)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        numel = sum(p.numel() for p in params)
+        steps[variant] = step
+        peak = _peak_bytes(lambda: step(fresh=True))
+        info[variant] = (sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params), peak)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):  # interleaved rounds: drifting load from other work hits every variant alike
+        for variant in variants:
+            start = time.process_time()  # CPU time of this process: robust to other work on the shared cores
+            steps[variant]()
+            times[variant].append(time.process_time() - start)
+    rows = []
+    for variant in variants:
+        param_bytes, numel, peak = info[variant]
         rows.append({"model": model_name, "dtype": str(dtype).removeprefix("torch."), "m": m, "variant": variant,
-                     "peak_P": peak / param_bytes, "time_s": statistics.median(times), "params_M": numel / 1e6})  # fmt: skip
+                     "peak_P": peak / param_bytes, "time_s": min(times[variant]), "params_M": numel / 1e6})  # fmt: skip
     base = next(r for r in rows if r["variant"].startswith("default"))
     plain = next(r for r in rows if r["variant"].startswith("plain"))
     for r in rows:
@@ -393,12 +409,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["encoder", "gpt2"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| model | dtype | m | variant | peak memory of a step (P) | over plain (P) | time (s) | time / default |")
+    torch.set_num_threads(1)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread, load average {load} at the start")
+    print("| model | dtype | m | variant | peak memory of a step (P) | over plain (P) | CPU time, min of rounds (s) | time / default |")
     print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for dtype_name in args.dtypes:
