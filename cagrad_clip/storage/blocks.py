@@ -71,13 +71,13 @@ def combine_into_row(rows: Tensor, coefficients: Tensor, target: int) -> Tensor:
     """
     acc = accumulation_dtype(rows.dtype)
     a = coefficients.to(acc)
-    finite = torch.ones((), dtype=torch.bool, device=rows.device)
+    extremes = []
     n = rows.shape[1]
     step = n if rows.dtype == acc and n <= CHUNK else CHUNK
     for start in range(0, n, step):  # a loop over shapes only: no sync
         block = rows[:, start : start + step]
-        combined = a @ (block if block.dtype == acc else block.to(acc))
         written = rows[target, start : start + step]
-        written.copy_(combined)
-        finite &= torch.isfinite(written).all()
-    return finite
+        written.copy_(a @ (block if block.dtype == acc else block.to(acc)))
+        extremes.append(torch.stack(torch.aminmax(written)))  # one fused pass; NaN propagates
+    low, high = torch.stack(extremes).unbind(-1)
+    return (low.amin() > -torch.inf) & (high.amax() < torch.inf)
