@@ -14,6 +14,7 @@ captured by ``torch.compile(fullgraph=True)`` or a CUDA graph and runs on the in
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ from .frank_wolfe import solve_frank_wolfe
 from .line_search import solve_edge
 from .objective import dual_gradient, quad_form
 
-__all__ = ["CAGradSolution", "solve_kernel"]
+__all__ = ["CAGradSolution", "share_ties", "solve_kernel"]
 
 
 class CAGradSolution(NamedTuple):
@@ -89,14 +90,47 @@ def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: f
     return solve_frank_wolfe(Hn, b, s, problem.diag_n, max_iter, kink_tol)
 
 
+def share_ties(problem: _Problem, p: Tensor, tie_tol: float) -> Tensor:
+    """The tie rule: objectives with identical gradients share their group's dual mass in proportion to ``w``.
+
+    ``F`` depends on ``p`` only through ``G p``, so the mass of ``p`` within a group ``K`` of equal
+    gradients (``||g_i - g_j||^2 <= tie_tol (H_ii + H_jj)``, closed transitively) is arbitrary; only
+    the group's total ``P_K`` is determined. Splitting it as ``p_i = w_i P_K / W_K`` (``W_K`` the
+    group's weight; evenly where ``W_K = 0``) is symmetric, so permuting the objectives permutes
+    ``p``, and gives the clipped direction of the problem with the group merged into one objective
+    of weight ``W_K``. Singleton groups keep ``p`` bit for bit.
+    """
+    m = p.shape[-1]
+    diag = problem.diag_n
+    pair = diag.unsqueeze(-1) + diag.unsqueeze(-2)
+    eye = torch.eye(m, dtype=torch.bool, device=p.device)
+    same = ((pair - 2.0 * problem.Hn <= tie_tol * pair) | eye).to(p.dtype)
+    for _ in range(max(0, math.ceil(math.log2(m)))):  # transitive closure by squaring (shapes only)
+        same = ((same @ same) > 0).to(p.dtype)
+    group_mass = (same @ p.unsqueeze(-1)).squeeze(-1)
+    group_weight = (same @ problem.w.unsqueeze(-1)).squeeze(-1)
+    count = same.sum(-1)
+    weighted = group_weight > 0
+    shared = torch.where(weighted, problem.w * group_mass / torch.where(weighted, group_weight, torch.ones_like(group_weight)),
+                         group_mass / count)
+    return torch.where(count > 1, shared, p)
+
+
 def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tensor:
-    """``a = w + (s / ||G p~||) p~``, or ``a = w`` where ``||G p~||`` is at rounding level."""
+    """``a = w + (s / ||G p~||) p~``, or ``a = w`` where ``||G p~||`` is zero at rounding level.
+
+    The zero test is relative to the combination's own scale: ``||G p~||^2 <= zero_tol
+    (sum_i p~_i ||g_i||)^2`` (the triangle-inequality bound on ``||G p~||``, which also bounds the
+    rounding error of ``p~^T H p~``), not to the largest gradient, so a correction along a short
+    gradient is kept.
+    """
     # The correction s G p~ / ||G p~|| is invariant to the mass of p~: normalise it first, so a tiny
     # p~ (a weight of 1e-158) does not square into a subnormal ||G p~||^2 and lose digits.
     mass = p_clipped.sum(-1, keepdim=True)
     direction = p_clipped / torch.where(mass > 0, mass, torch.ones_like(mass))
     n2 = quad_form(problem.Hn, direction).clamp_min(0.0)
-    usable = (mass.squeeze(-1) > 0) & (n2 > zero_tol)
+    own_scale = (direction * problem.diag_n.sqrt()).sum(-1).square()
+    usable = (mass.squeeze(-1) > 0) & (n2 > zero_tol * own_scale)
     ratio = problem.s / torch.where(usable, n2, torch.ones_like(n2)).sqrt()
     ratio = torch.where(usable, ratio, torch.zeros_like(ratio))
     return problem.w + ratio.unsqueeze(-1) * direction
@@ -113,11 +147,12 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     problem = _normalise(gram, weights, c)
     m = gram.shape[-1]
     eps = torch.finfo(gram.dtype).eps
-    zero_tol = 100.0 * m * eps  # ||G p~||^2 below this (relative) is noise: no correction
+    zero_tol = 100.0 * m * eps  # ||G p~||^2 below this, relative to its own scale, is noise: no correction
+    tie_tol = 16.0 * eps  # ||g_i - g_j||^2 below this relative to ||g_i||^2 + ||g_j||^2: identical gradients
     # F is smooth wherever G p != 0. Treating ||G p||^2 < 100 m eps as the kink G p = 0 cost
     # up to 1e-1 relative dual gap in float32 (benchmarks/solver_accuracy.py); only exact-ish zeros are kinks.
     kink_tol = eps * eps
-    p = _dual_solution(problem, max_iter=max_iter, solver=solver, kink_tol=kink_tol)
+    p = share_ties(problem, _dual_solution(problem, max_iter=max_iter, solver=solver, kink_tol=kink_tol), tie_tol)
 
     grad, _, quad = dual_gradient(problem.Hn, problem.b, problem.s.unsqueeze(-1), p, kink_tol)
     fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)

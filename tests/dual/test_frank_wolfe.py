@@ -1,0 +1,101 @@
+"""The Frank-Wolfe solver (``cagrad_clip.dual.frank_wolfe``) and the kinks ``G p = 0`` that can trap it.
+
+Each kink instance is checked against ``tests.reference`` or a closed form derived in the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cagrad_clip.dual import solve_cagrad
+from tests.dual.helpers import SOLVERS, check_against_reference
+from tests.reference import coefficients_from_dual, primal_value, solve_dual_reference
+
+
+@pytest.mark.parametrize("m", range(3, 9))
+@pytest.mark.parametrize("dim_kind", ["rank1", "deficient", "square", "tall"])
+def test_matches_reference(m: int, dim_kind: str) -> None:
+    check_against_reference("frank_wolfe", m, dim_kind)
+
+
+@pytest.mark.parametrize("dim_kind", ["deficient", "tall"])
+def test_matches_reference_beyond_the_exact_solver(dim_kind: str) -> None:
+    check_against_reference("frank_wolfe", 16, dim_kind, n=1)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zero_gradient_start_does_not_trap_the_solver(solver: str) -> None:
+    """Regression (found by hypothesis): every vertex has F(e_j) >= 0, the best one is a zero
+    gradient (F = 0, a kink), but a mix of g1 and g5 has F < 0. Starting at the zero gradient,
+    every single-vertex direction looked uphill and the solver returned a = w."""
+    G = np.array([[-1.0, 0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, -1.0]])
+    H = G.T @ G
+    w = np.array([0.0, 0.0, 1.0, 0.0, 0.0])
+    c = 0.5
+    # F on the edge p = (t, 0, 0, 0, 1 - t): u = (2 - 3t, 0, t - 1), g0 = g3 = (0, 0, 1), s = 0.5
+    t = np.linspace(0.0, 1.0, 200001)
+    F_edge = (t - 1.0) + 0.5 * np.sqrt((2 - 3 * t) ** 2 + (t - 1.0) ** 2)
+    ref = solve_dual_reference(H, w, c)
+    assert ref.value == pytest.approx(F_edge.min(), abs=1e-9) and ref.value < -0.17
+    sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, clip=False, solver=solver)
+    assert float(sol.dual_value) == pytest.approx(ref.value, abs=1e-12)
+    d = G @ sol.coefficients.numpy()
+    assert primal_value(G, d) == pytest.approx(ref.value, abs=1e-9)  # strong duality
+    np.testing.assert_allclose(sol.coefficients.numpy(), coefficients_from_dual(H, w, c, ref.p, clip=False), rtol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_kink_inside_an_edge_does_not_trap_the_solver(solver: str) -> None:
+    """Regression (found by hypothesis in CI): g3 = -2 g4, so G p = 0 at p = (0, 0, 1/3, 2/3, 0),
+    where F = 0 is a kink. Every vertex has F(e_j) >= 0 and Frank-Wolfe walked into that kink,
+    where every vertex and pairwise direction looks uphill; the optimum (F < 0) is inside the
+    edge between g2 and g3, which the closed form below gives independently."""
+    G = np.array([[-1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 4.0, -1.0, 0.5, 0.0]])
+    H = G.T @ G
+    w = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    c = 0.5
+    # on the edge p = (0, t, 1 - t, 0, 0): u = (t, 0, 5t - 1), g0 = g1 = (-1, 0, 0), s = 0.5
+    t = np.linspace(0.0, 1.0, 400001)
+    F_edge = -t + 0.5 * np.sqrt(t**2 + (5 * t - 1.0) ** 2)
+    ref = solve_dual_reference(H, w, c)
+    assert ref.value == pytest.approx(F_edge.min(), abs=1e-9) and ref.value < -0.1
+    sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, clip=False, solver=solver)
+    assert float(sol.dual_value) == pytest.approx(ref.value, abs=1e-12)
+    assert primal_value(G, G @ sol.coefficients.numpy()) == pytest.approx(ref.value, abs=1e-9)  # strong duality
+
+
+def test_frank_wolfe_m16_does_not_stop_on_the_kink() -> None:
+    """Regression for the kink threshold: m = 16 (Frank-Wolfe, started from the best vertex or edge),
+    g4 = -2 g3 (an exact opposite pair, kink G p = 0 at p = (.., 2/3, 1/3, ..)) and eleven zero
+    gradients. Every vertex and edge has F >= 0 off the kink; the optimum (F < 0) mixes g3, g6 and
+    g14. A rounding-level ``p^T H p > 0`` at the edge's kink point must still count as the kink:
+    with the kink threshold at 0, Frank-Wolfe started there and stopped with F = 0 (coefficients
+    off by 0.99)."""
+    G = np.zeros((3, 16))
+    G[0, 0] = 2.0
+    G[2, 2], G[2, 3] = 1.5, -3.0
+    G[1, 5], G[2, 5] = -1.0, -0.5
+    G[:, 13] = [-2.0, 3.0, -2.0]
+    H = G.T @ G
+    w = np.zeros(16)
+    w[0], w[5] = 1.0, 0.5
+    c = 0.8
+    ref = solve_dual_reference(H, w, c)
+    assert ref.value < -0.1 and set(np.nonzero(ref.p > 1e-9)[0]) == {2, 5, 13}
+    for clip in (True, False):
+        sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, clip=clip, solver="frank_wolfe")
+        assert float(sol.dual_value) == pytest.approx(ref.value, abs=1e-12)
+        np.testing.assert_allclose(sol.coefficients.numpy(), coefficients_from_dual(H, w, c, ref.p, clip), rtol=1e-9, atol=1e-12)
+
+
+def test_more_iterations_never_hurt() -> None:
+    """The iterate is the better of the small-face start and the iterations: F never exceeds the start's."""
+    rng = np.random.default_rng(31)
+    G = rng.normal(size=(5, 14)) * np.exp(rng.normal(size=14))
+    H = torch.tensor(G.T @ G)
+    values = [float(solve_cagrad(H, c=0.5, max_iter=k, solver="frank_wolfe").dual_value) for k in (0, 1, 3, 14, 40)]
+    ref = solve_dual_reference(G.T @ G, np.full(14, 1 / 14), 0.5).value
+    assert all(b <= a + 1e-15 * abs(a) for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(ref, abs=1e-11 * abs(ref))

@@ -1,0 +1,340 @@
+"""The solve proper (``cagrad_clip.dual.kernel``): batching, the clip and correction, the zero and tie
+rules, degenerate and non-finite Grams, precision and ``torch.compile``.
+
+Expected values come from ``tests.reference`` (SLSQP multi-start + KKT polish) or from closed forms
+derived here, never from ``cagrad_clip.dual``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cagrad_clip.dual import combination_coefficients, default_max_iter, solve_cagrad, solve_with_settings
+from cagrad_clip.settings import CAGradSettings
+from tests.dual.helpers import DIVISOR, RESCALES, SOLVERS, coeffs, normalised, random_gradients
+from tests.reference import coefficients_from_dual, reference_coefficients, solve_dual_reference
+
+
+# ----------------------------------------------------------------------------------------------
+# batching and the clip
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batched_weights_match_reference(solver: str) -> None:
+    rng = np.random.default_rng(7)
+    m = 4
+    G = random_gradients(rng, m, 6)
+    H = G.T @ G
+    W = rng.dirichlet(np.ones(m), size=5)
+    W[0] = [0.0, 0.0, 1.0, 0.0]  # a user weight vertex
+    a = coeffs(H, W, 0.5, solver=solver)
+    assert a.shape == (5, m)
+    for k in range(5):
+        np.testing.assert_allclose(a[k], reference_coefficients(H, W[k], 0.5), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batched_equals_looped(solver: str) -> None:
+    rng = np.random.default_rng(11)
+    m, B = 5, (3, 4)
+    Hs = np.empty(B + (m, m))
+    Ws = rng.dirichlet(np.ones(m), size=B)
+    for idx in np.ndindex(B):
+        G = random_gradients(rng, m, int(rng.integers(1, 2 * m)))
+        Hs[idx] = G.T @ G
+    for clip in (True, False):
+        batched = solve_cagrad(torch.tensor(Hs), torch.tensor(Ws), c=0.6, clip=clip, solver=solver)
+        assert batched.coefficients.shape == B + (m,) and batched.dual_value.shape == B
+        for idx in np.ndindex(B):
+            single = solve_cagrad(torch.tensor(Hs[idx]), torch.tensor(Ws[idx]), c=0.6, clip=clip, solver=solver)
+            torch.testing.assert_close(batched.coefficients[idx], single.coefficients, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(batched.dual[idx], single.dual, rtol=1e-12, atol=1e-13)
+    # one Gram with a batch of weights, and a batch of Grams with one weight vector, broadcast
+    batched_w = coeffs(Hs[0, 0], Ws[0], 0.3, solver=solver)
+    batched_h = coeffs(Hs[1], Ws[1, 2], 0.3, solver=solver)
+    for k in range(4):
+        np.testing.assert_allclose(batched_w[k], coeffs(Hs[0, 0], Ws[0, k], 0.3, solver=solver), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(batched_h[k], coeffs(Hs[1, k], Ws[1, 2], 0.3, solver=solver), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("h", [1.0, 3.7e-5, 2.5e8])
+@pytest.mark.parametrize("c", [0.0, 0.4, 0.99, 2.0])
+def test_single_objective(h: float, c: float) -> None:
+    """m = 1: d = (1 + c) g, and the rescales divide that."""
+    H = torch.tensor([[h]], dtype=torch.float64)
+    assert combination_coefficients(H, c=c).tolist() == [1.0 + c]
+    assert combination_coefficients(H, [3.0], c=c, clip=False).tolist() == [1.0 + c]
+    assert combination_coefficients(H, c=c, rescale="1+c").tolist() == [1.0]
+    assert combination_coefficients(H, c=c, rescale="1+c^2").tolist() == [(1.0 + c) / (1.0 + c * c)]
+    assert default_max_iter(1) == 0
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_clip_has_no_effect_at_a_vertex(solver: str) -> None:
+    """p* = e_j: p~ = w_j e_j has the direction of g_j, so a = w + c ||g0|| / ||g_j|| e_j with or without the clip."""
+    rng = np.random.default_rng(3)
+    vertices = 0
+    for _ in range(100):
+        m = int(rng.integers(2, 6))
+        G = random_gradients(rng, m, int(rng.integers(1, 2 * m)))
+        H = G.T @ G
+        w = rng.dirichlet(np.ones(m))
+        c = float(rng.uniform(0.1, 0.95))
+        ref = solve_dual_reference(H, w, c)
+        if ref.p.max() < 1 - 1e-12:
+            continue
+        vertices += 1
+        sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, solver=solver)
+        assert float(sol.dual.max()) == 1.0  # the solver lands exactly on the vertex
+        a_clip, a_free = coeffs(H, w, c, True, solver=solver), coeffs(H, w, c, False, solver=solver)
+        np.testing.assert_allclose(a_clip, a_free, rtol=1e-13, atol=0)
+        j = int(np.argmax(ref.p))
+        expected = normalised(w) + c * math.sqrt(w @ H @ w) / math.sqrt(H[j, j]) * np.eye(m)[j]
+        np.testing.assert_allclose(a_clip, expected, rtol=1e-12)
+    assert vertices >= 8
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("rescale", RESCALES)
+def test_rescale_divides_the_coefficients(solver: str, rescale) -> None:
+    rng = np.random.default_rng(17)
+    G = random_gradients(rng, 4, 5)
+    H = G.T @ G
+    np.testing.assert_allclose(coeffs(H, None, 0.7, rescale=rescale, solver=solver) * DIVISOR[rescale](0.7),
+                               reference_coefficients(H, np.full(4, 0.25), 0.7), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# the zero rule and the tie rule
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("ratio", [1e-6, 1e-7, 1e-8])
+def test_short_gradient_keeps_its_correction(solver: str, ratio: float) -> None:
+    """Regression: g3 is ``ratio`` times shorter than g1, g2 and points against g0, so p* = e3 and the
+    correction s g3 / ||g3|| is well defined. Deciding "||G p~|| is zero" relative to the largest
+    gradient (||G p~||^2 = ratio^2 max H_ii < 100 m eps) dropped it (a = w, direction off by 0.67);
+    the decision is relative to the combination's own length now."""
+    u = np.array([-0.8, -0.6, 0.0])
+    G = np.stack([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], ratio * u], axis=1)
+    H = G.T @ G
+    w = np.array([0.5, 0.4, 0.1])
+    c = 0.4
+    ref = solve_dual_reference(H, w, c)
+    assert ref.p[2] == 1.0
+    g0 = G @ w
+    d_closed = g0 + c * np.linalg.norm(g0) * u  # d = g0 + c ||g0|| g3 / ||g3||
+    for clip in (True, False):
+        a = coeffs(H, w, c, clip, solver=solver)
+        np.testing.assert_allclose(a, coefficients_from_dual(H, w, c, ref.p, clip), rtol=1e-9)
+        np.testing.assert_allclose(G @ a, d_closed, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_exact_cancellation_still_drops_the_correction(solver: str) -> None:
+    """g2 = -g1, p* = (1/2, 1/2, 0): G p* = 0 exactly, so without the clip a = w (the correction is undefined)."""
+    G = np.array([[1.0, -1.0, 0.6], [0.0, 0.0, 0.8]])
+    H = G.T @ G
+    w = np.array([0.2, 0.2, 0.6])
+    ref = solve_dual_reference(H, w, 1.5)
+    assert abs(ref.value) <= 1e-12
+    sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=1.5, clip=False, solver=solver)
+    assert abs(float(sol.dual_value)) <= 1e-15
+    np.testing.assert_array_equal(sol.coefficients.numpy(), w)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_identical_gradients_share_mass_by_weight(solver: str) -> None:
+    """The tie rule: g1 = g3, so only p1 + p3 is determined; it is split in proportion to w1 : w3,
+    and the direction equals the reference direction of the problem with g1 and g3 merged into one
+    objective of weight w1 + w3."""
+    rng = np.random.default_rng(5)
+    g, h = rng.normal(size=4), rng.normal(size=4)
+    G = np.stack([g, h, g], axis=1)
+    H = G.T @ G
+    w = np.array([0.5, 0.3, 0.2])
+    G_merged, w_merged = np.stack([g, h], axis=1), np.array([0.7, 0.3])
+    for c in (0.3, 0.6, 0.9):
+        for clip in (True, False):
+            sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, clip=clip, solver=solver)
+            p = sol.dual.numpy()
+            assert p[0] == pytest.approx(2.5 * p[2], rel=1e-12)
+            d_merged = G_merged @ reference_coefficients(G_merged.T @ G_merged, w_merged, c, clip)
+            np.testing.assert_allclose(G @ sol.coefficients.numpy(), d_merged, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_swapping_identical_objectives_permutes_the_coefficients(solver: str) -> None:
+    """Regression: with g1 = g2 the optimal p is not unique, and the clipped direction depended on the
+    objectives' order (swapping them moved it by 0.9-2.0). Now a swap permutes a exactly as the
+    tie rule says, whatever the order."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k = int(rng.integers(2, 5))
+        base = rng.normal(size=(k + 1, k)) * np.exp(rng.normal(size=k))
+        G = base[:, [0] + list(range(k))]  # objectives 0 and 1 share a gradient
+        m = k + 1
+        H = G.T @ G
+        w = rng.dirichlet(np.ones(m))
+        c = float(rng.uniform(0.1, 0.95))
+        perm = np.array([1, 0] + list(range(2, m)))
+        a = coeffs(H, w, c, solver=solver)
+        a_swapped = coeffs(H[np.ix_(perm, perm)], w[perm], c, solver=solver)
+        np.testing.assert_allclose(a_swapped, a[perm], rtol=1e-9, atol=1e-12)
+        merged = np.concatenate([[w[0] + w[1]], w[2:]])
+        d_ref = base @ reference_coefficients(base.T @ base, merged, c)
+        np.testing.assert_allclose(G @ a, d_ref, rtol=1e-7, atol=1e-9 * np.abs(d_ref).max())
+
+
+# ----------------------------------------------------------------------------------------------
+# degenerate Grams
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("rescale", RESCALES)
+@pytest.mark.parametrize("clip", [True, False])
+def test_all_zero_gram(solver: str, clip: bool, rescale) -> None:
+    w = np.array([1.0, 2.0, 5.0])
+    a = coeffs(np.zeros((3, 3)), w, 0.4, clip, rescale, solver=solver)
+    assert np.array_equal(a, w / 8.0 / DIVISOR[rescale](0.4))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_duplicated_gradients(solver: str) -> None:
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=4)
+    G = np.stack([g, g], axis=1)
+    for c in (0.2, 0.7):
+        for clip in (True, False):
+            a = coeffs(G.T @ G, [0.3, 0.7], c, clip, solver=solver)
+            assert a.sum() == pytest.approx(1.0 + c, rel=1e-13)  # d = (1 + c) g
+    h = rng.normal(size=4)
+    G = np.stack([g, h, g], axis=1)
+    H = G.T @ G
+    w = np.array([0.5, 0.3, 0.2])
+    d_ref = G @ reference_coefficients(H, w, 0.6, clip=False)  # unique without the clip
+    np.testing.assert_allclose(G @ coeffs(H, w, 0.6, clip=False, solver=solver), d_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_rank_one_gram(solver: str) -> None:
+    """All gradients parallel: g_i = alpha_i v. With mixed signs p* is the vertex most against g0."""
+    v = np.array([1.0, -2.0, 0.5])
+    alpha = np.array([2.0, -1.0, 0.5, -3.0])
+    G = np.outer(v, alpha)
+    H = G.T @ G
+    w = np.array([0.4, 0.2, 0.3, 0.1])
+    c = 0.4
+    g0_coef = alpha @ w  # g0 = 0.6 v; F(e_j) = alpha_j 0.6 |v|^2 + s |alpha_j| |v| is smallest for alpha_j = -3
+    for clip in (True, False):
+        np.testing.assert_allclose(G @ coeffs(H, w, c, clip, solver=solver), (1 - c) * g0_coef * v, rtol=1e-12)
+    assert solve_cagrad(torch.tensor(H), torch.tensor(w), c=c, solver=solver).dual.tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_one_zero_gradient(solver: str) -> None:
+    # (a) F* = 0 at G p = 0 (p* = e3): the correction is undefined, a = w.
+    G = np.array([[1.0, -1.0, 0.0], [0.0, 0.1, 0.0]])
+    for clip in (True, False):
+        assert np.array_equal(coeffs(G.T @ G, None, 0.4, clip, solver=solver), np.full(3, 1 / 3))
+    # (b) the optimum avoids the zero gradient
+    G = np.array([[1.0, -1.0, 0.0], [0.0, -1.0, 0.0]])
+    H = G.T @ G
+    w = np.array([0.7, 0.1, 0.2])
+    ref = solve_dual_reference(H, w, 0.4)
+    assert ref.value < 0 and ref.p[2] < 1e-9
+    for clip in (True, False):
+        np.testing.assert_allclose(coeffs(H, w, 0.4, clip, solver=solver), coefficients_from_dual(H, w, 0.4, ref.p, clip),
+                                   rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zero_gradient_wins_when_every_other_mix_is_uphill(solver: str) -> None:
+    """min F = min(F over the non-zero gradients, 0): here F > 0 elsewhere, p* = e_zero, a = w."""
+    G = np.array([[1.0, 0.0, 0.5], [0.2, 0.0, 1.0]])
+    H = G.T @ G
+    w = np.array([0.25, 0.25, 0.5])
+    sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=0.4, solver=solver)
+    assert sol.dual.tolist() == [0.0, 1.0, 0.0]
+    assert sol.coefficients.tolist() == w.tolist()
+    assert solve_dual_reference(H, w, 0.4).value == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_weight_vertex_and_zero_weights(solver: str) -> None:
+    """w = e_1 (zero weight elsewhere): the clip zeroes p~ off objective 1."""
+    rng = np.random.default_rng(9)
+    G = random_gradients(rng, 3, 5)
+    H = G.T @ G
+    w = np.array([1.0, 0.0, 0.0])
+    sol = solve_cagrad(torch.tensor(H), torch.tensor(w), c=0.5, solver=solver)
+    assert sol.clipped_dual[1] == 0.0 and sol.clipped_dual[2] == 0.0
+    np.testing.assert_allclose(sol.coefficients.numpy(), reference_coefficients(H, w, 0.5), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_tiny_weight_does_not_underflow_the_correction(m: int) -> None:
+    """Regression (found by the hypothesis soak): duplicated gradients, w = (1.5e-158, 1), so p~ has an
+    entry 1.5e-158 and ||G p~||^2 would be subnormal. Here d = (1 + c) g exactly: sum a = 1 + c."""
+    H = np.ones((m, m))
+    w = np.array([1.48620138e-158, 1.0] + [0.0] * (m - 2))
+    assert coeffs(H, w, 0.5).sum() == pytest.approx(1.5, rel=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision, non-finite input, torch.compile
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_float32_accuracy(solver: str) -> None:
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for _ in range(30):
+        m = int(rng.integers(2, 9))
+        G = random_gradients(rng, m, 2 * m)
+        H = G.T @ G
+        w = rng.dirichlet(np.ones(m))
+        ref = solve_dual_reference(H, w, 0.4)
+        for clip in (True, False):
+            a_ref = coefficients_from_dual(H, w, 0.4, ref.p, clip)
+            H32, w32 = torch.tensor(H, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
+            a32 = combination_coefficients(H32, w32, c=0.4, clip=clip, solver=solver)
+            assert a32.dtype == torch.float32
+            worst = max(worst, np.abs(a32.double().numpy() - a_ref).max() / np.abs(a_ref).max())
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [(0, 1), (2, 2)])
+def test_non_finite_gram_poisons_only_its_problem(solver: str, bad: float, where) -> None:
+    rng = np.random.default_rng(6)
+    Hs = np.stack([(lambda G: G.T @ G)(random_gradients(rng, 3, 4)) for _ in range(3)])
+    clean = [coeffs(Hs[k], None, solver=solver) for k in range(3)]
+    Hs[1][where] = bad
+    Hs[1][where[::-1]] = bad
+    sol = solve_cagrad(torch.tensor(Hs), solver=solver)
+    a = sol.coefficients.numpy()
+    assert not np.isfinite(a[1]).any() and not math.isfinite(float(sol.dual_value[1]))
+    for k in (0, 2):
+        np.testing.assert_allclose(a[k], clean[k], rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_compiled_fullgraph_agrees_with_eager(solver: str) -> None:
+    """``solve_with_settings`` (the optimizer's hot path) compiles with fullgraph=True: no graph break,
+    no host sync. The suite's only compiles of the solver: the exact solver (the default for one
+    problem) through inductor; Frank-Wolfe, whose unrolled iterations take inductor minutes on a
+    small CPU, through ``aot_eager`` (the same graph capture, without code generation)."""
+    torch._dynamo.reset()
+    settings = CAGradSettings(c=0.4, solver=solver)
+    backend = "inductor" if solver == "exact" else "aot_eager"
+    compiled = torch.compile(lambda H, w: solve_with_settings(H, w, settings).coefficients, fullgraph=True, backend=backend)
+    rng = np.random.default_rng(8)
+    m, B = 3, 8
+    Hs = np.stack([(lambda G: G.T @ G)(random_gradients(rng, m, int(rng.integers(1, 5)))) for _ in range(B)])
+    W = rng.dirichlet(np.ones(m), size=B)
+    got = compiled(torch.tensor(Hs), torch.tensor(W))
+    torch.testing.assert_close(got, solve_with_settings(torch.tensor(Hs), torch.tensor(W), settings).coefficients, rtol=1e-10, atol=1e-12)
+    for k in range(B):
+        np.testing.assert_allclose(got[k].numpy(), reference_coefficients(Hs[k], W[k], 0.4), rtol=1e-6, atol=1e-8)
