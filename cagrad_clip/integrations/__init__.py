@@ -43,7 +43,7 @@ def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = Non
     while current is not None and id(current) not in seen:
         if lightning and isinstance(current, lightning):
             seen.add(id(current))
-            current = current._optimizer
+            current = current._optimizer  # type: ignore[attr-defined]
             continue
         if isinstance(current, types):
             return current

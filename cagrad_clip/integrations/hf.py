@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ class MultiObjectiveTrainerMixin:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Wrap a base optimizer in :class:`~cagrad_clip.ConflictAverseOptimizer` with this trainer's settings."""
         # With fp16 the GradScaler checks for Inf/NaN itself: no second (host-syncing) check.
-        nonfinite = "ignore" if getattr(self.args, "fp16", False) else "skip"
+        nonfinite: Literal["skip", "ignore"] = "ignore" if getattr(self.args, "fp16", False) else "skip"
         return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, nonfinite=nonfinite, **self.conflict_averse_kwargs)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -205,12 +205,13 @@ class MultiObjectiveTrainerMixin:
         prefix = "eval_" if mode == "eval" else ""
         store = self._objective_store[mode]
         for key, values in store.items():
-            mean = torch.stack([v.float() for v in values]).mean(0).tolist()
+            mean = torch.stack([v.float() for v in values]).mean(0)
             if "{}" in key:
-                for name, v in zip(self.objective_names_for(len(mean)), mean):
+                per_objective = mean.tolist()
+                for name, v in zip(self.objective_names_for(len(per_objective)), per_objective):
                     logs[prefix + key.format(name)] = v
             else:
-                logs[prefix + key] = mean
+                logs[prefix + key] = float(mean)
         store.clear()
         opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None
         last = getattr(opt, "last", None)

@@ -111,6 +111,8 @@ class MultiObjectiveModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``m`` backward passes; one optimizer step (clip, precision plugin, scheduler) per window."""
         lopt = self.optimizers()
+        if isinstance(lopt, list):
+            raise TypeError(f"{type(self).__name__} trains with one optimizer; configure_optimizers returned {len(lopt)}")
         opt = self.conflict_averse_optimizer()
         losses = list(self.objective_losses(batch, batch_idx))
         k = self.accumulate_grad_batches
@@ -127,7 +129,8 @@ class MultiObjectiveModule(pl.LightningModule):
             lopt.zero_grad()
             schedulers = self.lr_schedulers()
             for sched in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
-                sched.step()
+                if not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):  # needs a metric: step it yourself
+                    sched.step()
             diag = opt.last
             if diag is not None:
                 logs = {f"coef/{n}": diag.coefficients[i] for i, n in enumerate(names)}

@@ -18,6 +18,7 @@ optimizer and scheduler from the config, checkpoints, logging.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ class MultiObjectiveDPOConfig(DPOConfig):
         if unsupported:
             raise ValueError("MultiObjectiveDPOTrainer does not support " + "; ".join(unsupported) + ". Leave these at TRL's defaults.")
         if self.gradient_checkpointing:
-            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            raw = self.gradient_checkpointing_kwargs or {}
+            kwargs: dict[str, Any] = dict(json.loads(raw) if isinstance(raw, str) else raw)
             if kwargs.get("use_reentrant", False):
                 raise ValueError(
                     "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the per-objective gradients are "
@@ -186,8 +188,9 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.args.signs_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.args.signs_column]
+        columns: list[str] = list(self._signature_columns or [])
+        if self.args.signs_column not in columns:
+            self._signature_columns = [*columns, self.args.signs_column]  # type: ignore[assignment]
 
     def objective_batch_size(self, inputs: dict[str, Any]) -> int:
         return int(inputs["input_ids"].shape[0]) // 2  # [chosen; rejected]
