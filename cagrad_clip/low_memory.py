@@ -50,6 +50,10 @@ GRAM_BLOCK = 1 << 14
 #: Elements upcast at a time: bounds the transient float32 copy of a half-precision gradient piece.
 UPCAST_CHUNK = 1 << 22
 
+_REACHES_NONE = (
+    "reaches none of the parameters: check that it is computed from the model being trained. Reentrant activation "
+    "checkpointing (use_reentrant=True) hides the parameters from backward(inputs=...): use use_reentrant=False"
+)
 _INSTALL_HINT = "route='autogram' needs TorchJD's autogram engine: pip install torchjd  (version 0.18 or later)"
 
 
@@ -285,7 +289,7 @@ def _hooks_gram(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count
     shared = list(params[:shared_count])
     torch.autograd.backward(losses[0], inputs=list(params), retain_graph=m > 1)
     if all(p.grad is None for p in params):
-        raise ValueError("loss 0 does not depend on any of the parameters; check that it is computed from the model being trained")
+        raise ValueError(f"loss 0 {_REACHES_NONE}")
     gram = torch.zeros((m, m), dtype=dtype, device=shared[0].device)
     fired: set[int] = set()
     if m == 2:
@@ -311,7 +315,7 @@ def _hooks_gram(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count
             for handle in handles:
                 handle.remove()
         if all(g is None for g in reached) and not _graph_reaches(losses[1], params[shared_count:]):
-            raise ValueError("loss 1 does not depend on any of the parameters; check that it is computed from the model being trained")
+            raise ValueError(f"loss 1 {_REACHES_NONE}")
         del reached
     rest = [p.grad for i, p in enumerate(shared) if i not in fired and p.grad is not None]
     for g1 in rest:  # parameters loss 1 did not reach (or m = 1): <g1, g1> only
@@ -459,4 +463,6 @@ def low_memory_backward(
             torch.autograd.backward(losses[1], grad_tensors=a[1].to(losses[1].dtype), inputs=params)
     else:
         torch.autograd.backward(stacked, grad_tensors=a.to(stacked.dtype), inputs=params)
+        if all(p.grad is None for p in params):
+            raise ValueError(f"the losses {_REACHES_NONE}")
     return LowMemoryResult(gram=gram, solution=solution, route=route)

@@ -139,6 +139,31 @@ def test_hooks_route_gpt2_with_tied_embeddings_and_rescale() -> None:
     assert error < 1e-5
 
 
+def test_hooks_route_with_activation_checkpointing() -> None:
+    """Non-reentrant checkpointing recomputes the trunk in each of the three backward passes."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, _ = encoder_case(2)
+    x, y = torch.randn(8, 6, 32), torch.randn(8, 2)
+
+    def losses() -> list[Tensor]:
+        feats = checkpoint(model.encoder, x, use_reentrant=False).mean(1)
+        return [((head(feats).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(model.heads)]
+
+    settings = CAGradSettings(weights=(0.8, 0.2))
+    result, ref_gram, _, error = run_and_compare(model, losses, list(model.encoder.parameters()), settings, "hooks")
+    assert rel(result.gram, ref_gram) < 1e-5 and error < 1e-5
+
+
+def test_reentrant_checkpointing_is_named_in_the_error() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    lin = nn.Linear(4, 4)
+    out = checkpoint(lin, torch.randn(3, 4, requires_grad=True), use_reentrant=True)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        low_memory_backward([out.sum(), out.pow(2).sum()], list(lin.parameters()), 2, torch.tensor([0.5, 0.5]), CAGradSettings())
+
+
 def test_hooks_route_one_objective() -> None:
     model, losses = encoder_case(1)
     settings = CAGradSettings(c=0.4)
