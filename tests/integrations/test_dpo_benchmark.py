@@ -69,3 +69,17 @@ def test_metrics_by_hand():
     assert met[(2, "b")]["regret"] == [pytest.approx((0.18 + 0.12) / 2)]
     assert met[(2, "a")]["steering"] == [pytest.approx(0.5)]  # (.9 - .4 + .8 - .3) / 2
     assert met[(2, "b")]["steering"] == [pytest.approx(0.0)]
+
+
+def test_to_docs_copies_report_and_figures(tmp_path):
+    from benchmarks.dpo import to_docs
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "report.md").write_text("# Multi-objective DPO benchmark\n\nCommand: x\n\n## Headline\n\n| a |\n\n## m = 2\n\n![f](dpo_m2.png)\n")
+    (res / "dpo_m2.png").write_bytes(b"png")
+    (tmp_path / "intro.md").write_text("# DPO\n\nintro\n")
+    path = to_docs.main([str(tmp_path / "intro.md"), str(res)], docs=tmp_path / "docs")
+    text = path.read_text()
+    assert text.startswith("# DPO\n\nintro\n\n## Generated report\n") and "### Headline" in text and "### m = 2" in text
+    assert "](figures/dpo_m2.png)" in text and (tmp_path / "docs" / "figures" / "dpo_m2.png").exists()
