@@ -76,7 +76,8 @@ def test_to_docs_copies_report_and_figures(tmp_path):
 
     res = tmp_path / "res"
     res.mkdir()
-    (res / "report.md").write_text("# Multi-objective DPO benchmark\n\nCommand: x\n\n## Headline\n\n| a |\n\n## m = 2\n\n![f](dpo_m2.png)\n")
+    report = "# Multi-objective DPO benchmark\n\nCommand: x\n\n## Headline\n\n| a |\n\n## m = 2\n\n![f](dpo_m2.png)\n"
+    (res / "report.md").write_text(report)
     (res / "dpo_m2.png").write_bytes(b"png")
     (tmp_path / "intro.md").write_text("# DPO\n\nintro\n")
     path = to_docs.main([str(tmp_path / "intro.md"), str(res)], docs=tmp_path / "docs")
