@@ -400,7 +400,8 @@ def low_memory_backward(
             must be ``None`` on entry (``ValueError`` otherwise; so gradient accumulation over
             several calls is refused).
         shared_count: the Gram is taken over ``params[:shared_count]``; the combination covers all.
-        weights: the normalised user weights ``w``, shape ``(m,)`` (any device and dtype).
+        weights: the normalised user weights ``w``, shape ``(m,)``, any dtype; on the parameters' device
+            (from the CPU, the copy to the device would wait for it).
         settings: ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter`` of the solve.
         route: ``"hooks"`` (``m <= 2``), ``"autogram"`` (needs ``engine``) or ``"auto"``:
             hooks for ``m <= 2``, autogram above. See :data:`ROUTES`.
