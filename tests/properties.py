@@ -47,7 +47,7 @@ def assert_c_zero_gives_weights(solve: Solve, H: np.ndarray, k: np.ndarray, clip
 
 
 def assert_descent_and_trust_region(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, clip: bool) -> None:
-    """``||d - g0|| <= c ||g0||`` and ``<g0, d> >= (1 - c) ||g0||^2`` for ``d = G a`` (RACO Sec. 3)."""
+    """``||d - g0|| <= c ||g0||`` and ``<g0, d> >= (1 - c) ||g0||^2`` for ``d = G a`` (the trust region of RACO Algorithm 1)."""
     a = solve(G.T @ G, w, c, clip).a
     assert np.all(np.isfinite(a))
     g0 = G @ (w / w.sum())

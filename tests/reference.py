@@ -1,6 +1,7 @@
 """Independent numpy/scipy reference for the (clipped) CAGrad dual of RACO's Algorithm 1.
 
-Written from /work/shared/ALGORITHM.md only; it shares no code with ``cagrad_clip.dual``.
+Written from the papers' formulas (RACO arXiv 2602.02495, CAGrad arXiv 2110.14048; restated in
+``docs/algorithm.md``) only; it shares no code with ``cagrad_clip.dual``.
 
 * :func:`dual_value` / :func:`dual_gradient`: ``F(p) = b^T p + s sqrt(p^T H p)`` with ``b = H w``,
   ``s = c sqrt(w^T H w)`` and its gradient.
@@ -70,6 +71,8 @@ def fw_gap(H: np.ndarray, b: np.ndarray, s: float, p: np.ndarray) -> float:
 
 @dataclass
 class ReferenceSolution:
+    """``p`` (best point found on the simplex), ``value = F(p)`` and its Frank-Wolfe gap."""
+
     p: np.ndarray
     value: float
     fw_gap: float

@@ -1,6 +1,6 @@
 """Problem 1: the CAGrad toy (two objectives on R^2) and its 0.1-scaled variant.
 
-Losses as in ALGORITHM.md section 7 (CAGrad paper, arXiv 2110.14048). Below the ridge
+Losses as in the CAGrad paper's toy example (Liu et al., arXiv 2110.14048; LOWER = 5e-6). Below the ridge
 (theta2 < 0) both losses are ``tanh(-theta2/2) q_i``, so the minimiser of ``L_w`` has
 ``theta1* = 7 (w1 - w2)`` exactly and ``theta2*`` solves a 1-D problem (computed numerically).
 """

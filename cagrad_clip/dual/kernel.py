@@ -4,7 +4,7 @@ One step of RACO's Algorithm 1 (CAGrad-Clip, arXiv 2602.02495) on Gram matrices
 ``H[..., i, j] = <g_i, g_j>`` with normalised user weights ``w``:
 
 * anchor ``g0 = sum_i w_i g_i``, ``b = H w`` and radius ``s = c ||g0||``;
-* dual (RACO Eq. (6), the CAGrad dual) ``p = argmin_{p in simplex} F(p) = b^T p + s sqrt(p^T H p)``;
+* dual (the CAGrad dual of RACO Algorithm 1) ``p = argmin_{p in simplex} F(p) = b^T p + s sqrt(p^T H p)``;
 * clip ``p~ = min(p, w)`` (``clip=True``) or ``p~ = p`` (``clip=False``, CAGrad);
 * coefficients ``a = w + (s / ||G p~||) p~`` (``a = w`` if ``G p~`` is zero), direction ``sum_i a_i g_i``.
 

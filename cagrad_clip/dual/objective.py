@@ -1,4 +1,4 @@
-"""The CAGrad dual objective ``F(p) = b^T p + s sqrt(p^T H p)`` and its gradient (RACO Eq. (6)).
+"""The CAGrad dual objective ``F(p) = b^T p + s sqrt(p^T H p)`` and its gradient (RACO Algorithm 1; the CAGrad dual, arXiv 2110.14048).
 
 Shared by every solver. All functions are batched over the leading dimensions and sync-free.
 """

@@ -122,9 +122,9 @@ def test_default_max_iter() -> None:
 
 def test_auto_solver_picks_by_shape() -> None:
     assert [auto_solver(m) for m in (3, 8, 12, 13)] == ["exact", "exact", "exact", "frank_wolfe"]
-    assert [auto_solver(4, 1024), auto_solver(8, 64), auto_solver(6, 1024)] == ["exact", "frank_wolfe", "frank_wolfe"]
+    assert [auto_solver(4, 1024), auto_solver(8, 64), auto_solver(6, 1024), auto_solver(7, 64)] == ["exact"] + ["frank_wolfe"] * 3
     rng = np.random.default_rng(21)
-    for m, batch in ((3, ()), (8, ()), (13, ()), (6, (1024,))):
+    for m, batch in ((3, ()), (8, ()), (13, ()), (7, (64,))):
         G = random_gradients(rng, m, m + 2)
         H = torch.tensor(G.T @ G).expand(*batch, m, m)
         auto = solve_cagrad(H, c=0.5)

@@ -13,10 +13,10 @@ from tests.dual.helpers import check_against_reference, random_gradients
 from tests.reference import dual_value, problem_data
 
 
-@pytest.mark.parametrize("m", range(3, 9))
+@pytest.mark.parametrize("m", [3, 4, 5, 6, 8])
 @pytest.mark.parametrize("dim_kind", ["rank1", "deficient", "square", "tall"])
 def test_matches_reference(m: int, dim_kind: str) -> None:
-    check_against_reference("exact", m, dim_kind)
+    check_against_reference("exact", m, dim_kind, n=2)
 
 
 @pytest.mark.parametrize(("m", "max_support"), [(3, 3), (5, 2), (6, 6), (13, 1)])

@@ -77,7 +77,7 @@ def test_clip_has_no_effect_at_a_vertex(solver: str) -> None:
     """p* = e_j: p~ = w_j e_j has the direction of g_j, so a = w + c ||g0|| / ||g_j|| e_j with or without the clip."""
     rng = np.random.default_rng(3)
     vertices = 0
-    for _ in range(100):
+    for _ in range(50):
         m = int(rng.integers(2, 6))
         G = random_gradients(rng, m, int(rng.integers(1, 2 * m)))
         H = G.T @ G
@@ -94,7 +94,7 @@ def test_clip_has_no_effect_at_a_vertex(solver: str) -> None:
         j = int(np.argmax(ref.p))
         expected = normalised(w) + c * math.sqrt(w @ H @ w) / math.sqrt(H[j, j]) * np.eye(m)[j]
         np.testing.assert_allclose(a_clip, expected, rtol=1e-12)
-    assert vertices >= 8
+    assert vertices >= 4
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
