@@ -12,11 +12,10 @@ Modules: :mod:`.api` (checks and the public functions), :mod:`.kernel` (the solv
 ``docs/algorithm.md`` explains the mathematics.
 """
 
-from ..settings import RESCALE_OPTIONS, SOLVER_OPTIONS, check_c, normalize_weights, rescale_divisor
+from ..settings import RESCALE_OPTIONS, SOLVER_OPTIONS
 from .api import (
     AUTO_EXACT_MAX_M,
     EXACT_MAX_M,
-    _solve,
     auto_solver,
     combination_coefficients,
     default_max_iter,
@@ -26,10 +25,6 @@ from .api import (
 )
 from .kernel import CAGradSolution
 from .line_search import exact_line_search
-
-# Temporary compatibility for callers not yet switched to the public names (the optimizer, the speed
-# benchmark): ``_solve``, ``_exact_line_search``, ``check_c``, ``normalize_weights``, ``rescale_divisor``.
-_exact_line_search = exact_line_search
 
 __all__ = [
     "AUTO_EXACT_MAX_M",
@@ -45,4 +40,3 @@ __all__ = [
     "solve_cagrad",
     "solve_with_settings",
 ]
-_COMPATIBILITY = (_solve, _exact_line_search, check_c, normalize_weights, rescale_divisor)

@@ -206,14 +206,3 @@ def combination_coefficients(
     """
     return solve_cagrad(gram, weights, c, clip, rescale, max_iter, solver=solver, validate=validate).coefficients
 
-
-def _solve(H: Tensor, w: Tensor, c: float, clip: bool, divisor: float, max_iter: int,
-           solver: str = "auto") -> CAGradSolution:
-    """Deprecated positional form of the kernel, kept until the optimizer uses :func:`solve_with_settings`.
-
-    ``H`` and ``w`` are checked and of one float dtype, ``w`` normalised, ``solver`` checked.
-    """
-    m = H.shape[-1]
-    if solver == "auto":
-        solver = auto_solver(m, math.prod(torch.broadcast_shapes(H.shape[:-2], w.shape[:-1])))
-    return solve_kernel(gram=H, weights=w, c=c, clip=clip, divisor=divisor, max_iter=max_iter, solver=solver)
