@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from cagrad_clip.dual import combination_coefficients, solve_cagrad
 from tests.properties import Solve, Solved
+from tests.reference import coefficients_from_dual, dual_value, problem_data, solve_dual_reference
 
 RESCALES = [None, "1+c", "1+c^2"]
 SOLVERS = ["exact", "frank_wolfe"]
@@ -97,10 +99,6 @@ def instances_with_duplicates(draw):
 def check_against_reference(solver: str, m: int, dim_kind: str, n: int = 3) -> None:
     """``n`` random problems: ``p``, ``F``, ``||g0||``, the FW gap and every clip/rescale combination's
     direction against ``tests.reference`` (SLSQP multi-start + KKT polish)."""
-    import math
-
-    from tests.reference import coefficients_from_dual, dual_value, problem_data, solve_dual_reference
-
     dim = {"rank1": 1, "deficient": max(1, m // 2), "square": m, "tall": 2 * m}[dim_kind]
     rng = np.random.default_rng(1000 * m + len(dim_kind))
     for _ in range(n):
