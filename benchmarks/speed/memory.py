@@ -303,7 +303,7 @@ def memory_section(kinds: list[str], dtypes: list[torch.dtype], ms: list[int], l
                         extra[name] = peak.peak - base.peak
                         cells[name] = extra[name] / nbytes
                     except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
-                        message = str(error).splitlines()[0][:80] if str(error) else ""
+                        message = str(error).splitlines()[0][:160] if str(error) else ""
                         cells[name] = f"failed: {type(error).__name__}: {message}"
                 rows.append({"model": kind, "dtype": str(dtype).removeprefix("torch."), "m": m, "params": numel,
                              "param_bytes": nbytes, "plain_peak": base.peak, "cells": cells, "extra_bytes": extra})

@@ -44,8 +44,9 @@ def render_step(rows: list[dict]) -> list[str]:
         out.append(f"| {r['model']} | {r['m']} | {r['variant']} | {r['ms']:.2f} | {r['ratio']:.3f} |")
     out += ["", "Ours against the floor and the issue's targets (`combine()` alone: Gram + solve + write-back, timed "
             "separately on freshly accumulated gradients; graph freed: the autograd graph is gone after the step):\n",
-            "| model | m | floor ms | ours ms | ours / floor | target | met | combine() alone | graph freed |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---|"]
+            "| model | m | floor ms | ours ms | ours / floor | target | met | combine() alone | graph freed "
+            "| combine(): top ops (self CPU) |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         if r["variant"] != "(c) ours":
             continue
@@ -54,7 +55,8 @@ def render_step(rows: list[dict]) -> list[str]:
         met = "" if target is None else ("yes" if r["ratio"] <= target else "**no**")
         out.append(f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
                    f"{'' if target is None else f'<= {target:.2f}'} | {met} | {r['combine_ms']:.2f} ms "
-                   f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} |")
+                   f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} | "
+                   + ", ".join(f"{name} {100 * share:.0f}%" for name, share in r.get("combine_top_ops", [])) + " |")
     return out + [""]
 
 

@@ -127,8 +127,23 @@ def combine_only_ms(opt: ConflictAverseOptimizer, case: StepCase, repeats: int, 
     return median_ms(samples)
 
 
+def combine_profile(opt: ConflictAverseOptimizer, case: StepCase, top: int = 4) -> list[tuple[str, float]]:
+    """The ``top`` torch ops by self CPU time in one ``combine()`` (profiled): ``(name, share of the total)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opt.zero_grad()
+    losses, _ = case.model.losses(case.x, case.y)
+    opt.backward(losses, combine=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.combine()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / total) for e in events[:top]]
+
+
 def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> list[dict]:
-    """Rows ``{model, m, variant, ms, ratio, combine_ms, graph_freed}``."""
+    """Rows ``{model, m, variant, ms, ratio, combine_ms, graph_freed, combine_top_ops}``."""
     rows = []
     for kind in kinds:
         for m in ms:
@@ -136,10 +151,11 @@ def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> lis
             times = time_interleaved(variants, repeats)  # type: ignore[arg-type]
             freed = graph_freed_after_step(opt, case)
             combine_ms = combine_only_ms(opt, case, repeats)
+            hot = combine_profile(opt, case)
             floor = times["(b) floor"]
             for name, t in times.items():
                 rows.append({"model": kind, "m": m, "variant": name, "ms": t, "ratio": t / floor, "combine_ms": combine_ms,
-                             "graph_freed": freed})
+                             "graph_freed": freed, "combine_top_ops": hot})
             log(f"  step {kind} m={m}: " + ", ".join(f"{k} {v:.1f} ms ({v / floor:.3f}x)" for k, v in times.items()))
             del variants, opt, case
             gc.collect()
