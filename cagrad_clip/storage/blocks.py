@@ -3,7 +3,8 @@
 The rows are kept in the gradients' own dtype (bf16 stays bf16). Every reduction that matters
 for the solve (the Gram ``H = G G^T``, RACO Algorithm 1) and the combination ``sum_i a_i g_i`` is
 accumulated in float32 or better, one chunk of columns at a time, so the only extra memory is a
-chunk (``CHUNK`` columns per row, a few MiB) and never a float32 copy of the whole buffer.
+chunk (:func:`chunk_columns`: about 1/32 of a row, at most ``CHUNK`` columns) and never a float32
+copy of the whole buffer.
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "combine_into_row", "row_sumsq"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "combine_into_row", "row_sumsq"]
 
 #: Columns per block of the blocked Gram: each block's products stay in cache and are summed
 #: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
 GRAM_BLOCK = 1 << 14
-#: Columns per chunk for low-precision rows: a chunk is upcast to float32 (``m * CHUNK * 4`` bytes).
+#: Most columns per chunk: a chunk of low-precision rows is upcast to float32 (``m * CHUNK * 4`` bytes).
 CHUNK = 1 << 20
+
+
+def chunk_columns(m: int, n: int) -> int:
+    """Columns per chunk for ``m`` rows of ``n`` columns: the float32 transient of a chunk
+    (``(m + 1) * columns * 4`` bytes) stays near 1/32 of one row's float32 size, at least one
+    Gram block and at most :data:`CHUNK`, so small models pay no fixed multi-MiB buffer."""
+    return max(GRAM_BLOCK, min(CHUNK, n // (32 * m) // GRAM_BLOCK * GRAM_BLOCK))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,10 +55,11 @@ def blocked_gram(rows: Tensor, columns: int) -> Tensor:
     if rows.dtype == acc:
         return _gram_of_block(rows[:, :columns])
     m = rows.shape[0]
-    gram = torch.zeros((m, m), dtype=acc, device=rows.device)
-    for start in range(0, columns, CHUNK):  # a loop over shapes only: no sync
-        gram += _gram_of_block(rows[:, start : min(columns, start + CHUNK)].to(acc))
-    return gram
+    step = chunk_columns(m, rows.shape[1])
+    if columns == 0:
+        return torch.zeros((m, m), dtype=acc, device=rows.device)
+    parts = [_gram_of_block(rows[:, start : min(columns, start + step)].to(acc)) for start in range(0, columns, step)]
+    return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
 
 
 def row_sumsq(rows: Tensor, start: int) -> Tensor:
@@ -73,7 +82,7 @@ def combine_into_row(rows: Tensor, coefficients: Tensor, target: int) -> Tensor:
     a = coefficients.to(acc)
     extremes = []
     n = rows.shape[1]
-    step = n if rows.dtype == acc and n <= CHUNK else CHUNK
+    step = chunk_columns(rows.shape[0], n)
     for start in range(0, n, step):  # a loop over shapes only: no sync
         block = rows[:, start : start + step]
         written = rows[target, start : start + step]
