@@ -411,7 +411,13 @@ def check_timing(ms: list[int], repeats: int) -> CheckResult:
         if have_tjd:
             weighting = CAGradWeighting(C)
             solver["TorchJD CAGradWeighting"] = lambda: weighting(gram)
-        solver_times = {name: cuda_median_ms(fn, repeats) for name, fn in solver.items()}
+        solver_times = {}
+        for name, fn in solver.items():
+            try:
+                solver_times[name] = cuda_median_ms(fn, repeats)
+            except Exception as exc:  # noqa: BLE001 - a failing peer is reported
+                solver_times[name] = float("nan")
+                print(f"timing {name} m={m} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         fl = times["floor"]
         rows.append([str(m), f"{fl:.2f}", f"{times['ours']:.2f} ({times['ours'] / fl:.2f}x)",
                      *(f"{times[k]:.2f} ({times[k] / fl:.2f}x)" if k in times else "n/a" for k in ("TorchJD CAGrad", "TorchJD UPGrad")),

@@ -182,19 +182,19 @@ def raco_step(case: MemoryCase) -> Callable[[], None]:
         grads: list[list[Tensor | None]] = [list(torch.autograd.grad(loss, params, retain_graph=i < m - 1, allow_unused=True))
                                             for i, loss in enumerate(losses)]
         with torch.no_grad():
-            gram = torch.zeros(m, m)
+            gram = torch.zeros(m, m, device=params[0].device)
             for i in range(m):
                 for j in range(i, m):
                     dot = sum(torch.dot(a.flatten().float(), b.flatten().float())
                               for a, b in zip(grads[i], grads[j]) if a is not None and b is not None)
                     gram[i, j] = gram[j, i] = dot
-            coefficients = solve_cagrad(gram, c=C, validate=False).coefficients
+            coefficients = solve_cagrad(gram, c=C, validate=False).coefficients.tolist()  # one host read
             for k, p in enumerate(params):
                 combined = None
                 for i in range(m):
                     g = grads[i][k]
                     if g is not None:
-                        combined = g * coefficients[i] if combined is None else combined.add_(g, alpha=float(coefficients[i]))
+                        combined = g * coefficients[i] if combined is None else combined.add_(g, alpha=coefficients[i])
                     grads[i][k] = None
                 p.grad = combined
         base.step()
