@@ -123,10 +123,27 @@ def figure(results: list[RunResult], methods: list[str], m: int, path: Path) -> 
         ax.grid(alpha=0.3)
     legend = ", ".join(f"{markers[k]} = w {w}" for k, w in enumerate(weights))
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"Multi-objective DPO on a tiny GPT-2, m = {m}: mean ± std over seeds (markers: {legend})", fontsize=9)
+    fig.suptitle(f"Multi-objective DPO on a tiny GPT-2, m = {m}: win rates, mean ± std over seeds\nmarkers: {legend}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load(out: Path) -> list[RunResult]:
+    """The runs saved in ``out/results.json``."""
+    return [RunResult(**{**r, "weights": tuple(r["weights"])}) for r in json.loads((out / "results.json").read_text())]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m benchmarks.dpo.report DIR``: rebuild ``report.md`` and the figures from ``DIR/results.json``
+    (the header, with the command and wall time, is kept from the existing ``report.md``)."""
+    import sys
+
+    out = Path((sys.argv[1:] if argv is None else argv)[0])
+    results = load(out)
+    header = (out / "report.md").read_text().split("\n## Headline")[0].split("\n", 2)[2].strip()
+    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    return write(results, methods, out, header)
 
 
 def write(results: list[RunResult], methods: list[str], out: Path, header: str) -> Path:
@@ -140,3 +157,7 @@ def write(results: list[RunResult], methods: list[str], out: Path, header: str) 
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+if __name__ == "__main__":
+    main()
