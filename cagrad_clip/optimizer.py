@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from .distributed import active_group, average_across_ranks, check_distributed, 
 from .dual import solve_with_settings
 from .lifecycle import WindowState
 from .losses import check_losses
+from .low_memory import AutogramEngine, low_memory_backward
 from .optim_base import WrappedOptimizer
 from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, check_nonfinite
 from .storage import GradientStore, make_store
@@ -89,6 +90,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         accumulate_dtype: ``None`` (default) keeps the per-objective gradient sums in the
             gradients' own dtype, as torch keeps ``.grad``; ``torch.float32`` (or ``float64``) sums
             low-precision gradients in a wider buffer instead (more memory: see ``docs/guide.md``).
+        memory: ``"default"`` stores ``m - 1`` gradients (the floor for ``m`` separate gradients);
+            ``"low"`` stores none (``docs/low_memory.md``): for ``m <= 2`` three backward passes with
+            per-parameter hooks, for any ``m`` TorchJD's autogram Gramian (pass ``engine``) and one
+            weighted backward. No gradient accumulation, one process (or ``distributed=False``).
+        engine: an :class:`~cagrad_clip.low_memory.AutogramEngine` on the modules that hold the
+            shared parameters, built before the first forward; needed by ``memory="low"`` for
+            ``m >= 3``.
 
     Settings change only through :meth:`configure`; they take effect at the next combination.
 
@@ -116,6 +124,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         process_group: Any = None,
         solver: str = "auto",
         accumulate_dtype: torch.dtype | None = None,
+        memory: Literal["default", "low"] = "default",
+        engine: AutogramEngine | None = None,
     ) -> None:
         settings = CAGradSettings(
             weights=weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights,  # type: ignore[arg-type]
@@ -126,6 +136,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         _check_base_optimizer(optimizer)
         if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
+        if memory not in ("default", "low"):
+            raise ValueError(f"unknown memory={memory!r}; choose 'default' or 'low'")
+        if engine is not None and (memory != "low" or not isinstance(engine, AutogramEngine)):
+            raise ValueError("engine= is an AutogramEngine for memory='low'; pass it with memory='low' only")
+        if memory == "low" and accumulate_dtype is not None:
+            raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
         shared_request = None if shared is None else _check_shared(list(shared), optimizer)
         super().__init__(optimizer)
         self._settings = settings
@@ -133,6 +149,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self.distributed = distributed
         self.process_group = process_group
         self.accumulate_dtype = accumulate_dtype
+        self.memory = memory
+        self.engine = engine
         self._shared_request = shared_request
         self._store: GradientStore | None = None
         self._layout_key: tuple[int, ...] = ()
@@ -285,6 +303,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
         ordered = [p for p in trainable if id(p) in shared_ids] + [p for p in trainable if id(p) not in shared_ids]
         store = make_store(ordered, sum(id(p) in shared_ids for p in trainable), self.accumulate_dtype)
+        if store.sharded and self.memory == "low":
+            raise ValueError("memory='low' does not support FSDP2 (DTensor) parameters; use the default memory mode")
         if store.sharded and not self.distributed:
             raise ValueError(
                 "the parameters are DTensor shards (FSDP2 fully_shard) but distributed=False: each rank would solve "
@@ -334,6 +354,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self._settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
         window = self._window
+        if self.memory == "low":
+            self._low_memory_backward(store, losses, combine)
+            return
         continuing = window.open and store.grads_intact()
         if continuing and window.num_objectives != m:
             raise ValueError(
@@ -354,6 +377,40 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             raise
         if combine:
             self.combine()
+
+    def _low_memory_backward(self, store: GradientStore, losses: list[Tensor], combine: bool) -> None:
+        """``memory="low"``: the direction straight into ``.grad``, no per-objective gradient stored."""
+        if not combine:
+            raise ValueError("memory='low' keeps no per-objective gradients, so it cannot accumulate: use combine=True")
+        if self._window.open and store.grads_intact():
+            raise RuntimeError("memory='low' cannot add another backward to this step's direction: call step() or zero_grad() first")
+        if any(p.grad is not None for p in store.params):
+            raise ValueError("memory='low' needs .grad = None on every parameter before backward: call zero_grad() first")
+        m = len(losses)
+        group, world_size = active_group(self.distributed, self.process_group)
+        if world_size > 1:
+            raise NotImplementedError(
+                "memory='low' cannot average the objectives' gradients across ranks (it stores none); use the default "
+                "memory mode, or distributed=False to combine each rank's own gradients"
+            )
+        weights = self._weights_on(m, store.device, torch.promote_types(store.dtype, torch.float32))
+        try:
+            result = low_memory_backward(
+                losses, store.params, store.shared_count, weights, self._settings, engine=self.engine, per_rank=not self.distributed
+            )
+        except BaseException:
+            self._window.reset()
+            raise
+        gram, solution = result.gram, result.solution
+        grads = [p.grad for p in store.params if p.grad is not None]
+        written_finite = torch.ones((), dtype=torch.bool, device=store.device)
+        if self._nonfinite != "ignore" and grads:
+            norms = torch._foreach_norm(grads)
+            written_finite = torch.isfinite(torch.stack([n.float() for n in norms])).all()
+        self.last = self._diagnostics(gram, solution, torch.isfinite(gram.diagonal()), written_finite)
+        self._window.begin(m)
+        self._window.phase = "combined"
+        store.guard.record(store.params)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -404,6 +461,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         if self._nonfinite != "ignore":
             finite = finite & torch.isfinite(store.unshared_sumsq())
         written_finite = store.write(solution.coefficients)
+        return self._diagnostics(gram, solution, finite, written_finite)
+
+    @staticmethod
+    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor) -> StepDiagnostics:
+        diag = gram.diagonal()
         norms = diag.clamp_min(0.0).sqrt()
         outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
         positive = outer > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/guide.md"]
+DOCS = ["README.md", "docs/guide.md", "docs/low_memory.md"]
 
 
 def python_blocks(path: Path) -> list[str]:

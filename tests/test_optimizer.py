@@ -717,3 +717,60 @@ def test_weights_given_as_python_floats_keep_every_digit():
     """Weights went through the default float32 dtype on their way to float64 (0.3 -> 0.30000000745)."""
     opt = make_opt(weights=[0.2, 0.3, 0.5])[0]
     assert opt.settings.weights == (0.2, 0.3, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory="low": the same direction without stored per-objective gradients
+# ----------------------------------------------------------------------------------------------
+def _low_vs_default(m, shared_trunk, **low_kwargs):
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Tanh())
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(m)])
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x, y = torch.randn(32, 4), torch.randn(32, m)
+
+    def losses(t, h):
+        z = t(x)
+        return [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() + 0.1 * (z ** 2).mean() * i for i, head in enumerate(h)]
+
+    weights = [0.5, 0.3, 0.2][:m]
+    kwargs = dict(weights=weights, c=0.4)
+    low = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1),
+                                  shared=trunk.parameters() if shared_trunk else None, memory="low",
+                                  **kwargs, **{k: v(trunk) for k, v in low_kwargs.items()})
+    default = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1),
+                                      shared=twin_trunk.parameters() if shared_trunk else None, **kwargs)
+    for _ in range(3):
+        low.zero_grad()
+        low.step(losses(trunk, heads))
+        default.zero_grad()
+        default.step(losses(twin_trunk, twin_heads))
+        torch.testing.assert_close(low.last.coefficients, default.last.coefficients)
+    for p, q in zip(list(trunk.parameters()) + list(heads.parameters()), list(twin_trunk.parameters()) + list(twin_heads.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    return low
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_low_memory_mode_two_objectives_equals_the_default_path(shared_trunk):
+    _low_vs_default(2, shared_trunk)
+
+
+def test_low_memory_mode_autogram_three_objectives_equals_the_default_path():
+    pytest.importorskip("torchjd")
+    from cagrad_clip.low_memory import AutogramEngine
+
+    _low_vs_default(3, True, engine=lambda trunk: AutogramEngine(trunk))
+
+
+def test_low_memory_mode_refuses_accumulation_and_stale_grad():
+    opt, trunk, heads = make_opt()
+    low = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1), memory="low")
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    with pytest.raises(ValueError, match="cannot accumulate"):
+        low.backward(head_losses(trunk, heads, x, y), combine=False)
+    low.step(head_losses(trunk, heads, x, y))
+    with pytest.raises(ValueError, match=r"needs .grad = None"):
+        low.backward(head_losses(trunk, heads, x, y))
+    with pytest.raises(ValueError, match="unknown memory"):
+        ConflictAverseOptimizer(torch.optim.SGD(trunk.parameters(), lr=0.1), memory="tiny")

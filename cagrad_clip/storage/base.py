@@ -72,6 +72,7 @@ class GradientStore:
         self.dtype = dtype
         self.shapes = list(shapes)
         self.numels = [s.numel() for s in self.shapes]
+        self.shared_count = shared_count
         self.shared_numel = sum(self.numels[:shared_count])
         self.numel = sum(self.numels)
         self.rows: Tensor | None = None
