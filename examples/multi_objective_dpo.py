@@ -329,7 +329,7 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         opt.step()
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             coef = ", ".join(f"{a:.3f}" for a in opt.last.coefficients.tolist())
-            print(f"step {step:4d}  losses " + "  ".join(f"{n}={l.item():.4f}" for n, l in zip(OBJECTIVES, losses))
+            print(f"step {step:4d}  losses " + "  ".join(f"{n}={loss.item():.4f}" for n, loss in zip(OBJECTIVES, losses))
                   + f"  coefficients [{coef}]", flush=True)
 
     eval_rng = random.Random(args.seed + 1)
