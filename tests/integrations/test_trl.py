@@ -195,13 +195,17 @@ def test_resume_from_checkpoint_equals_a_straight_run(tok, tmp_path):
     args = dict(per_device_train_batch_size=4, max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="linear",
                 optim="adamw_torch", learning_rate=1e-2)  # Adam: its state must be restored too
     straight = tiny.no_dropout_gpt2(tok)
-    run_trainer(tok, rows, config(tmp_path / "a", **args), straight, copy.deepcopy(ref), MultiObjectiveDPOTrainer)
+    first = run_trainer(tok, rows, config(tmp_path / "a", **args), straight, copy.deepcopy(ref), MultiObjectiveDPOTrainer)
     resumed = tiny.no_dropout_gpt2(tok)
     trainer = MultiObjectiveDPOTrainer(model=resumed, ref_model=copy.deepcopy(ref), args=config(tmp_path / "a", **args),
                                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert trainer.state.global_step == 4
     assert max_diff(straight, resumed) < 1e-6
+    a, b = first.conflict_averse_optimizer.optimizer, trainer.conflict_averse_optimizer.optimizer
+    for p, q in zip(straight.parameters(), resumed.parameters()):  # Adam's moments and step count carried over
+        assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == 4
+        torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
     assert trainer.conflict_averse_optimizer.weights.tolist() == pytest.approx(WEIGHTS[2])
 
 
