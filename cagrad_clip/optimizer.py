@@ -458,9 +458,14 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._settings)
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
-        if self._nonfinite != "ignore":
-            finite = finite & torch.isfinite(store.unshared_sumsq())
         written_finite = store.write(solution.coefficients)
+        if self._nonfinite != "ignore":
+            unshared = store.unshared_sumsq()
+            finite = finite & torch.isfinite(unshared)
+            # |d_j| <= sum_i |a_i| ||g_i||: finite gradients and coefficients give a finite float32
+            # direction unless this bound overflows (float16 rows check what they wrote themselves)
+            norms = (diag.clamp_min(0.0) + unshared.to(diag.dtype)).sqrt()
+            written_finite = written_finite & torch.isfinite((solution.coefficients.abs() * norms).sum())
         return self._diagnostics(gram, solution, finite, written_finite)
 
     @staticmethod
