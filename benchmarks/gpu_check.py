@@ -334,6 +334,10 @@ def check_memory(layers: int, width: int, ms: list[int], slack: float) -> CheckR
                 cells[name] = f"{(_step_peak(build) - plain) / nbytes:.2f}x"
             except torch.cuda.OutOfMemoryError:
                 cells[name] = "out of memory"
+            except Exception as exc:  # noqa: BLE001 - e.g. a mode refusing tied weights: reported in its cell
+                cells[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+            gc.collect()
+            torch.cuda.empty_cache()
         extra_default = float(cells["ours default"].rstrip("x")) if cells["ours default"].endswith("x") else float("inf")
         ok &= extra_default <= (m - 1) + slack
         rows.append([str(m), f"{m - 1}x", cells["ours default"], cells.get('ours memory="low"', "n/a (not available in this build)"),
