@@ -91,15 +91,10 @@ class MultiObjectiveDPOConfig(DPOConfig):
             unsupported.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (an MoE auxiliary loss is not an objective)")
         if unsupported:
             raise ValueError("MultiObjectiveDPOTrainer does not support " + "; ".join(unsupported) + ". Leave these at TRL's defaults.")
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing:  # non-reentrant unless asked (torch's recommendation; reentrant needs inputs that require grad)
             raw = self.gradient_checkpointing_kwargs or {}
             kwargs: dict[str, Any] = dict(json.loads(raw) if isinstance(raw, str) else raw)
-            if kwargs.get("use_reentrant", False):
-                raise ValueError(
-                    "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the per-objective gradients are "
-                    "taken with torch.autograd.grad, which reentrant checkpointing does not support. Use use_reentrant=False."
-                )
-            kwargs["use_reentrant"] = False
+            kwargs.setdefault("use_reentrant", False)
             self.gradient_checkpointing_kwargs = kwargs
 
 

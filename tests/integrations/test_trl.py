@@ -111,14 +111,18 @@ def test_settings_reach_the_optimizer(tok, tmp_path, variant):
         torch.testing.assert_close(trainer.conflict_averse_optimizer.last.coefficients, torch.tensor(WEIGHTS[2]))
 
 
-def test_precomputed_reference_and_gradient_checkpointing(tok, tmp_path):
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_precomputed_reference_and_gradient_checkpointing(tok, tmp_path, reentrant):
     rows = tiny.preference_rows(8, 2, seed=4)
     model, ref = tiny.no_dropout_gpt2(tok, n_layer=2), tiny.no_dropout_gpt2(tok, seed=1, n_layer=2)
     mine = copy.deepcopy(model)
     hand_loop(mine, ref, tok, [rows], 2)
-    args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, precompute_ref_log_probs=True, gradient_checkpointing=True)
-    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    kwargs = None if reentrant is None else {"use_reentrant": True}
+    args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, precompute_ref_log_probs=True, gradient_checkpointing=True,
+                  gradient_checkpointing_kwargs=kwargs)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": bool(reentrant)}  # non-reentrant unless asked
     run_trainer(tok, rows, args, model, copy.deepcopy(ref))
+    assert model.is_gradient_checkpointing
     assert max_diff(model, mine) < TOL
 
 
@@ -268,8 +272,6 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
         config(tmp_path, loss_type=["hinge"])
     with pytest.raises(ValueError, match="objective_names"):
         config(tmp_path, objective_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="use_reentrant"):
-        config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="objective_weights"):
         config(tmp_path, objective_weights=[0.5, -1.0])
     from trl import DPOConfig
