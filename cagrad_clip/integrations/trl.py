@@ -141,6 +141,8 @@ def _check_dataset(dataset: Any, column: str, m: int | None, name: str) -> None:
             f"{name} has no {column!r} column (one sign per objective: +1 chosen better, -1 rejected better, 0 tie); "
             f"its columns are {column_names}. Set signs_column= to use another column."
         )
+    if not hasattr(dataset, "__len__"):  # streamed: the collator checks every batch
+        return
     if len(dataset):
         _signs_tensor(dataset[column], column, m)
 

@@ -279,3 +279,19 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
     with pytest.raises(TypeError, match="MultiObjectiveDPOConfig"):
         MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
                                  train_dataset=datasets.Dataset.from_list(tiny.preference_rows(4, 2)), processing_class=tok)
+
+
+def test_streamed_data_is_checked_per_batch(tok, tmp_path):
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    rows = tiny.preference_rows(8, 2, seed=12)
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset()
+    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=stream,
+                                       processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    rows[0]["objective_signs"] = [1, 2]
+    bad = datasets.Dataset.from_list(rows).to_iterable_dataset()
+    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=bad,
+                                       processing_class=tok)
+    with pytest.raises(ValueError, match="signs must be"):
+        trainer.train()
