@@ -28,6 +28,10 @@ from .objective import dual_gradient, quad_form
 __all__ = ["CAGradSolution", "share_ties", "solve_kernel"]
 
 
+#: Gradients with ``||g_i - g_j||^2 <= TIE_TOL_EPS eps (H_ii + H_jj)`` count as identical (the tie rule).
+TIE_TOL_EPS = 16.0
+
+
 class CAGradSolution(NamedTuple):
     """Everything one solve produces; all tensors stay on the input's device.
 
@@ -148,7 +152,7 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     m = gram.shape[-1]
     eps = torch.finfo(gram.dtype).eps
     zero_tol = 100.0 * m * eps  # ||G p~||^2 below this, relative to its own scale, is noise: no correction
-    tie_tol = 16.0 * eps  # ||g_i - g_j||^2 below this relative to ||g_i||^2 + ||g_j||^2: identical gradients
+    tie_tol = TIE_TOL_EPS * eps  # ||g_i - g_j||^2 below this relative to ||g_i||^2 + ||g_j||^2: identical gradients
     # F is smooth wherever G p != 0: only exact-ish zeros (p^T H p <= eps^2, normalised) are the kink.
     # A looser threshold (100 m eps) costs dual accuracy in float32; 0 lets Frank-Wolfe start on a
     # rounding-level kink point and stop there (docs/algorithm.md).
