@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -43,6 +44,20 @@ class StepDiagnostics(NamedTuple):
     """``(m,)`` bool: objective ``i``'s gradient is finite on every parameter (shared and not)."""
     written_finite: Tensor
     """0-d bool: every value written into ``.grad`` is finite in the parameters' dtype."""
+
+
+@dataclass
+class _WrapperState:
+    """The optimizer's mutable state (see ``ConflictAverseOptimizer._state``)."""
+
+    settings: CAGradSettings
+    nonfinite: NonfinitePolicy
+    window: WindowState = field(default_factory=WindowState)
+    store: GradientStore | None = None
+    layout_key: tuple[int, ...] = ()
+    device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = field(default_factory=dict)
+    last: StepDiagnostics | None = None
+    skipped_steps: int = 0
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -144,44 +159,39 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
         shared_request = None if shared is None else _check_shared(list(shared), optimizer)
         super().__init__(optimizer)
-        self._settings = settings
-        self._nonfinite: NonfinitePolicy = nonfinite
+        #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
+        #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
+        self._state = _WrapperState(settings=settings, nonfinite=nonfinite)
         self.distributed = distributed
         self.process_group = process_group
         self.accumulate_dtype = accumulate_dtype
         self.memory = memory
         self.engine = engine
         self._shared_request = shared_request
-        self._store: GradientStore | None = None
-        self._layout_key: tuple[int, ...] = ()
-        self._window = WindowState()
-        self._device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
-        self.last: StepDiagnostics | None = None
-        self.skipped_steps = 0
         self._current_store()  # validates the parameters now (complex, devices, FSDP layout)
 
     # ------------------------------------------------------------------ settings
     @property
     def settings(self) -> CAGradSettings:
         """The frozen settings that decide the direction (change them with :meth:`configure`)."""
-        return self._settings
+        return self._state.settings
 
     @property
     def weights(self) -> Tensor | None:
         """The normalised user weights (float64, CPU), or ``None`` for uniform."""
-        w = self._settings.weights
+        w = self._state.settings.weights
         return None if w is None else torch.tensor(w, dtype=torch.float64)
 
     @weights.setter
     def weights(self, value: Any) -> None:
         _read_only("weights")
 
-    c = property(lambda self: self._settings.c, lambda self, v: _read_only("c"), doc="Trust-region radius ``c``.")
-    clip = property(lambda self: self._settings.clip, lambda self, v: _read_only("clip"), doc="RACO's clip on or off.")
-    rescale = property(lambda self: self._settings.rescale, lambda self, v: _read_only("rescale"), doc="Rescaling convention.")
-    solver = property(lambda self: self._settings.solver, lambda self, v: _read_only("solver"), doc="The dual solver.")
-    max_iter = property(lambda self: self._settings.max_iter, lambda self, v: _read_only("max_iter"), doc="Frank-Wolfe budget.")
-    nonfinite = property(lambda self: self._nonfinite, lambda self, v: _read_only("nonfinite"), doc="Non-finite policy.")
+    c = property(lambda self: self._state.settings.c, lambda self, v: _read_only("c"), doc="Trust-region radius ``c``.")
+    clip = property(lambda self: self._state.settings.clip, lambda self, v: _read_only("clip"), doc="RACO's clip on or off.")
+    rescale = property(lambda self: self._state.settings.rescale, lambda self, v: _read_only("rescale"), doc="Rescaling convention.")
+    solver = property(lambda self: self._state.settings.solver, lambda self, v: _read_only("solver"), doc="The dual solver.")
+    max_iter = property(lambda self: self._state.settings.max_iter, lambda self, v: _read_only("max_iter"), doc="Frank-Wolfe budget.")
+    nonfinite = property(lambda self: self._state.nonfinite, lambda self, v: _read_only("nonfinite"), doc="Non-finite policy.")
 
     def configure(self, **changes: Any) -> CAGradSettings:
         """Change settings (``weights``, ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``).
@@ -190,22 +200,22 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         combination (a direction already in ``.grad`` stays as it was computed). Returns the new
         :attr:`settings`. Typical use: anneal ``c`` or switch weights between training phases.
         """
-        nonfinite = check_nonfinite(changes.pop("nonfinite", self._nonfinite))
+        nonfinite = check_nonfinite(changes.pop("nonfinite", self._state.nonfinite))
         if "weights" in changes and isinstance(changes["weights"], Tensor):
             changes["weights"] = changes["weights"].detach().cpu().tolist()
-        settings = self._settings.replace(**changes)
-        m = self._window.num_objectives
-        if self._window.open and settings.num_objectives not in (None, m):
+        settings = self._state.settings.replace(**changes)
+        m = self._state.window.num_objectives
+        if self._state.window.open and settings.num_objectives not in (None, m):
             raise ValueError(
                 f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
             )
-        self._settings = settings
-        self._nonfinite = nonfinite
-        self._device_weights.clear()
+        self._state.settings = settings
+        self._state.nonfinite = nonfinite
+        self._state.device_weights.clear()
         return settings
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {**self._settings.to_dict(), "nonfinite": self._nonfinite, "skipped_steps": self.skipped_steps}
+        return {**self._state.settings.to_dict(), "nonfinite": self._state.nonfinite, "skipped_steps": self._state.skipped_steps}
 
     def _load_wrapper_state(self, state: dict[str, Any] | None) -> Callable[[], None]:
         """The checkpoint's settings replace the current ones, with a warning naming every difference."""
@@ -217,11 +227,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         skipped = values.pop("skipped_steps", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"saved skipped_steps must be an int >= 0, got {skipped!r}")
-        nonfinite = check_nonfinite(values.pop("nonfinite", self._nonfinite))
+        nonfinite = check_nonfinite(values.pop("nonfinite", self._state.nonfinite))
         settings = CAGradSettings.from_dict(values)
-        changed = {k: (v, settings.to_dict()[k]) for k, v in self._settings.to_dict().items() if settings.to_dict()[k] != v}
-        if nonfinite != self._nonfinite:
-            changed["nonfinite"] = (self._nonfinite, nonfinite)
+        changed = {k: (v, settings.to_dict()[k]) for k, v in self._state.settings.to_dict().items() if settings.to_dict()[k] != v}
+        if nonfinite != self._state.nonfinite:
+            changed["nonfinite"] = (self._state.nonfinite, nonfinite)
 
         def apply() -> None:
             if changed:
@@ -232,48 +242,58 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                     UserWarning,
                     stacklevel=3,
                 )
-            self._settings = settings
-            self._nonfinite = nonfinite
-            self.skipped_steps = skipped
-            self._device_weights.clear()
+            self._state.settings = settings
+            self._state.nonfinite = nonfinite
+            self._state.skipped_steps = skipped
+            self._state.device_weights.clear()
 
         return apply
 
     def __repr__(self) -> str:
-        s = self._settings
+        s = self._state.settings
         weights = None if s.weights is None else [round(x, 6) for x in s.weights]
         base = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"{type(self).__name__}(weights={weights}, c={s.c}, clip={s.clip}, rescale={s.rescale!r}, "
-            f"max_iter={s.max_iter}, solver={s.solver!r}, nonfinite={self._nonfinite!r},\n  optimizer=\n{base}\n)"
+            f"max_iter={s.max_iter}, solver={s.solver!r}, nonfinite={self._state.nonfinite!r},\n  optimizer=\n{base}\n)"
         )
 
     # ------------------------------------------------------------------ torch.optim citizenship
-    def _transient_attributes(self) -> tuple[str, ...]:
-        return ("_store", "last")
-
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_window"] = WindowState()
-        state["_device_weights"] = {}
-        state["_layout_key"] = ()
+        kept = self._state
+        state["_state"] = _WrapperState(settings=kept.settings, nonfinite=kept.nonfinite, skipped_steps=kept.skipped_steps)
         return state
+
+    @property
+    def last(self) -> StepDiagnostics | None:
+        """What the last combination computed (``None`` before the first)."""
+        return self._state.last
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``nonfinite="skip"``."""
+        return self._state.skipped_steps
+
+    @property
+    def _store(self) -> GradientStore | None:
+        return self._state.store
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the base optimizer (not while gradients are accumulated and unstepped)."""
-        if self._window.open and self._store is not None and self._store.grads_intact():
+        if self._state.window.open and self._state.store is not None and self._state.store.grads_intact():
             raise RuntimeError("add_param_group() while gradients are accumulated; call step() or zero_grad() first")
         self.optimizer.add_param_group(param_group)
-        self._window.reset()
+        self._state.window.reset()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's ``.grad`` and end the accumulation window."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._window.reset()
-        if self._store is not None:
-            self._store.abandon()
-            if not set_to_none and hasattr(self._store, "mark_zeroed"):
-                self._store.mark_zeroed()
+        self._state.window.reset()
+        if self._state.store is not None:
+            self._state.store.abandon()
+            if not set_to_none and hasattr(self._state.store, "mark_zeroed"):
+                self._state.store.mark_zeroed()
 
     # ------------------------------------------------------------------ layout
     def _trainable(self) -> list[Tensor]:
@@ -284,9 +304,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         """The gradient store for the parameters that require grad *now*; rebuilt when they changed."""
         trainable = self._trainable()
         key = tuple(id(p) for p in trainable)
-        if self._store is not None and key == self._layout_key:
-            return self._store
-        if self._window.open and self._store is not None and self._store.grads_intact():
+        if self._state.store is not None and key == self._state.layout_key:
+            return self._state.store
+        if self._state.window.open and self._state.store is not None and self._state.store.grads_intact():
             raise RuntimeError("the trainable parameters changed during gradient accumulation; call zero_grad() first")
         if not trainable:
             raise ValueError("the base optimizer has no parameter with requires_grad=True; nothing to train")
@@ -315,24 +335,24 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 "process_group was given but the parameters are DTensor shards (FSDP2 fully_shard): the Gram is "
                 "summed over their device mesh's group; drop process_group"
             )
-        if self._store is not None:
-            self._store.close()  # type: ignore[attr-defined]
-        self._store, self._layout_key = store, key
-        self._window.reset()
+        if self._state.store is not None:
+            self._state.store.close()  # type: ignore[attr-defined]
+        self._state.store, self._state.layout_key = store, key
+        self._state.window.reset()
         return store
 
     # ------------------------------------------------------------------ the work
     def _home(self, m: int) -> int:
         """The objective whose gradient stays in ``.grad``: the largest weight (the last of ties)."""
-        w = self._settings.weights_tensor(m).tolist()
+        w = self._state.settings.weights_tensor(m).tolist()
         return max(range(m), key=lambda i: (w[i], i))
 
     def _weights_on(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (device, dtype, m)
-        w = self._device_weights.get(key)
+        w = self._state.device_weights.get(key)
         if w is None:
-            w = self._settings.weights_tensor(m).to(device=device, dtype=dtype)
-            self._device_weights[key] = w
+            w = self._state.settings.weights_tensor(m).to(device=device, dtype=dtype)
+            self._state.device_weights[key] = w
         return w
 
     @torch.compiler.disable
@@ -351,9 +371,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         if not isinstance(combine, bool):
             raise TypeError(f"combine must be True or False, got {combine!r}")
         m = len(losses)
-        self._settings.weights_tensor(m)  # raises if the number of weights differs
+        self._state.settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
-        window = self._window
+        window = self._state.window
         if self.memory == "low":
             self._low_memory_backward(store, losses, combine)
             return
@@ -382,7 +402,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         """``memory="low"``: the direction straight into ``.grad``, no per-objective gradient stored."""
         if not combine:
             raise ValueError("memory='low' keeps no per-objective gradients, so it cannot accumulate: use combine=True")
-        if self._window.open and store.grads_intact():
+        if self._state.window.open and store.grads_intact():
             raise RuntimeError("memory='low' cannot add another backward to this step's direction: call step() or zero_grad() first")
         if any(p.grad is not None for p in store.params):
             raise ValueError("memory='low' needs .grad = None on every parameter before backward: call zero_grad() first")
@@ -396,20 +416,20 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         weights = self._weights_on(m, store.device, torch.promote_types(store.dtype, torch.float32))
         try:
             result = low_memory_backward(
-                losses, store.params, store.shared_count, weights, self._settings, engine=self.engine, per_rank=not self.distributed
+                losses, store.params, store.shared_count, weights, self._state.settings, engine=self.engine, per_rank=not self.distributed
             )
         except BaseException:
-            self._window.reset()
+            self._state.window.reset()
             raise
         gram, solution = result.gram, result.solution
         grads = [p.grad for p in store.params if p.grad is not None]
         written_finite = torch.ones((), dtype=torch.bool, device=store.device)
-        if self._nonfinite != "ignore" and grads:
+        if self._state.nonfinite != "ignore" and grads:
             norms = torch._foreach_norm(grads)
             written_finite = torch.isfinite(torch.stack([n.float() for n in norms])).all()
-        self.last = self._diagnostics(gram, solution, torch.isfinite(gram.diagonal()), written_finite)
-        self._window.begin(m)
-        self._window.phase = "combined"
+        self._state.last = self._diagnostics(gram, solution, torch.isfinite(gram.diagonal()), written_finite)
+        self._state.window.begin(m)
+        self._state.window.phase = "combined"
         store.guard.record(store.params)
 
     @torch.compiler.disable
@@ -419,11 +439,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
 
         Idempotent: a second call without new gradients returns :attr:`last`. Sync-free.
         """
-        window = self._window
+        window = self._state.window
         if window.phase == "combined":
             assert self.last is not None
             return self.last
-        store = self._store
+        store = self._state.store
         if window.phase != "accumulating" or store is None:
             raise RuntimeError(
                 "no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()"
@@ -437,29 +457,29 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             )
         assert window.num_objectives is not None
         with _no_autocast(store.device):
-            self.last = self._combine(store, window.num_objectives)
+            last = self._state.last = self._combine(store, window.num_objectives)
         window.phase = "combined"
-        return self.last
+        return last
 
     def _gram(self, store: GradientStore, m: int) -> Tensor:
         """The Gram of the full-batch gradients: averaged over ranks, or summed over shards."""
         if store.sharded:
-            check_same_count(self._window, m, store.shard_group, store.device)
+            check_same_count(self._state.window, m, store.shard_group, store.device)
             return sum_across_ranks(store.gram(), store.shard_group)
         group, world_size = active_group(self.distributed, self.process_group)
         if world_size > 1:  # host-side check; the all-reduce itself never syncs
-            check_same_count(self._window, m, group, store.device)
+            check_same_count(self._state.window, m, group, store.device)
             assert store.rows is not None
             average_across_ranks(store.rows, group, world_size)
         return store.gram()
 
     def _combine(self, store: GradientStore, m: int) -> StepDiagnostics:
         gram = self._gram(store, m)
-        solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._settings)
+        solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
         written_finite = store.write(solution.coefficients)
-        if self._nonfinite != "ignore":
+        if self._state.nonfinite != "ignore":
             unshared = store.unshared_sumsq()
             finite = finite & torch.isfinite(unshared)
             # |d_j| <= sum_i |a_i| ||g_i||: finite gradients and coefficients give a finite float32
@@ -518,12 +538,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         if losses is not None:
             self.backward(losses)
         diagnostics = self.combine()
-        self._window.phase = "stepped"  # whatever happens below, this window is over
-        if self._nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
+        self._state.window.phase = "stepped"  # whatever happens below, this window is over
+        if self._state.nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
             message = self._explain_nonfinite(diagnostics)
-            if self._nonfinite == "raise":
+            if self._state.nonfinite == "raise":
                 raise FloatingPointError(message + "; the parameters were not updated")
-            self.skipped_steps += 1
+            self._state.skipped_steps += 1
             warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
             return result
         self.optimizer.step()
@@ -535,7 +555,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
 
     def _explain_nonfinite(self, d: StepDiagnostics) -> str:
         """Name what is not finite (host reads: only on the error path)."""
-        store = self._store
+        store = self._state.store
         bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
         if bad:
             overflowed = [

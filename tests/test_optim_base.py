@@ -134,3 +134,14 @@ def test_step_hooks_fire_once_per_step():
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
     opt.step(losses())
     assert calls == ["pre", "post"]
+
+
+def test_a_shallow_copy_shares_the_state_as_lightning_optimizer_does():
+    """Lightning's ``LightningOptimizer`` copies the optimizer's ``__dict__`` and calls its methods on
+    the copy: backward on the copy and step on the original must see one accumulation window."""
+    model, losses = model_and_losses()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    shallow = object.__new__(type(opt))
+    shallow.__dict__ = dict(opt.__dict__)  # what LightningOptimizer does
+    shallow.backward(losses(), combine=False)
+    assert opt.step() is None and opt.last is not None and shallow.last is opt.last
