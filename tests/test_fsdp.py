@@ -18,7 +18,13 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
 )
 
-from tests.test_distributed import BATCH, WEIGHTS, WORLD, assert_ranks_match_one_process, make_data  # same data as DDP
+from tests.test_distributed import (  # noqa: E402 - after the skip: same data as DDP
+    BATCH,
+    WEIGHTS,
+    WORLD,
+    assert_ranks_match_one_process,
+    make_data,
+)
 
 
 class TwoHeads(nn.Module):

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> list[Section]:
         print(note, file=sys.stderr)
     start = time.perf_counter()
     sections = []
+    peer_note = f" + {peers} on {list(PEER_PROBLEMS)}" if peers else ""
     header = (f"Command: `python -m benchmarks.pareto{' --quick' if args.quick else ''}` (seeds {seeds}, "
-              f"methods {names}{' + ' + str(peers) + ' on ' + str(list(PEER_PROBLEMS)) if peers else ''}, c = {args.c}, float64, {args.threads} torch thread(s)). "
+              f"methods {names}{peer_note}, c = {args.c}, float64, {args.threads} torch thread(s)). "
               "Every method runs through the same loop with the same optimizer, learning rate and step budget "
               "per problem; no per-method tuning.\n" + (f"\n{note}\n" if note else ""))
     for name in problems:

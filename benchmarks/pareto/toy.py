@@ -113,13 +113,13 @@ def run(cfg: Config) -> Section:
         "effective weights):\n",
     ]
     opt_rows = []
-    for vi, (vname, sc, _) in enumerate(variants):
+    for vname, sc, _ in variants:
         for w1 in W1_VALUES:
             o = weighted_optimum(w1, sc)
             opt_rows.append([vname, w1, f"({o[0]:.4f}, {o[1]:.4f})"])
     md.append(md_table(["variant", "w1", "x*(w)"], opt_rows))
     summary_rows = []
-    for vi, (vname, _, starts) in enumerate(variants):
+    for vi, (vname, _, _starts) in enumerate(variants):
         sel = [i for i, r in enumerate(rows) if r[0] == vi]
         for k, meth in enumerate(cfg.methods):
             reached = int(sum(res.first_hit[k, i] >= 0 for i in sel))
