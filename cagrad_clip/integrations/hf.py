@@ -149,8 +149,8 @@ class MultiObjectiveTrainerMixin:
         """(this micro-batch's share of the window's examples, whether it is the window's last)."""
         window = self._window
         if window is None or window[1] >= len(window[0]):  # no prefetched window: the Trainer's own count
-            steps: int = getattr(self, "current_gradient_accumulation_steps", None) or getattr(self.args, "gradient_accumulation_steps", 1)
-            return 1.0 / max(1, int(steps)), True
+            steps = getattr(self, "current_gradient_accumulation_steps", None) or getattr(self.args, "gradient_accumulation_steps", 1)
+            return 1.0 / max(1, int(steps or 1)), True
         sizes, i = window
         window[1] += 1
         return sizes[i] / max(1, sum(sizes)), i == len(sizes) - 1
