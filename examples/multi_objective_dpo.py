@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,10 @@ except ImportError as exc:  # pragma: no cover
 
 from cagrad_clip import ConflictAverseOptimizer
 
-KEYWORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-FILLER = ["the", "a", "is", "and", "of", "very", "good", "with", "it", "so", "then", "we", "all", "now", "more",
-          "here", "there", "also", "just", "only", "some", "each", "much", "well", "too", "but", "yet"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the task's prompts and responses
+from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt  # noqa: E402
+from benchmarks.dpo.task import random_response as _task_response  # noqa: E402
+
 SPECIAL = ["<pad>", "<eos>", "write", "about", ":"]
 OBJECTIVES = ("coverage", "brevity")
 
@@ -69,19 +71,9 @@ def preference_signs(keywords: Sequence[str], y1: str, y2: str) -> list[float]:
 
 
 # ------------------------------------------------------------------- synthetic data
-def make_prompt(rng: random.Random) -> tuple[list[str], str]:
-    keywords = rng.sample(KEYWORDS, 2)
-    return keywords, f"write about {keywords[0]} {keywords[1]} :"
-
-
 def random_response(rng: random.Random, keywords: Sequence[str]) -> str:
     """A response of 1-8 words; the longer it is, the likelier it covers the keywords (the conflict)."""
-    n = rng.randint(1, 8)
-    words = [rng.choice(FILLER) for _ in range(n)]
-    for k in keywords:
-        if rng.random() < n / 9:
-            words[rng.randrange(n)] = k
-    return " ".join(words)
+    return _task_response(rng, keywords, polite=False)
 
 
 @dataclass

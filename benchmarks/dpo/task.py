@@ -51,14 +51,14 @@ def make_prompt(rng: random.Random) -> tuple[list[str], str]:
     return keywords, f"write about {keywords[0]} {keywords[1]} : "
 
 
-def random_response(rng: random.Random, keywords: Sequence[str]) -> str:
-    """1-8 words; the longer, the likelier it holds the keywords and a polite word (the conflict)."""
+def random_response(rng: random.Random, keywords: Sequence[str], polite: bool = True) -> str:
+    """1-8 words; the longer, the likelier it holds the keywords and (``polite``) a polite word (the conflict)."""
     n = rng.randint(1, 8)
     words = [rng.choice(FILLER) for _ in range(n)]
     for k in keywords:
         if rng.random() < n / 9:
             words[rng.randrange(n)] = k
-    if rng.random() < n / 12:
+    if polite and rng.random() < n / 12:
         words[rng.randrange(n)] = rng.choice(POLITE)
     return " ".join(words)
 
