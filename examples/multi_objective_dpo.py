@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover
 from cagrad_clip import ConflictAverseOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the task's prompts and responses
-from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt  # noqa: E402
+from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt, random_batch  # noqa: E402
 from benchmarks.dpo.task import random_response as _task_response  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "write", "about", ":"]
@@ -184,12 +184,7 @@ def supervised_warmup(model, tok, steps: int, batch: int, rng: random.Random, lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        prompts, responses = [], []
-        for _ in range(batch):
-            keywords, prompt = make_prompt(rng)
-            prompts.append(prompt)
-            responses.append(random_response(rng, keywords))
-        ids, attn, resp = batch_sequences(tok, prompts, responses)
+        ids, attn, resp = batch_sequences(tok, *random_batch(rng, batch, polite=False))
         loss = -(sequence_logps(model, ids, attn, resp).sum() / resp[:, 1:].sum())
         opt.zero_grad()
         loss.backward()

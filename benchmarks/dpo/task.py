@@ -63,6 +63,16 @@ def random_response(rng: random.Random, keywords: Sequence[str], polite: bool = 
     return " ".join(words)
 
 
+def random_batch(rng: random.Random, batch: int, polite: bool = True) -> tuple[list[str], list[str]]:
+    """``batch`` prompts and a random response to each (the supervised data of the reference)."""
+    prompts, responses = [], []
+    for _ in range(batch):
+        keywords, prompt = make_prompt(rng)
+        prompts.append(prompt)
+        responses.append(random_response(rng, keywords, polite))
+    return prompts, responses
+
+
 def tokenizer():
     """A whitespace word-level ``PreTrainedTokenizerFast`` over the task's closed vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -111,12 +121,7 @@ def supervised_reference(tok, seed: int, steps: int, batch: int = 64, lr: float 
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        prompts, responses = [], []
-        for _ in range(batch):
-            keywords, prompt = make_prompt(rng)
-            prompts.append(prompt)
-            responses.append(random_response(rng, keywords))
-        ids, attn, resp = _batch(tok, prompts, responses)
+        ids, attn, resp = _batch(tok, *random_batch(rng, batch))
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * resp[:, 1:]).sum() / resp[:, 1:].sum()

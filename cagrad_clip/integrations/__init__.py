@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["find_conflict_averse", "check_weights"]
+__all__ = ["find_conflict_averse", "check_weights", "objective_names", "require_conflict_averse"]
 
 
 def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = None) -> object | None:
@@ -69,3 +69,20 @@ def check_weights(weights: Sequence[float] | None, names: Sequence[str] | None) 
         if w is not None and len(n) != len(w):
             raise ValueError(f"{len(n)} objective_names {n} but {len(w)} objective_weights; give one name per weight")
     return w, n
+
+
+def objective_names(names: Sequence[str] | None, m: int) -> list[str]:
+    """The objectives' names for logging: ``names`` (checked to be ``m`` long) or ``objective_0``, ..."""
+    if names is None:
+        return [f"objective_{i}" for i in range(m)]
+    if len(names) != m:
+        raise ValueError(f"{m} objective losses but {len(names)} objective_names {list(names)}")
+    return list(names)
+
+
+def require_conflict_averse(optimizer: object, owner: str, hint: str, types: tuple[type, ...] | None = None) -> object:
+    """:func:`find_conflict_averse`, or a ``TypeError`` saying that ``owner`` needs one and how (``hint``)."""
+    found = find_conflict_averse(optimizer, types)
+    if found is None:
+        raise TypeError(f"{owner} needs a ConflictAverseOptimizer; got {type(optimizer).__name__}. {hint}")
+    return found

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from . import check_weights, find_conflict_averse
+from . import check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
 
@@ -111,20 +111,15 @@ class MultiObjectiveTrainerMixin:
     @property
     def conflict_averse_optimizer(self) -> Any:
         """The multi-objective optimizer behind ``self.optimizer`` (through accelerate's wrapper)."""
-        opt = find_conflict_averse(self.optimizer, self.multi_objective_types)
-        if opt is None:
-            raise TypeError(
-                f"{type(self).__name__} needs a ConflictAverseOptimizer; got {type(self.optimizer).__name__}. "
-                "Pass optimizers=(ConflictAverseOptimizer(base, weights=...), scheduler) or let the trainer build it."
-            )
-        return opt
+        return require_conflict_averse(
+            self.optimizer,
+            type(self).__name__,
+            "Pass optimizers=(ConflictAverseOptimizer(base, weights=...), scheduler) or let the trainer build it.",
+            self.multi_objective_types,
+        )
 
     def objective_names_for(self, m: int) -> list[str]:
-        if self.objective_names is not None:
-            if len(self.objective_names) != m:
-                raise ValueError(f"{m} objective losses but {len(self.objective_names)} objective_names {self.objective_names}")
-            return list(self.objective_names)
-        return [f"objective_{i}" for i in range(m)]
+        return objective_names(self.objective_names, m)
 
     def _weights(self, m: int, like: Tensor) -> Tensor:
         opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None

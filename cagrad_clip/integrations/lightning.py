@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from . import check_weights, find_conflict_averse
+from . import check_weights, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveModule"]
 
@@ -92,21 +92,12 @@ class MultiObjectiveModule(pl.LightningModule):
 
     def conflict_averse_optimizer(self) -> Any:
         """The :class:`~cagrad_clip.ConflictAverseOptimizer` behind ``self.optimizers()``."""
-        lopt = self.optimizers()
-        opt = find_conflict_averse(lopt)
-        if opt is None:
-            raise TypeError(
-                f"{type(self).__name__} needs one optimizer that is or wraps a ConflictAverseOptimizer; got {type(lopt).__name__}. "
-                "Return self.wrap_optimizer(base) from configure_optimizers."
-            )
-        return opt
+        return require_conflict_averse(
+            self.optimizers(), type(self).__name__, "Return self.wrap_optimizer(base) from configure_optimizers (one optimizer)."
+        )
 
     def _names(self, m: int) -> list[str]:
-        if self.objective_names is not None:
-            if len(self.objective_names) != m:
-                raise ValueError(f"{m} objective losses but {len(self.objective_names)} objective_names")
-            return list(self.objective_names)
-        return [f"objective_{i}" for i in range(m)]
+        return objective_names(self.objective_names, m)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``m`` backward passes; one optimizer step (clip, precision plugin, scheduler) per window."""
