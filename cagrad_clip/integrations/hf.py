@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
+from ..settings import CAGradSettings
 from . import check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
@@ -75,7 +76,8 @@ class MultiObjectiveTrainerMixin:
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
-        self.conflict_averse_kwargs: dict[str, Any] = {"c": float(c), "clip": bool(clip), "rescale": rescale}
+        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
+        self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
         self._objective_store: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)

@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import ConflictAverseOptimizer
 
+from ..settings import CAGradSettings
 from . import check_weights, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveModule"]
@@ -71,7 +72,8 @@ class MultiObjectiveModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
-        self.conflict_averse_kwargs: dict[str, Any] = {"c": float(c), "clip": bool(clip), "rescale": rescale}
+        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
+        self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
