@@ -72,14 +72,14 @@ def dual_values(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, P: np.ndarray) ->
     return F, gap, g0_sq
 
 
-def solve_p(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, dtype: torch.dtype, max_iter: int | None,
-            solver: str = "auto") -> np.ndarray:
+def solve_p(Hs: np.ndarray, W: np.ndarray, cs: np.ndarray, dtype: torch.dtype, max_iter: int | None, solver: str = "auto") -> np.ndarray:
     """Solve all instances: one batched call per distinct ``c``; returns ``p`` in float64."""
     P = np.empty_like(W)
     for c in np.unique(cs):
         sel = cs == c
-        sol = solve_cagrad(torch.tensor(Hs[sel], dtype=dtype), torch.tensor(W[sel], dtype=dtype), c=float(c),
-                           max_iter=max_iter, solver=solver)
+        sol = solve_cagrad(
+            torch.tensor(Hs[sel], dtype=dtype), torch.tensor(W[sel], dtype=dtype), c=float(c), max_iter=max_iter, solver=solver
+        )
         P[sel] = sol.dual.double().numpy()
     return P
 
@@ -163,12 +163,14 @@ def max_iter_table(rng: np.random.Generator, n: int) -> str:
         half = n // 2
         parts = [make_set(rng, m, half, "generic"), make_set(rng, m, n - half, "deficient")]
         sets[m] = parts
+
     def line(label: str, budget_of) -> str:
         cells = []
         for m in ms:
             gaps = np.concatenate([rel_gaps(part, torch.float64, budget_of(m), "frank_wolfe")[0] for part in sets[m]])
             cells.append(f"{fmt(gaps.max())} | {np.mean(gaps > 1e-12):.1%}")
         return f"| {label} | " + " | ".join(cells) + " |"
+
     for budget in budgets:
         rows.append(line(str(budget), lambda m, budget=budget: budget))
     rows.append(line("default m (" + ", ".join(str(default_max_iter(m)) for m in ms) + ")", lambda m: None))
@@ -200,9 +202,7 @@ def timing_table(repeats_small: int, repeats_large: int) -> str:
                     call()
                     times.append(time.perf_counter() - t0)
                 med = statistics.median(times)
-                rows.append(
-                    f"| {m} | {batch} | {name} | {solver} | {med * 1e3:.2f} ms | {med / batch * 1e6:.1f} µs |"
-                )
+                rows.append(f"| {m} | {batch} | {name} | {solver} | {med * 1e3:.2f} ms | {med / batch * 1e6:.1f} µs |")
     return "\n".join(rows)
 
 

@@ -27,9 +27,7 @@ def check_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss {i} is a {type(loss).__name__}, not a torch.Tensor")
         if loss.numel() != 1:
-            raise ValueError(
-                f"loss {i} has shape {tuple(loss.shape)}; each objective's loss must be a scalar (reduce it, e.g. .mean())"
-            )
+            raise ValueError(f"loss {i} has shape {tuple(loss.shape)}; each objective's loss must be a scalar (reduce it, e.g. .mean())")
         if not loss.requires_grad:
             raise ValueError(
                 f"loss {i} does not require grad: it was computed without autograd (torch.no_grad(), .detach(), "

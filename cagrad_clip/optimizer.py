@@ -17,7 +17,7 @@ from .lifecycle import WindowState
 from .losses import check_losses
 from .low_memory import AutogramEngine, low_memory_backward
 from .optim_base import WrappedOptimizer
-from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, check_nonfinite
+from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
 from .storage import GradientStore, make_store
 
 __all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
@@ -131,20 +131,24 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         weights: Sequence[float] | Tensor | None = None,
         c: float = 0.4,
         clip: bool = True,
-        rescale: str | None = None,
+        rescale: Rescale = None,
         shared: Iterable[Tensor] | None = None,
         max_iter: int | None = None,
         nonfinite: NonfinitePolicy = "skip",
         distributed: bool = True,
         process_group: Any = None,
-        solver: str = "auto",
+        solver: Solver = "auto",
         accumulate_dtype: torch.dtype | None = None,
         memory: Literal["default", "low"] = "default",
         engine: AutogramEngine | None = None,
     ) -> None:
         settings = CAGradSettings(
             weights=weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights,  # type: ignore[arg-type]
-            c=c, clip=clip, rescale=rescale, solver=solver, max_iter=max_iter,  # type: ignore[arg-type]
+            c=c,
+            clip=clip,
+            rescale=rescale,
+            solver=solver,
+            max_iter=max_iter,
         )
         nonfinite = check_nonfinite(nonfinite)
         check_distributed(distributed, process_group)
@@ -445,9 +449,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             return self.last
         store = self._state.store
         if window.phase != "accumulating" or store is None:
-            raise RuntimeError(
-                "no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()"
-            )
+            raise RuntimeError("no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()")
         if not store.grads_intact():
             store.abandon()
             window.reset()
@@ -559,15 +561,22 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
         if bad:
             overflowed = [
-                i for i in bad if store is not None and not store.sharded and (i != store.home or not getattr(store, "direct", False))
+                i
+                for i in bad
+                if store is not None
+                and not store.sharded
+                and (i != store.home or not getattr(store, "direct", False))
                 and store.row_finite(i)
             ]
             if overflowed:
                 return (
                     f"objective(s) {overflowed} have finite gradients whose squared norm overflows "
                     f"{d.gram.dtype} (|g| is about 1e19 or more): scale those losses down"
-                    + (f"; objective(s) {sorted(set(bad) - set(overflowed))} have a non-finite gradient (Inf/NaN)"
-                       if len(overflowed) < len(bad) else "")
+                    + (
+                        f"; objective(s) {sorted(set(bad) - set(overflowed))} have a non-finite gradient (Inf/NaN)"
+                        if len(overflowed) < len(bad)
+                        else ""
+                    )
                 )
             return f"objective(s) {bad} have a non-finite gradient (Inf/NaN) or one too large to square"
         if not bool(torch.isfinite(d.coefficients).all()):

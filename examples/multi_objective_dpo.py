@@ -128,8 +128,14 @@ class HFTokenizer:
 def tiny_model(tok: WordTokenizer, seed: int):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=len(tok.vocab), n_positions=32, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok.vocab),
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return transformers.GPT2LMHeadModel(config)
 
@@ -168,8 +174,15 @@ def sample(model, tok, prompts: Sequence[str], max_new_tokens: int, seed: int) -
     ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
     attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
     out = model.generate(
-        input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     texts = []
     for row in out[:, width:].tolist():
@@ -240,8 +253,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="local pretrained checkpoint (directory) instead of the tiny model")
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters only (needs peft)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (the tiny model gains nothing from more, and a busy machine loses a lot)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (the tiny model gains nothing from more, and a busy machine loses a lot)"
+    )
     ap.add_argument("--out", default=None, help="write the result table (markdown) to this file")
     return ap.parse_args(argv)
 
@@ -316,8 +330,12 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         opt.step()
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             coef = ", ".join(f"{a:.3f}" for a in opt.last.coefficients.tolist())
-            print(f"step {step:4d}  losses " + "  ".join(f"{n}={loss.item():.4f}" for n, loss in zip(OBJECTIVES, losses))
-                  + f"  coefficients [{coef}]", flush=True)
+            print(
+                f"step {step:4d}  losses "
+                + "  ".join(f"{n}={loss.item():.4f}" for n, loss in zip(OBJECTIVES, losses))
+                + f"  coefficients [{coef}]",
+                flush=True,
+            )
 
     eval_rng = random.Random(args.seed + 1)
     prompts = [make_prompt(eval_rng) for _ in range(args.eval_prompts)]
@@ -328,8 +346,12 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
     rates = win_rates(policy_out, reference_out, keywords)
     pol, ref = mean_scores(policy_out, keywords), mean_scores(reference_out, keywords)
     result = {
-        "method": args.method, "weights": weights, "c": c, "win_rates": dict(zip(OBJECTIVES, rates)),
-        "policy_means": dict(zip(OBJECTIVES, pol)), "reference_means": dict(zip(OBJECTIVES, ref)),
+        "method": args.method,
+        "weights": weights,
+        "c": c,
+        "win_rates": dict(zip(OBJECTIVES, rates)),
+        "policy_means": dict(zip(OBJECTIVES, pol)),
+        "reference_means": dict(zip(OBJECTIVES, ref)),
         "seconds": time.perf_counter() - t0,
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in policy.parameters()),

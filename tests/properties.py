@@ -69,8 +69,7 @@ def assert_clip_below_weights(solve: Solve, H: np.ndarray, w: np.ndarray, c: flo
     np.testing.assert_array_equal(free.p_clipped, free.p)
 
 
-def assert_strong_duality(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, reference_value: float,
-                          reference_p: np.ndarray) -> None:
+def assert_strong_duality(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, reference_value: float, reference_p: np.ndarray) -> None:
     """Without the clip ``d`` is primal feasible, so ``min_i <g_i, d> <= F*`` (weak duality), with
     equality when ``G p*`` is away from 0 (the CAGrad lemma)."""
     a = solve(G.T @ G, w, c, False).a
@@ -83,8 +82,9 @@ def assert_strong_duality(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, 
         assert primal_value(G, d) >= reference_value - 1e-6 * unit
 
 
-def assert_permutation_equivariant(solve: Solve, H: np.ndarray, w: np.ndarray, c: float, perm: np.ndarray, clip: bool,
-                                   coefficients_unique: bool) -> None:
+def assert_permutation_equivariant(
+    solve: Solve, H: np.ndarray, w: np.ndarray, c: float, perm: np.ndarray, clip: bool, coefficients_unique: bool
+) -> None:
     """Permuting the objectives permutes the solution: ``F`` always (the optimal value is unique);
     ``a`` and ``p`` too where the coefficients are unique (``coefficients_unique``, decided by the caller)."""
     base = solve(H, w, c, clip)
@@ -100,8 +100,7 @@ def assert_power_of_two_invariant(solve: Solve, H: np.ndarray, w: np.ndarray, c:
     np.testing.assert_array_equal(solve(H * 4.0**k, w, c, clip).a, solve(H, w, c, clip).a)
 
 
-def assert_positively_homogeneous(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, lam: float,
-                                  direction_unique: bool) -> None:
+def assert_positively_homogeneous(solve: Solve, G: np.ndarray, w: np.ndarray, c: float, lam: float, direction_unique: bool) -> None:
     """Scaling every ``g_i`` by ``lam > 0`` scales ``min F`` by ``lam^2`` and leaves the direction
     ``d = G a`` unchanged where it is unique (decided by the caller)."""
     H = G.T @ G

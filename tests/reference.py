@@ -193,9 +193,7 @@ def coefficients_from_dual(
     return a / divisor
 
 
-def reference_coefficients(
-    H: np.ndarray, w: np.ndarray, c: float, clip: bool = True, rescale: str | None = None
-) -> np.ndarray:
+def reference_coefficients(H: np.ndarray, w: np.ndarray, c: float, clip: bool = True, rescale: str | None = None) -> np.ndarray:
     """Reference solve followed by :func:`coefficients_from_dual`."""
     ref = solve_dual_reference(H, w, c)
     return coefficients_from_dual(H, w, c, ref.p, clip, rescale)

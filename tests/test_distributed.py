@@ -55,8 +55,18 @@ def losses_of(model: nn.Module, x: torch.Tensor, ya: torch.Tensor, yb: torch.Ten
     return [((a - ya) ** 2).mean(), ((b - yb) ** 2).mean()]
 
 
-def train(model: nn.Module, params, batches, *, distributed: bool = True, micro: int = 1, combine_each: bool = False,
-          ddp: nn.Module | None = None, no_sync: bool = True, sgd: bool = False):
+def train(
+    model: nn.Module,
+    params,
+    batches,
+    *,
+    distributed: bool = True,
+    micro: int = 1,
+    combine_each: bool = False,
+    ddp: nn.Module | None = None,
+    no_sync: bool = True,
+    sgd: bool = False,
+):
     """3 AdamW (or plain SGD) steps; ``micro`` micro-batches per step; returns (parameters, coefficients per step)."""
     base = torch.optim.SGD(params, lr=0.05) if sgd else torch.optim.AdamW(params, lr=0.05)
     opt = ConflictAverseOptimizer(base, weights=WEIGHTS, c=0.4, distributed=distributed)
@@ -97,8 +107,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         per = BATCH // WORLD
-        shards = [(x[rank * per:(rank + 1) * per], ya[rank * per:(rank + 1) * per], yb[rank * per:(rank + 1) * per])
-                  for x, ya, yb in make_data()]
+        shards = [
+            (x[rank * per : (rank + 1) * per], ya[rank * per : (rank + 1) * per], yb[rank * per : (rank + 1) * per])
+            for x, ya, yb in make_data()
+        ]
         results = {}
         for name, cfg in SCENARIOS.items():
             cfg = dict(cfg)

@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "multi_objective_dpo.py"
-TINY = ["--steps", "2", "--warmup-steps", "2", "--pairs", "32", "--batch", "4", "--eval-prompts", "8",
-        "--max-new-tokens", "6"]
+TINY = ["--steps", "2", "--warmup-steps", "2", "--pairs", "32", "--batch", "4", "--eval-prompts", "8", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")

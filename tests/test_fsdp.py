@@ -76,7 +76,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         per = BATCH // WORLD
-        shards = [tuple(t[rank * per:(rank + 1) * per] for t in batch) for batch in make_data()]
+        shards = [tuple(t[rank * per : (rank + 1) * per] for t in batch) for batch in make_data()]
         results = {}
         for name, cfg in SCENARIOS.items():
             model = make_model()
@@ -136,8 +136,14 @@ def test_fsdp_unsupported_mixes_are_rejected(runs):
 if __name__ == "__main__":  # python -m tests.test_fsdp: print the measured differences
     (ranks, single) = runs.__wrapped__()
     for name in SCENARIOS:
-        diffs = [max((p - q).abs().max().item() for r in ranks for p, q in zip(r[name][k], single[k]))
-                 if k == 0 else max((r[name][k] - single[k]).abs().max().item() for r in ranks) for k in range(3)]
+        diffs = [
+            max((p - q).abs().max().item() for r in ranks for p, q in zip(r[name][k], single[k]))
+            if k == 0
+            else max((r[name][k] - single[k]).abs().max().item() for r in ranks)
+            for k in range(3)
+        ]
         same = torch.equal(ranks[0][name][1], ranks[1][name][1])
-        print(f"{name}: max |diff| params {diffs[0]:.1e}, coefficients {diffs[1]:.1e}, Gram {diffs[2]:.1e}; "
-              f"coefficients identical across ranks: {same}")
+        print(
+            f"{name}: max |diff| params {diffs[0]:.1e}, coefficients {diffs[1]:.1e}, Gram {diffs[2]:.1e}; "
+            f"coefficients identical across ranks: {same}"
+        )

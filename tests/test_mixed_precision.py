@@ -17,8 +17,11 @@ def model_and_data(seed: int = 0):
     torch.manual_seed(seed)
     f32 = dict(dtype=torch.float32)
     model = nn.ModuleDict(
-        dict(trunk=nn.Sequential(nn.Linear(6, 32, **f32), nn.GELU(), nn.LayerNorm(32, **f32), nn.Linear(32, 16, **f32), nn.GELU()),
-             a=nn.Linear(16, 1, **f32), b=nn.Linear(16, 1, **f32))
+        dict(
+            trunk=nn.Sequential(nn.Linear(6, 32, **f32), nn.GELU(), nn.LayerNorm(32, **f32), nn.Linear(32, 16, **f32), nn.GELU()),
+            a=nn.Linear(16, 1, **f32),
+            b=nn.Linear(16, 1, **f32),
+        )
     )
     x = torch.randn(64, 6)
     ya, yb = x[:, :1] * 2, -x[:, :1] + x[:, 1:2] ** 2

@@ -483,8 +483,9 @@ def test_blocked_gram_matches_float64_reference(dtype):
         return [((out - t.to(out.dtype)) ** 2).mean() * (k + 1) for k, t in enumerate(targets)]
 
     twin = copy.deepcopy(layer).double()
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(twin.parameters()), retain_graph=True)])
-            for loss in losses(twin)]
+    rows = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(twin.parameters()), retain_graph=True)]) for loss in losses(twin)
+    ]
     G = torch.stack(rows)
     assert G.shape[1] > 2 * GRAM_BLOCK and G.shape[1] % GRAM_BLOCK != 0
     expected = G @ G.T
@@ -639,7 +640,7 @@ def test_friendly_setting_types_and_frictions():
     opt.step(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
     extra = torch.nn.Parameter(torch.zeros(2))
     opt.add_param_group({"params": [extra]})  # allowed: the next backward starts a new window
-    opt.backward(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)) )
+    opt.backward(head_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
     assert extra.grad is None  # no objective reaches it
     with pytest.raises(RuntimeError, match="while gradients are accumulated"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
@@ -728,15 +729,22 @@ def _low_vs_default(m, shared_trunk, **low_kwargs):
 
     def losses(t, h):
         z = t(x)
-        return [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() + 0.1 * (z ** 2).mean() * i for i, head in enumerate(h)]
+        return [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() + 0.1 * (z**2).mean() * i for i, head in enumerate(h)]
 
     weights = [0.5, 0.3, 0.2][:m]
     kwargs = dict(weights=weights, c=0.4)
-    low = ConflictAverseOptimizer(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1),
-                                  shared=trunk.parameters() if shared_trunk else None, memory="low",
-                                  **kwargs, **{k: v(trunk) for k, v in low_kwargs.items()})
-    default = ConflictAverseOptimizer(torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1),
-                                      shared=twin_trunk.parameters() if shared_trunk else None, **kwargs)
+    low = ConflictAverseOptimizer(
+        torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1),
+        shared=trunk.parameters() if shared_trunk else None,
+        memory="low",
+        **kwargs,
+        **{k: v(trunk) for k, v in low_kwargs.items()},
+    )
+    default = ConflictAverseOptimizer(
+        torch.optim.SGD(list(twin_trunk.parameters()) + list(twin_heads.parameters()), lr=0.1),
+        shared=twin_trunk.parameters() if shared_trunk else None,
+        **kwargs,
+    )
     for _ in range(3):
         low.zero_grad()
         low.step(losses(trunk, heads))

@@ -63,9 +63,15 @@ def test_min_norm_matches_scipy(m: int) -> None:
     assert torch.allclose(p.sum(-1), torch.ones(20, dtype=F64)) and bool((p >= 0).all())
     for r in range(20):
         h = H[r].numpy()
-        ref = minimize(lambda x: x @ h @ x, np.ones(m) / m, jac=lambda x: 2 * h @ x, bounds=[(0, 1)] * m,
-                       constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}], method="SLSQP",
-                       options={"ftol": 1e-15, "maxiter": 1000})
+        ref = minimize(
+            lambda x: x @ h @ x,
+            np.ones(m) / m,
+            jac=lambda x: 2 * h @ x,
+            bounds=[(0, 1)] * m,
+            constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 1000},
+        )
         assert float(p[r] @ H[r] @ p[r]) <= ref.fun + 1e-9 * (1 + abs(ref.fun))
 
 
@@ -107,8 +113,18 @@ def _quad_setup(m: int, kappa: float, seeds: list[int]):
 def test_c_zero_reproduces_weighted_sum_bit_for_bit() -> None:
     A, u, x0, W = _quad_setup(3, 10.0, [0, 1])
     meths = get_methods(["weighted"]) + get_methods(["cagrad", "raco"], c=0.0)
-    res = engine.run(lambda z: quadratic.losses(A, u, z), x0, W, meths, 60, optimizer="adam", lr=0.05,
-                     record_trajectory=True, log_points=60, progress=False)
+    res = engine.run(
+        lambda z: quadratic.losses(A, u, z),
+        x0,
+        W,
+        meths,
+        60,
+        optimizer="adam",
+        lr=0.05,
+        record_trajectory=True,
+        log_points=60,
+        progress=False,
+    )
     assert res.trajectory is not None
     assert torch.equal(res.trajectory[:, 1], res.trajectory[:, 0])
     assert torch.equal(res.trajectory[:, 2], res.trajectory[:, 0])
@@ -117,7 +133,7 @@ def test_c_zero_reproduces_weighted_sum_bit_for_bit() -> None:
 def test_batched_runs_do_not_interact() -> None:
     A, u, x0, W = _quad_setup(2, 10.0, [0, 1])
     meths = get_methods(["pcgrad", "raco"])
-    fn = lambda A_, u_: (lambda z: quadratic.losses(A_, u_, z))  # noqa: E731
+    fn = lambda A_, u_: lambda z: quadratic.losses(A_, u_, z)  # noqa: E731
     full = engine.run(fn(A, u), x0, W, meths[1:], 40, optimizer="sgd", lr=0.2, progress=False)
     one = engine.run(fn(A[2:3], u[2:3]), x0[2:3], W[2:3], meths[1:], 40, optimizer="sgd", lr=0.2, progress=False)
     assert torch.allclose(full.final[:, 2], one.final[:, 0], atol=1e-12)
@@ -127,12 +143,11 @@ def test_quadratics_conflict_averse_methods_approach_pareto_set_and_respect_w() 
     for m in (2, 3):
         A, u, x0, W = _quad_setup(m, 2.0, [0, 1])
         meths = get_methods(list(DEFAULT_METHODS))
-        res = engine.run(lambda z: quadratic.losses(A, u, z), x0, W, meths, 150, optimizer="sgd", lr=quadratic.LR,
-                         progress=False)
+        res = engine.run(lambda z: quadratic.losses(A, u, z), x0, W, meths, 150, optimizer="sgd", lr=quadratic.LR, progress=False)
         lam = torch.cat([quadratic.lambda_grid(m, 2000), W])
-        front = torch.stack([quadratic.weighted_optimum(A[r].expand(len(lam), *A[r].shape),
-                                                        u[r].expand(len(lam), *u[r].shape), lam)
-                             for r in range(len(W))])
+        front = torch.stack(
+            [quadratic.weighted_optimum(A[r].expand(len(lam), *A[r].shape), u[r].expand(len(lam), *u[r].shape), lam) for r in range(len(W))]
+        )
         d0 = torch.cdist(x0.unsqueeze(1), front).squeeze(1).amin(-1)
         xstar = quadratic.weighted_optimum(A, u, W)
         for k, meth in enumerate(meths):
@@ -190,8 +205,7 @@ def test_preference_rewards_have_exact_cosine_and_reference_is_neutral(m: int, r
 
 
 def test_cli_quick_writes_report(tmp_path) -> None:
-    sections = main(["--quick", "--no-progress", "--out", str(tmp_path), "--problems", "vlmop2",
-                     "--methods", "weighted", "mgda", "raco"])
+    sections = main(["--quick", "--no-progress", "--out", str(tmp_path), "--problems", "vlmop2", "--methods", "weighted", "mgda", "raco"])
     assert (tmp_path / "report.md").exists() and (tmp_path / "vlmop2_front.png").exists()
     text = (tmp_path / "report.md").read_text()
     assert "VLMOP2" in text and "hypervolume" in text and len(sections) == 1

@@ -20,8 +20,17 @@ from cagrad_clip.settings import (
 
 @pytest.mark.parametrize(
     ("c", "error"),
-    [(-0.1, ValueError), (float("inf"), ValueError), (float("-inf"), ValueError), (float("nan"), ValueError),
-     ("0.4", TypeError), (True, TypeError), (None, TypeError), (torch.ones(2), TypeError), (1 + 2j, TypeError)],
+    [
+        (-0.1, ValueError),
+        (float("inf"), ValueError),
+        (float("-inf"), ValueError),
+        (float("nan"), ValueError),
+        ("0.4", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        (torch.ones(2), TypeError),
+        (1 + 2j, TypeError),
+    ],
 )
 def test_bad_c(c, error) -> None:
     with pytest.raises(error, match="c must be"):
@@ -48,9 +57,15 @@ def test_weights_are_normalised_to_a_tuple() -> None:
 
 @pytest.mark.parametrize(
     ("weights", "error", "match"),
-    [("ab", TypeError, "string"), ([1.0, -1.0], ValueError, ">= 0"), ([0.0, 0.0], ValueError, "positive sum"),
-     ([1.0, float("nan")], ValueError, "finite"), ([[0.5, 0.5]], ValueError, "shape"), ([], ValueError, "shape"),
-     ([object()], TypeError, "real numbers")],
+    [
+        ("ab", TypeError, "string"),
+        ([1.0, -1.0], ValueError, ">= 0"),
+        ([0.0, 0.0], ValueError, "positive sum"),
+        ([1.0, float("nan")], ValueError, "finite"),
+        ([[0.5, 0.5]], ValueError, "shape"),
+        ([], ValueError, "shape"),
+        ([object()], TypeError, "real numbers"),
+    ],
 )
 def test_bad_weights(weights, error, match) -> None:
     with pytest.raises(error, match=match):

@@ -65,8 +65,10 @@ def headline(results: list[RunResult], methods: list[str]) -> str:
             rec = met.get((m, method))
             if rec is None:
                 continue
-            lines.append(f"| {m} | {METHODS[method][0]} | {_ms(rec['hypervolume'])} | {_ms(rec['weighted'])} | "
-                         f"{_ms(rec['regret'])} | {_ms(rec['steering']) if rec['steering'] else '-'} |")
+            lines.append(
+                f"| {m} | {METHODS[method][0]} | {_ms(rec['hypervolume'])} | {_ms(rec['weighted'])} | "
+                f"{_ms(rec['regret'])} | {_ms(rec['steering']) if rec['steering'] else '-'} |"
+            )
     return "\n".join(lines)
 
 
@@ -114,8 +116,17 @@ def figure(results: list[RunResult], methods: list[str], m: int, path: Path) -> 
                 continue
             ax.plot(xs, ys, "-", color=COLORS.get(method, "k"), alpha=0.5)
             for k, (x, y, sx, sy) in enumerate(zip(xs, ys, ex, ey)):
-                ax.errorbar(x, y, xerr=sx, yerr=sy, fmt=markers[k % len(markers)], color=COLORS.get(method, "k"), ms=6, capsize=2,
-                            label=METHODS[method][0] if k == 0 else None)
+                ax.errorbar(
+                    x,
+                    y,
+                    xerr=sx,
+                    yerr=sy,
+                    fmt=markers[k % len(markers)],
+                    color=COLORS.get(method, "k"),
+                    ms=6,
+                    capsize=2,
+                    label=METHODS[method][0] if k == 0 else None,
+                )
         ax.axvline(0.5, color="k", lw=0.5, ls=":")
         ax.axhline(0.5, color="k", lw=0.5, ls=":")
         ax.set_xlabel(f"win rate vs reference: {names[i]}")

@@ -75,8 +75,9 @@ def _trainer_class():
     return BenchTrainer
 
 
-def train_one(reference, tok, rows: list[dict], m: int, method: str, weights: tuple[float, ...], seed: int, budget: Budget,
-              out_dir: str) -> tuple[Any, list[float]]:
+def train_one(
+    reference, tok, rows: list[dict], m: int, method: str, weights: tuple[float, ...], seed: int, budget: Budget, out_dir: str
+) -> tuple[Any, list[float]]:
     """DPO from the reference with one method and one weight vector; returns the policy and the last coefficients."""
     import datasets
     from transformers import PrinterCallback
@@ -86,26 +87,49 @@ def train_one(reference, tok, rows: list[dict], m: int, method: str, weights: tu
     settings = dict(METHODS[method][1])
     baseline = settings.pop("baseline", None)
     args = MultiObjectiveDPOConfig(
-        output_dir=out_dir, objective_weights=list(weights), objective_names=list(task.OBJECTIVES[:m]), beta=budget.beta,
-        learning_rate=budget.lr, lr_scheduler_type="cosine", warmup_steps=max(1, budget.steps // 10), max_steps=budget.steps,
-        per_device_train_batch_size=budget.batch, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, bf16=False,
-        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed,
-        dataloader_num_workers=0, **settings,
+        output_dir=out_dir,
+        objective_weights=list(weights),
+        objective_names=list(task.OBJECTIVES[:m]),
+        beta=budget.beta,
+        learning_rate=budget.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, budget.steps // 10),
+        max_steps=budget.steps,
+        per_device_train_batch_size=budget.batch,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+        dataloader_num_workers=0,
+        **settings,
     )
     cls = _trainer_class()
     policy = copy.deepcopy(reference).requires_grad_(True)
     trainer = cls.__new__(cls)
     trainer.baseline, trainer.baseline_seed = baseline, seed
-    trainer.__init__(model=policy, ref_model=copy.deepcopy(reference), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                     processing_class=tok)
+    trainer.__init__(
+        model=policy, ref_model=copy.deepcopy(reference), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     last = trainer.conflict_averse_optimizer.last
     return policy.eval(), ([] if last is None else [float(x) for x in last.coefficients.tolist()])
 
 
-def run(seeds: list[int], methods: list[str], ms: list[int], budget: Budget, weights: dict[int, list[tuple[float, ...]]] | None = None,
-        progress: bool = True) -> list[RunResult]:
+def run(
+    seeds: list[int],
+    methods: list[str],
+    ms: list[int],
+    budget: Budget,
+    weights: dict[int, list[tuple[float, ...]]] | None = None,
+    progress: bool = True,
+) -> list[RunResult]:
     """The whole sweep. MGDA ignores the weights: it runs once per (m, seed) and its result stands for every weight."""
     import datasets
     import transformers
@@ -133,15 +157,26 @@ def run(seeds: list[int], methods: list[str], ms: list[int], budget: Budget, wei
                     for method in methods:
                         if method == "mgda" and w != weights[m][0]:
                             first = next(r for r in results if r.method == "mgda" and r.m == m and r.seed == seed)
-                            results.append(RunResult(m, method, w, seed, first.win_rates, first.policy_means, first.reference_means,
-                                                     0.0, first.coefficients))
+                            results.append(
+                                RunResult(
+                                    m, method, w, seed, first.win_rates, first.policy_means, first.reference_means, 0.0, first.coefficients
+                                )
+                            )
                             continue
                         t1 = time.perf_counter()
                         policy, coefficients = train_one(reference, tok, rows, m, method, w, seed, budget, tmp)
                         pol_out = task.sample(policy, tok, texts, seed=40_000 + seed)
-                        r = RunResult(m, method, tuple(w), seed, task.win_rates(pol_out, ref_out, keywords, m),
-                                      task.mean_scores(pol_out, keywords, m), task.mean_scores(ref_out, keywords, m),
-                                      time.perf_counter() - t1, coefficients)
+                        r = RunResult(
+                            m,
+                            method,
+                            tuple(w),
+                            seed,
+                            task.win_rates(pol_out, ref_out, keywords, m),
+                            task.mean_scores(pol_out, keywords, m),
+                            task.mean_scores(ref_out, keywords, m),
+                            time.perf_counter() - t1,
+                            coefficients,
+                        )
                         results.append(r)
                         if progress:
                             rates = " ".join(f"{x:.3f}" for x in r.win_rates)

@@ -24,8 +24,35 @@ import torch.nn.functional as F
 
 KEYWORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
 POLITE = ["please", "thanks", "kindly"]
-FILLER = ["the", "a", "is", "and", "of", "very", "good", "with", "it", "so", "then", "we", "all", "now", "more",
-          "here", "there", "also", "just", "only", "some", "each", "much", "well", "too", "but", "yet"]
+FILLER = [
+    "the",
+    "a",
+    "is",
+    "and",
+    "of",
+    "very",
+    "good",
+    "with",
+    "it",
+    "so",
+    "then",
+    "we",
+    "all",
+    "now",
+    "more",
+    "here",
+    "there",
+    "also",
+    "just",
+    "only",
+    "some",
+    "each",
+    "much",
+    "well",
+    "too",
+    "but",
+    "yet",
+]
 SPECIAL = ["<pad>", "<eos>", "<unk>", "write", "about", ":"]
 OBJECTIVES = ("coverage", "brevity", "politeness")
 
@@ -90,8 +117,17 @@ def tiny_gpt2(tok, seed: int):
 
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return transformers.GPT2LMHeadModel(config)
 
@@ -143,8 +179,17 @@ def sample(model, tok, prompts: Sequence[str], seed: int, max_new_tokens: int = 
         width = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         for row in out[:, width:].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]

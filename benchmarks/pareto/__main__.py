@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> list[Section]:
     parser.add_argument("--out", type=Path, default=Path("results/pareto"), help="report folder")
     parser.add_argument("--quick", action="store_true", help="reduced budgets (CI): under 2 minutes on 2 cores")
     parser.add_argument("--problems", nargs="+", help=f"subset of {list(PROBLEMS)} (default: all)")
-    parser.add_argument("--methods", nargs="+", help=f"subset of {list(build_methods())} (default: ours + baselines, "
-                        "plus the TorchJD peers when torchjd is installed)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help=f"subset of {list(build_methods())} (default: ours + baselines, plus the TorchJD peers when torchjd is installed)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--c", type=float, default=0.4, help="trust-region radius of the CAGrad family (default 0.4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny tensors)")
@@ -50,13 +53,14 @@ def main(argv: list[str] | None = None) -> list[Section]:
         names = list(DEFAULT_METHODS)
         if torchjd_available() and not args.quick:
             peers = ["torchjd-upgrad", "torchjd-cagrad"]
-            note = (f"TorchJD peers (UPGrad, CAGrad) run on {list(PEER_PROBLEMS)} by default (one Jacobian at a time: "
-                    "too slow for the long toy and DPO runs; request them with --methods).")
+            note = (
+                f"TorchJD peers (UPGrad, CAGrad) run on {list(PEER_PROBLEMS)} by default (one Jacobian at a time: "
+                "too slow for the long toy and DPO runs; request them with --methods)."
+            )
         elif args.quick:
             note = "TorchJD peers skipped in --quick mode (name them with --methods to include them)."
         else:
-            note = ("TorchJD peers (UPGrad, CAGrad) skipped: `torchjd` is not installed "
-                    "(`pip install torchjd` to add them).")
+            note = "TorchJD peers (UPGrad, CAGrad) skipped: `torchjd` is not installed (`pip install torchjd` to add them)."
     try:
         methods = get_methods(names, args.c)
         methods_with_peers = get_methods(names + peers, args.c)
@@ -73,10 +77,12 @@ def main(argv: list[str] | None = None) -> list[Section]:
     start = time.perf_counter()
     sections = []
     peer_note = f" + {peers} on {list(PEER_PROBLEMS)}" if peers else ""
-    header = (f"Command: `python -m benchmarks.pareto{' --quick' if args.quick else ''}` (seeds {seeds}, "
-              f"methods {names}{peer_note}, c = {args.c}, float64, {args.threads} torch thread(s)). "
-              "Every method runs through the same loop with the same optimizer, learning rate and step budget "
-              "per problem; no per-method tuning.\n" + (f"\n{note}\n" if note else ""))
+    header = (
+        f"Command: `python -m benchmarks.pareto{' --quick' if args.quick else ''}` (seeds {seeds}, "
+        f"methods {names}{peer_note}, c = {args.c}, float64, {args.threads} torch thread(s)). "
+        "Every method runs through the same loop with the same optimizer, learning rate and step budget "
+        "per problem; no per-method tuning.\n" + (f"\n{note}\n" if note else "")
+    )
     for name in problems:
         cfg.methods = methods_with_peers if name in PEER_PROBLEMS else methods
         sections.append(PROBLEMS[name](cfg))

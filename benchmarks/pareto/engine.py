@@ -83,9 +83,7 @@ def per_objective_grads(loss_fn: LossFn, x: Tensor) -> tuple[Tensor, Tensor]:
         xr = x.detach().requires_grad_(True)
         losses = loss_fn(xr)
         m = losses.shape[-1]
-        grads = [
-            torch.autograd.grad(losses[..., i].sum(), xr, retain_graph=i < m - 1)[0] for i in range(m)
-        ]
+        grads = [torch.autograd.grad(losses[..., i].sum(), xr, retain_graph=i < m - 1)[0] for i in range(m)]
     return losses.detach(), torch.stack(grads, -2)
 
 

@@ -167,13 +167,22 @@ def build_methods(c: float = 0.4) -> dict[str, Method]:
         "pcgrad": Method("pcgrad", "PCGrad", _pcgrad, False, True, note="w-weighted sum of projected gradients"),
         "cagrad": Method("cagrad", f"CAGrad (c={c})", _cagrad_rule(c, False, None), True, True, note="weighted anchor, no clip"),
         "cagrad-official": Method(
-            "cagrad-official", f"CAGrad /(1+c²) (c={c})", _cagrad_rule(c, False, "1+c^2"), True, True,
+            "cagrad-official",
+            f"CAGrad /(1+c²) (c={c})",
+            _cagrad_rule(c, False, "1+c^2"),
+            True,
+            True,
             note="official rescale 1/(1+c^2)",
         ),
         "raco": Method("raco", f"RACO (c={c}, clip)", _cagrad_rule(c, True, None), True, True),
         "torchjd-upgrad": Method("torchjd-upgrad", "TorchJD UPGrad", _torchjd_rule("upgrad", c), False, True, external=True),
         "torchjd-cagrad": Method(
-            "torchjd-cagrad", f"TorchJD CAGrad (c={c})", _torchjd_rule("cagrad", c), False, True, external=True,
+            "torchjd-cagrad",
+            f"TorchJD CAGrad (c={c})",
+            _torchjd_rule("cagrad", c),
+            False,
+            True,
+            external=True,
         ),
     }
     return methods

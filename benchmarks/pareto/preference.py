@@ -74,8 +74,9 @@ def expected_reward(task: dict[str, Tensor], theta: Tensor) -> Tensor:
 def weighted_optimum(task: dict[str, Tensor], W: Tensor) -> Tensor:
     """``theta*(w)`` per run by L-BFGS on the (separable, convex) sum of ``L_w``."""
     theta = torch.zeros(W.shape[0], D, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -99,12 +100,14 @@ def weight_sweep(m: int, quick: bool) -> list[list[float]]:
 def run(cfg: Config) -> Section:
     t0 = time.perf_counter()
     steps = 150 if cfg.quick else 300
-    md = [f"K = {K} contexts x Y = {Y} responses, d = {D} features, linear softmax policy, reference = uniform "
-          f"(theta = 0, also the start), {N_PAIRS} shared preference pairs per task labelled per objective by "
-          f"Bradley-Terry, DPO beta = {BETA}; Adam lr {LR}, {steps} full-batch steps, c = {cfg.c}; seeds {cfg.seeds}. "
-          f"J = exact expected true reward (unit-RMS rewards). Hypervolume (maximisation) of the final J of one weight "
-          f"sweep, reference point = the worst achievable J (mean over contexts of min_y r_i), mean over seeds; "
-          f"'gap' = ||J(theta_T) - J(theta*(w))|| with theta*(w) the exact minimiser of L_w (mean over runs).\n\n"]
+    md = [
+        f"K = {K} contexts x Y = {Y} responses, d = {D} features, linear softmax policy, reference = uniform "
+        f"(theta = 0, also the start), {N_PAIRS} shared preference pairs per task labelled per objective by "
+        f"Bradley-Terry, DPO beta = {BETA}; Adam lr {LR}, {steps} full-batch steps, c = {cfg.c}; seeds {cfg.seeds}. "
+        f"J = exact expected true reward (unit-RMS rewards). Hypervolume (maximisation) of the final J of one weight "
+        f"sweep, reference point = the worst achievable J (mean over contexts of min_y r_i), mean over seeds; "
+        f"'gap' = ||J(theta_T) - J(theta*(w))|| with theta*(w) the exact minimiser of L_w (mean over runs).\n\n"
+    ]
     header = ["m", "rho", "method", "hypervolume", "HV of theta*(w) sweep", "gap to w-optimal J", "mean J (sum)"]
     table, panels = [], []
     hv_wins: dict[str, int] = {}
@@ -118,21 +121,43 @@ def run(cfg: Config) -> Section:
             task["phi"] = task["phi"]
             W = torch.tensor([sweep[w] for _, w in runs], dtype=torch.float64)
             x0 = torch.zeros(len(runs), D, dtype=torch.float64)
-            res = engine.run(lambda th, task=task: dpo_losses(task, th), x0, W, cfg.methods, steps, optimizer="adam",
-                             lr=LR, log_points=20, seed=cfg.seeds[0], desc=f"preference m={m} rho={rho}",
-                             progress=cfg.progress)
+            res = engine.run(
+                lambda th, task=task: dpo_losses(task, th),
+                x0,
+                W,
+                cfg.methods,
+                steps,
+                optimizer="adam",
+                lr=LR,
+                log_points=20,
+                seed=cfg.seeds[0],
+                desc=f"preference m={m} rho={rho}",
+                progress=cfg.progress,
+            )
             J = expected_reward(task, res.final)  # (M, R, m)
             theta_star = weighted_optimum(task, W)
             Jstar = expected_reward(task, theta_star)  # (R, m)
             ref = -task["r"].amin(-1).mean(-1)  # (R, m): minimisation reference for -J
-            hv_star = np.mean([hypervolume(-Jstar[[i for i, r in enumerate(runs) if r[0] == s]].numpy(),
-                                           ref[[i for i, r in enumerate(runs) if r[0] == s][0]].numpy())
-                               for s in cfg.seeds])
+            hv_star = np.mean(
+                [
+                    hypervolume(
+                        -Jstar[[i for i, r in enumerate(runs) if r[0] == s]].numpy(),
+                        ref[[i for i, r in enumerate(runs) if r[0] == s][0]].numpy(),
+                    )
+                    for s in cfg.seeds
+                ]
+            )
             hvs = {}
             for k, meth in enumerate(cfg.methods):
-                hv = np.mean([hypervolume(-J[k, [i for i, r in enumerate(runs) if r[0] == s]].numpy(),
-                                          ref[[i for i, r in enumerate(runs) if r[0] == s][0]].numpy())
-                              for s in cfg.seeds])
+                hv = np.mean(
+                    [
+                        hypervolume(
+                            -J[k, [i for i, r in enumerate(runs) if r[0] == s]].numpy(),
+                            ref[[i for i, r in enumerate(runs) if r[0] == s][0]].numpy(),
+                        )
+                        for s in cfg.seeds
+                    ]
+                )
                 gap = float((J[k] - Jstar).norm(dim=-1).mean())
                 gap_all.setdefault(meth.label, []).append(gap)
                 hvs[meth.label] = hv
@@ -141,17 +166,32 @@ def run(cfg: Config) -> Section:
             hv_wins[top] = hv_wins.get(top, 0) + 1
             if m == 2:
                 s0 = [i for i, r in enumerate(runs) if r[0] == cfg.seeds[0]]
-                panels.append((f"m=2, rho={rho}", None, {meth.label: J[k, s0].numpy() for k, meth in
-                                                         enumerate(cfg.methods)}, Jstar[s0].numpy()))
+                panels.append(
+                    (f"m=2, rho={rho}", None, {meth.label: J[k, s0].numpy() for k, meth in enumerate(cfg.methods)}, Jstar[s0].numpy())
+                )
     md.append(md_table(header, table))
     from . import report
 
-    report.fronts_figure(cfg.out / "preference_fronts.png", panels, "J_1 (true reward)", "J_2 (true reward)",
-                         f"Synthetic DPO, m = 2: final true rewards over the w sweep (seed {cfg.seeds[0]}; +: J(theta*(w)))")
+    report.fronts_figure(
+        cfg.out / "preference_fronts.png",
+        panels,
+        "J_1 (true reward)",
+        "J_2 (true reward)",
+        f"Synthetic DPO, m = 2: final true rewards over the w sweep (seed {cfg.seeds[0]}; +: J(theta*(w)))",
+    )
     gaps = {k: float(np.mean(v)) for k, v in gap_all.items()}
     best_gap = min(gaps, key=gaps.get)
-    summary = ("preference — highest hypervolume per (m, rho): " + ", ".join(f"{k} {v}x" for k, v in hv_wins.items())
-               + f"; smallest mean gap to the w-optimal trade-off: {best_gap} ({gaps[best_gap]:.3g}); "
-               + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items()))
-    return Section("4. Synthetic preference alignment (DPO)", "".join(md), ["preference_fronts.png"], summary,
-                   time.perf_counter() - t0, {"table": table})
+    summary = (
+        "preference — highest hypervolume per (m, rho): "
+        + ", ".join(f"{k} {v}x" for k, v in hv_wins.items())
+        + f"; smallest mean gap to the w-optimal trade-off: {best_gap} ({gaps[best_gap]:.3g}); "
+        + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items())
+    )
+    return Section(
+        "4. Synthetic preference alignment (DPO)",
+        "".join(md),
+        ["preference_fronts.png"],
+        summary,
+        time.perf_counter() - t0,
+        {"table": table},
+    )

@@ -78,12 +78,23 @@ def losses(A: Tensor, u: Tensor, x: Tensor) -> Tensor:
 def run(cfg: Config) -> Section:
     t0 = time.perf_counter()
     steps = 150 if cfg.quick else 400
-    md = [f"n = {DIM}, plain gradient descent with lr {LR} for every method (eigenvalues of each A_i in "
-          f"[1/kappa, 1], so every L_w is 2-smooth), {steps} steps, c = {cfg.c}, seeds {cfg.seeds} "
-          f"(one instance and start per seed). 'Pareto dist' is the distance to the nearest of "
-          f"thousands of x*(lambda) (upper bound); 'stationarity' = min_p ||sum p_i g_i||.\n\n"]
-    header = ["m", "kappa", "method", "dist x*(w) start", "dist x*(w) end (median)", "dist x*(w) end (max)",
-              "Pareto dist end (median)", "Pareto dist end (max)", "stationarity end (median)"]
+    md = [
+        f"n = {DIM}, plain gradient descent with lr {LR} for every method (eigenvalues of each A_i in "
+        f"[1/kappa, 1], so every L_w is 2-smooth), {steps} steps, c = {cfg.c}, seeds {cfg.seeds} "
+        f"(one instance and start per seed). 'Pareto dist' is the distance to the nearest of "
+        f"thousands of x*(lambda) (upper bound); 'stationarity' = min_p ||sum p_i g_i||.\n\n"
+    ]
+    header = [
+        "m",
+        "kappa",
+        "method",
+        "dist x*(w) start",
+        "dist x*(w) end (median)",
+        "dist x*(w) end (max)",
+        "Pareto dist end (median)",
+        "Pareto dist end (max)",
+        "stationarity end (median)",
+    ]
     table = []
     panels_w, panels_p = [], []
     data = {}
@@ -99,8 +110,9 @@ def run(cfg: Config) -> Section:
             xstar = weighted_optimum(A, u, W)
             # x*(w) of the runs' own weights are Pareto points too: add them to the candidates.
             lam = torch.cat([lambda_grid(m), W1])
-            front = torch.stack([weighted_optimum(a.expand(len(lam), *a.shape), uu.expand(len(lam), *uu.shape), lam)
-                                 for a, uu, _ in inst])  # (S, K, n)
+            front = torch.stack(
+                [weighted_optimum(a.expand(len(lam), *a.shape), uu.expand(len(lam), *uu.shape), lam) for a, uu, _ in inst]
+            )  # (S, K, n)
             front_r = front[[si for si, _ in runs]]  # (R, K, n)
 
             def metrics(x: Tensor, A=A, u=u, xstar=xstar, front_r=front_r) -> dict[str, Tensor]:
@@ -111,31 +123,69 @@ def run(cfg: Config) -> Section:
                 pd = torch.cdist(x.transpose(0, 1), front_r).amin(-1).transpose(0, 1)
                 return {"dist_w": (x - xstar).norm(dim=-1), "pareto": pd, "stat": stat}
 
-            res = engine.run(lambda z, A=A, u=u: losses(A, u, z), x0, W, cfg.methods, steps, optimizer="sgd", lr=LR,
-                             log_points=50, metric_fn=metrics, seed=cfg.seeds[0], desc=f"quadratic m={m} {cname}",
-                             progress=cfg.progress)
+            res = engine.run(
+                lambda z, A=A, u=u: losses(A, u, z),
+                x0,
+                W,
+                cfg.methods,
+                steps,
+                optimizer="sgd",
+                lr=LR,
+                log_points=50,
+                metric_fn=metrics,
+                seed=cfg.seeds[0],
+                desc=f"quadratic m={m} {cname}",
+                progress=cfg.progress,
+            )
             data[(m, cname)] = res
             lg = res.logs
             for k, meth in enumerate(cfg.methods):
                 dw, pdist, st = lg["dist_w"][-1, k].numpy(), lg["pareto"][-1, k].numpy(), lg["stat"][-1, k].numpy()
-                table.append([m, kappa, meth.label, float(np.median(lg["dist_w"][0, k].numpy())), float(np.median(dw)),
-                              float(dw.max()), float(np.median(pdist)), float(pdist.max()), float(np.median(st))])
-            panels_w.append((f"m={m}, kappa={kappa:g}", res.log_steps,
-                             {meth.label: lg["dist_w"][:, k].numpy() for k, meth in enumerate(cfg.methods)}))
-            panels_p.append((f"m={m}, kappa={kappa:g}", res.log_steps,
-                             {meth.label: lg["pareto"][:, k].numpy() + 1e-12 for k, meth in enumerate(cfg.methods)}))
+                table.append(
+                    [
+                        m,
+                        kappa,
+                        meth.label,
+                        float(np.median(lg["dist_w"][0, k].numpy())),
+                        float(np.median(dw)),
+                        float(dw.max()),
+                        float(np.median(pdist)),
+                        float(pdist.max()),
+                        float(np.median(st)),
+                    ]
+                )
+            panels_w.append(
+                (f"m={m}, kappa={kappa:g}", res.log_steps, {meth.label: lg["dist_w"][:, k].numpy() for k, meth in enumerate(cfg.methods)})
+            )
+            panels_p.append(
+                (
+                    f"m={m}, kappa={kappa:g}",
+                    res.log_steps,
+                    {meth.label: lg["pareto"][:, k].numpy() + 1e-12 for k, meth in enumerate(cfg.methods)},
+                )
+            )
     md.append(md_table(header, table))
     from . import report
 
-    report.curves_figure(cfg.out / "quadratic_dist_xw.png", panels_w, "||x - x*(w)||",
-                         "Convex quadratics: distance to the w-weighted optimum (median, 25-75 % band)")
-    report.curves_figure(cfg.out / "quadratic_dist_pareto.png", panels_p, "dist to Pareto set",
-                         "Convex quadratics: distance to the Pareto set (median, 25-75 % band)")
+    report.curves_figure(
+        cfg.out / "quadratic_dist_xw.png",
+        panels_w,
+        "||x - x*(w)||",
+        "Convex quadratics: distance to the w-weighted optimum (median, 25-75 % band)",
+    )
+    report.curves_figure(
+        cfg.out / "quadratic_dist_pareto.png",
+        panels_p,
+        "dist to Pareto set",
+        "Convex quadratics: distance to the Pareto set (median, 25-75 % band)",
+    )
     # headline: which method is closest to x*(w) at the end, over all configs
     labels = [m.label for m in cfg.methods]
     med = {lab: float(np.median([r[4] for r in table if r[2] == lab])) for lab in labels}
     best = min(med, key=med.get)
-    summary = (f"quadratics — median final ||x - x*(w)|| over all (m, kappa): best {best} ({med[best]:.2e}); "
-               + ", ".join(f"{k} {v:.2e}" for k, v in med.items()))
-    return Section("2. Convex quadratics", "".join(md), ["quadratic_dist_xw.png", "quadratic_dist_pareto.png"],
-                   summary, time.perf_counter() - t0, data)
+    summary = f"quadratics — median final ||x - x*(w)|| over all (m, kappa): best {best} ({med[best]:.2e}); " + ", ".join(
+        f"{k} {v:.2e}" for k, v in med.items()
+    )
+    return Section(
+        "2. Convex quadratics", "".join(md), ["quadratic_dist_xw.png", "quadratic_dist_pareto.png"], summary, time.perf_counter() - t0, data
+    )

@@ -25,8 +25,19 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def toy_figure(path: Path, traj: torch.Tensor, rows: list, variant: int, methods: Sequence, w1_values: Sequence[float],
-               scale1: float, opt_pts: torch.Tensor, pset: np.ndarray, contour: Callable, title: str) -> None:
+def toy_figure(
+    path: Path,
+    traj: torch.Tensor,
+    rows: list,
+    variant: int,
+    methods: Sequence,
+    w1_values: Sequence[float],
+    scale1: float,
+    opt_pts: torch.Tensor,
+    pset: np.ndarray,
+    contour: Callable,
+    title: str,
+) -> None:
     """Rows: user weights; columns: methods; each panel: contours of L_w and every start's path."""
     nr, nc = len(w1_values), len(methods)
     fig, axes = plt.subplots(nr, nc, figsize=(2.0 * nc, 2.0 * nr), sharex=True, sharey=True, squeeze=False)
@@ -54,8 +65,9 @@ def toy_figure(path: Path, traj: torch.Tensor, rows: list, variant: int, methods
     save(fig, path)
 
 
-def curves_figure(path: Path, panels: list[tuple[str, list[int], dict[str, np.ndarray]]], ylabel: str,
-                  title: str, logy: bool = True, ncols: int = 3) -> None:
+def curves_figure(
+    path: Path, panels: list[tuple[str, list[int], dict[str, np.ndarray]]], ylabel: str, title: str, logy: bool = True, ncols: int = 3
+) -> None:
     """Panels of per-method curves (median over runs, band = 25-75 %)."""
     n = len(panels)
     ncols = min(ncols, n)
@@ -74,8 +86,14 @@ def curves_figure(path: Path, panels: list[tuple[str, list[int], dict[str, np.nd
     _finish_grid(fig, axes, n, nrows, ncols, title, path, legend_size=6)
 
 
-def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]],
-                  xlabel: str, ylabel: str, title: str, ncols: int = 4) -> None:
+def fronts_figure(
+    path: Path,
+    panels: list[tuple[str, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    ncols: int = 4,
+) -> None:
     """2-D objective-space panels: reference front (line), each method's final points, targets."""
     n = len(panels)
     ncols = min(ncols, n)
@@ -89,8 +107,7 @@ def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[st
         if targets is not None:
             ax.plot(targets[:, 0], targets[:, 1], "k+", ms=7, label="w-optimum")
         for j, (label, v) in enumerate(pts.items()):
-            ax.plot(v[:, 0], v[:, 1], markers[j % len(markers)], color=COLORS[j % len(COLORS)], ms=3.5,
-                    alpha=0.8, label=label, mfc="none")
+            ax.plot(v[:, 0], v[:, 1], markers[j % len(markers)], color=COLORS[j % len(COLORS)], ms=3.5, alpha=0.8, label=label, mfc="none")
         _label_panel(ax, name, xlabel, ylabel)
     _finish_grid(fig, axes, n, nrows, ncols, title, path, legend_size=5)
 
@@ -98,8 +115,10 @@ def fronts_figure(path: Path, panels: list[tuple[str, np.ndarray | None, dict[st
 def machine_line() -> str:
     import os
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    )
 
 
 def write_report(out: Path, sections: list[Section], header: str, wall: float) -> Path:

@@ -92,9 +92,19 @@ def run(cfg: Config) -> Section:
         return (x - opt_pts).norm(dim=-1)
 
     res = engine.run(
-        loss_fn, x0, W, cfg.methods, steps, optimizer="adam", lr=1e-3, log_points=400,
-        hit_fn=lambda x: dist_opt(x) < TARGET, record_trajectory=True, seed=cfg.seeds[0],
-        desc="toy", progress=cfg.progress,
+        loss_fn,
+        x0,
+        W,
+        cfg.methods,
+        steps,
+        optimizer="adam",
+        lr=1e-3,
+        log_points=400,
+        hit_fn=lambda x: dist_opt(x) < TARGET,
+        record_trajectory=True,
+        seed=cfg.seeds[0],
+        desc="toy",
+        progress=cfg.progress,
     )
     final = res.final  # (M, R, 2)
     d_opt = dist_opt(final)
@@ -109,8 +119,7 @@ def run(cfg: Config) -> Section:
         f"{len(STARTS)} starts per variant; one batch of {R} runs x {len(cfg.methods)} methods "
         f"({res.seconds:.0f} s). 'stalled' = ended farther than {TARGET} from the Pareto set; "
         f"'steps to 0.1' = first step within {TARGET} of x*(w) (-1: never).\n",
-        "Weighted optima x*(w) computed by the code (theta1* = 7(v1 - v2), v = normalised "
-        "effective weights):\n",
+        "Weighted optima x*(w) computed by the code (theta1* = 7(v1 - v2), v = normalised effective weights):\n",
     ]
     opt_rows = []
     for vname, sc, _ in variants:
@@ -124,16 +133,32 @@ def run(cfg: Config) -> Section:
         for k, meth in enumerate(cfg.methods):
             reached = int(sum(res.first_hit[k, i] >= 0 for i in sel))
             hits = [int(res.first_hit[k, i]) for i in sel if res.first_hit[k, i] >= 0]
-            summary_rows.append([
-                vname, meth.label, f"{reached}/{len(sel)}", int(sum(bool(stalled[k, i]) for i in sel)),
-                float(np.median([float(d_opt[k, i]) for i in sel])),
-                float(np.median([float(d_par[k, i]) for i in sel])),
-                int(np.median(hits)) if hits else -1,
-            ])
+            summary_rows.append(
+                [
+                    vname,
+                    meth.label,
+                    f"{reached}/{len(sel)}",
+                    int(sum(bool(stalled[k, i]) for i in sel)),
+                    float(np.median([float(d_opt[k, i]) for i in sel])),
+                    float(np.median([float(d_par[k, i]) for i in sel])),
+                    int(np.median(hits)) if hits else -1,
+                ]
+            )
     md.append("\nSummary over starts and weights (counts out of starts x weights):\n")
-    md.append(md_table(
-        ["variant", "method", "within 0.1 of x*(w)", "stalled", "median dist x*(w)", "median dist Pareto set",
-         "median steps to 0.1 (reached runs)"], summary_rows))
+    md.append(
+        md_table(
+            [
+                "variant",
+                "method",
+                "within 0.1 of x*(w)",
+                "stalled",
+                "median dist x*(w)",
+                "median dist Pareto set",
+                "median steps to 0.1 (reached runs)",
+            ],
+            summary_rows,
+        )
+    )
     for vi, (vname, _, _) in enumerate(variants):
         detail = []
         for k, meth in enumerate(cfg.methods):
@@ -141,14 +166,24 @@ def run(cfg: Config) -> Section:
                 if r[0] != vi:
                     continue
                 f = final[k, i]
-                detail.append([
-                    meth.label, r[2], f"({r[3][0]:g}, {r[3][1]:g})", f"({float(f[0]):.3f}, {float(f[1]):.3f})",
-                    float(d_opt[k, i]), float(d_par[k, i]), float(Lw[k, i]), float(Lopt[i]),
-                    int(res.first_hit[k, i]), "yes" if bool(stalled[k, i]) else "no",
-                ])
+                detail.append(
+                    [
+                        meth.label,
+                        r[2],
+                        f"({r[3][0]:g}, {r[3][1]:g})",
+                        f"({float(f[0]):.3f}, {float(f[1]):.3f})",
+                        float(d_opt[k, i]),
+                        float(d_par[k, i]),
+                        float(Lw[k, i]),
+                        float(Lopt[i]),
+                        int(res.first_hit[k, i]),
+                        "yes" if bool(stalled[k, i]) else "no",
+                    ]
+                )
         md.append(f"\n<details><summary>Per method and start: {vname}</summary>\n\n")
-        md.append(md_table(["method", "w1", "start", "final", "dist x*(w)", "dist Pareto", "L_w", "L_w(x*)",
-                            "steps to 0.1", "stalled"], detail))
+        md.append(
+            md_table(["method", "w1", "start", "final", "dist x*(w)", "dist Pareto", "L_w", "L_w(x*)", "steps to 0.1", "stalled"], detail)
+        )
         md.append("\n</details>\n")
 
     figs = []
@@ -156,8 +191,17 @@ def run(cfg: Config) -> Section:
     for vi, (vname, sc, _) in enumerate(variants):
         name = f"toy_{'standard' if vi == 0 else 'scaled'}.png"
         report.toy_figure(
-            cfg.out / name, res.trajectory, rows, vi, cfg.methods, W1_VALUES, sc, opt_pts, pset.numpy(),
-            _contour, f"CAGrad toy, {vname}: trajectories over contours of L_w",
+            cfg.out / name,
+            res.trajectory,
+            rows,
+            vi,
+            cfg.methods,
+            W1_VALUES,
+            sc,
+            opt_pts,
+            pset.numpy(),
+            _contour,
+            f"CAGrad toy, {vname}: trajectories over contours of L_w",
         )
         figs.append(name)
 
@@ -166,8 +210,7 @@ def run(cfg: Config) -> Section:
         sel = [i for i, r in enumerate(rows) if r[0] == vi]
         counts = {m.label: int(sum(res.first_hit[k, i] >= 0 for i in sel)) for k, m in enumerate(cfg.methods)}
         top = max(counts.values())
-        best.append(f"{vname}: most runs within 0.1 of x*(w): "
-                    f"{', '.join(k for k, v in counts.items() if v == top)} ({top}/{len(sel)})")
+        best.append(f"{vname}: most runs within 0.1 of x*(w): {', '.join(k for k, v in counts.items() if v == top)} ({top}/{len(sel)})")
     return Section(
         title="1. CAGrad toy",
         markdown="".join(md),

@@ -51,10 +51,7 @@ def run(cfg: Config) -> Section:
     steps = 300 if cfg.quick else 600
     w1s = [0.1, 0.3, 0.5, 0.7, 0.9] if cfg.quick else [round(float(v), 2) for v in np.linspace(0.05, 0.95, 11)]
     runs = [(s, w1) for s in cfg.seeds for w1 in w1s]
-    x0 = torch.stack([
-        2.0 * torch.rand(N, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64) - 1.0
-        for s, _ in runs
-    ])
+    x0 = torch.stack([2.0 * torch.rand(N, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64) - 1.0 for s, _ in runs])
     W = torch.tensor([[w1, 1 - w1] for _, w1 in runs], dtype=torch.float64)
     t_grid = torch.linspace(-1, 1, 20001, dtype=torch.float64)
     F = front(t_grid)
@@ -67,8 +64,20 @@ def run(cfg: Config) -> Section:
         dfront = torch.cdist(f.reshape(-1, 2), F).amin(-1).reshape(f.shape[:-1])
         return {"front": dfront, "set": dist_pareto_set(x), "dist_w": (x - xstar).norm(dim=-1)}
 
-    res = engine.run(vlmop2, x0, W, cfg.methods, steps, optimizer="adam", lr=LR, log_points=50, metric_fn=metrics,
-                     seed=cfg.seeds[0], desc="vlmop2", progress=cfg.progress)
+    res = engine.run(
+        vlmop2,
+        x0,
+        W,
+        cfg.methods,
+        steps,
+        optimizer="adam",
+        lr=LR,
+        log_points=50,
+        metric_fn=metrics,
+        seed=cfg.seeds[0],
+        desc="vlmop2",
+        progress=cfg.progress,
+    )
     lg = res.logs
     fin = vlmop2(res.final)  # (M, R, 2)
     rows = []
@@ -83,23 +92,51 @@ def run(cfg: Config) -> Section:
             tt = res.final[k, sel].sum(-1) / n**0.5
             spreads.append(float(tt.clamp(-1, 1).max() - tt.clamp(-1, 1).min()) / 2)
         hv_by[meth.label] = float(np.mean(hvs))
-        rows.append([meth.label, float(np.median(lg["front"][-1, k].numpy())), float(lg["front"][-1, k].max()),
-                     float(np.median(lg["set"][-1, k].numpy())), float(np.median(lg["dist_w"][-1, k].numpy())),
-                     float(lg["dist_w"][-1, k].max()), float(np.mean(spreads)), float(np.mean(hvs)), hv_front])
+        rows.append(
+            [
+                meth.label,
+                float(np.median(lg["front"][-1, k].numpy())),
+                float(lg["front"][-1, k].max()),
+                float(np.median(lg["set"][-1, k].numpy())),
+                float(np.median(lg["dist_w"][-1, k].numpy())),
+                float(lg["dist_w"][-1, k].max()),
+                float(np.mean(spreads)),
+                float(np.mean(hvs)),
+                hv_front,
+            ]
+        )
         pts[meth.label] = fin[k].numpy()
     targets = front(tstar[: len(w1s)]).numpy()
-    md = (f"n = {N}, Adam lr {LR}, {steps} steps, c = {cfg.c}; w1 in {w1s}; starts uniform in [-1, 1]^n per seed "
-          f"(seeds {cfg.seeds}; every w of a seed starts from the same point). Spread = half the range of the final "
-          f"points' Pareto parameter t (1 = the whole front); hypervolume w.r.t. (1, 1) of the final points of one "
-          f"sweep (mean over seeds; the whole front has {hv_front:.4f}).\n\n")
-    md += md_table(["method", "dist to front (median)", "dist to front (max)", "dist to Pareto set (median)",
-                    "dist x*(w) (median)", "dist x*(w) (max)", "spread", "hypervolume", "HV of front"], rows)
+    md = (
+        f"n = {N}, Adam lr {LR}, {steps} steps, c = {cfg.c}; w1 in {w1s}; starts uniform in [-1, 1]^n per seed "
+        f"(seeds {cfg.seeds}; every w of a seed starts from the same point). Spread = half the range of the final "
+        f"points' Pareto parameter t (1 = the whole front); hypervolume w.r.t. (1, 1) of the final points of one "
+        f"sweep (mean over seeds; the whole front has {hv_front:.4f}).\n\n"
+    )
+    md += md_table(
+        [
+            "method",
+            "dist to front (median)",
+            "dist to front (max)",
+            "dist to Pareto set (median)",
+            "dist x*(w) (median)",
+            "dist x*(w) (max)",
+            "spread",
+            "hypervolume",
+            "HV of front",
+        ],
+        rows,
+    )
     from . import report
 
-    report.fronts_figure(cfg.out / "vlmop2_front.png",
-                         [(lab, F.numpy(), {lab: p}, targets) for lab, p in pts.items()],
-                         "f1", "f2", "VLMOP2: final points of the w sweep (+: w-optimum)", ncols=3)
+    report.fronts_figure(
+        cfg.out / "vlmop2_front.png",
+        [(lab, F.numpy(), {lab: p}, targets) for lab, p in pts.items()],
+        "f1",
+        "f2",
+        "VLMOP2: final points of the w sweep (+: w-optimum)",
+        ncols=3,
+    )
     best = max(hv_by, key=hv_by.get)
-    summary = (f"vlmop2 — best hypervolume {best} ({hv_by[best]:.4f}); "
-               + ", ".join(f"{k} {v:.4f}" for k, v in hv_by.items()))
+    summary = f"vlmop2 — best hypervolume {best} ({hv_by[best]:.4f}); " + ", ".join(f"{k} {v:.4f}" for k, v in hv_by.items())
     return Section("3. VLMOP2", md, ["vlmop2_front.png"], summary, time.perf_counter() - t0, {"result": res})

@@ -205,4 +205,3 @@ def combination_coefficients(
     arguments. ``c = 0`` returns exactly the normalised weights.
     """
     return solve_cagrad(gram, weights, c, clip, rescale, max_iter, solver=solver, validate=validate).coefficients
-

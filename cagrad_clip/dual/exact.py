@@ -78,8 +78,9 @@ def _build_frame(m: int, k: int, device: torch.device, dtype: torch.dtype) -> Fa
     return FaceFrame(index, support, gram_index, gram_mask, constant, index_ext.reshape(-1), support_ext, unit)
 
 
-def solve_by_supports(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None = None,
-                      kink_tol: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def solve_by_supports(
+    Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None = None, kink_tol: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Best point of the faces of at most ``max_support`` vertices (all faces: the exact dual solution).
 
     ``Hn`` is ``(..., m, m)``, ``b`` ``(..., m)`` and ``s`` ``(...)``. Returns ``(p, F(p), p_off)``:
@@ -93,7 +94,7 @@ def solve_by_supports(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None 
     H_flat, b_flat, s_flat = Hn.reshape(-1, m * m), b.reshape(-1, m), s.reshape(-1)
     chunk = max(1, _SYSTEMS_PER_CHUNK // frame.vertices.shape[0])
     parts = [
-        _solve_chunk(frame, m, H_flat[start:start + chunk], b_flat[start:start + chunk], s_flat[start:start + chunk], kink_tol)
+        _solve_chunk(frame, m, H_flat[start : start + chunk], b_flat[start : start + chunk], s_flat[start : start + chunk], kink_tol)
         for start in range(0, H_flat.shape[0], chunk)
     ]
     p, value, p_off = (torch.cat(list(part), 0) for part in zip(*parts))
@@ -131,8 +132,9 @@ def _face_candidates(frame: FaceFrame, H_chunk: Tensor, b_chunk: Tensor, s_chunk
     return p, value, quad
 
 
-def _solve_chunk(frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor,
-                 kink_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+def _solve_chunk(
+    frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor, kink_tol: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`solve_by_supports` for one chunk of flattened problems ``(n, m m)``."""
     p, value, quad = _face_candidates(frame, H_chunk, b_chunk, s_chunk)
     n, _, k = p.shape

@@ -48,8 +48,9 @@ def solve_frank_wolfe(Hn: Tensor, b: Tensor, s: Tensor, diag_n: Tensor, max_iter
     return torch.where((value_small < value).unsqueeze(-1), p_small, p)
 
 
-def move(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, Hp: Tensor, q0: Tensor, d: Tensor, gamma_max: Tensor,
-         frozen: Tensor, blocking: Tensor) -> Tensor:
+def move(
+    Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, Hp: Tensor, q0: Tensor, d: Tensor, gamma_max: Tensor, frozen: Tensor, blocking: Tensor
+) -> Tensor:
     """``p + gamma d`` with the exact line-search ``gamma`` on ``[0, gamma_max]``; frozen problems stay.
 
     ``blocking`` (one-hot) marks the vertex whose mass reaches zero at ``gamma_max``: a step of
@@ -63,8 +64,7 @@ def move(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, Hp: Tensor, q0: Tensor, d:
     return torch.where(dropped, torch.zeros_like(p_next), p_next)
 
 
-def pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, kink_tol: float, idx: Tensor,
-                     excluded: Tensor) -> Tensor:
+def pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, kink_tol: float, idx: Tensor, excluded: Tensor) -> Tensor:
     """One pairwise Frank-Wolfe step: move mass from the worst active vertex to the best vertex.
 
     Moving the whole mass of the away vertex (a drop step) leaves an exact zero, so the active

@@ -115,8 +115,9 @@ def share_ties(problem: _Problem, p: Tensor, tie_tol: float) -> Tensor:
     group_weight = (same @ problem.w.unsqueeze(-1)).squeeze(-1)
     count = same.sum(-1)
     weighted = group_weight > 0
-    shared = torch.where(weighted, problem.w * group_mass / torch.where(weighted, group_weight, torch.ones_like(group_weight)),
-                         group_mass / count)
+    shared = torch.where(
+        weighted, problem.w * group_mass / torch.where(weighted, group_weight, torch.ones_like(group_weight)), group_mass / count
+    )
     return torch.where(count > 1, shared, p)
 
 
@@ -140,8 +141,7 @@ def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tens
     return problem.w + ratio.unsqueeze(-1) * direction
 
 
-def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor: float, max_iter: int,
-                 solver: str) -> CAGradSolution:
+def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor: float, max_iter: int, solver: str) -> CAGradSolution:
     """Solve checked problems: ``gram`` ``(..., m, m)`` and normalised ``weights`` ``(..., m)`` of one float dtype.
 
     ``solver`` is ``"exact"`` or ``"frank_wolfe"`` (ignored for ``m <= 2``), ``max_iter`` the
@@ -169,8 +169,7 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     return _poisoned(problem, coefficients, p, p_clipped, dual_n, fw_gap_n)
 
 
-def _poisoned(problem: _Problem, coefficients: Tensor, p: Tensor, p_clipped: Tensor, dual_n: Tensor,
-              fw_gap_n: Tensor) -> CAGradSolution:
+def _poisoned(problem: _Problem, coefficients: Tensor, p: Tensor, p_clipped: Tensor, dual_n: Tensor, fw_gap_n: Tensor) -> CAGradSolution:
     """The solution in the input's units, with every output of a problem with a non-finite Gram set to NaN.
 
     A non-finite entry must not pass silently: the masks of the solve (``usable`` is False for NaN)

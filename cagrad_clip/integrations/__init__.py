@@ -36,8 +36,11 @@ def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = Non
     seen: set[int] = set()
     current = optimizer
     lightning = tuple(
-        cls for cls in (getattr(sys.modules.get(name), "LightningOptimizer", None)
-                        for name in ("pytorch_lightning.core.optimizer", "lightning.pytorch.core.optimizer"))
+        cls
+        for cls in (
+            getattr(sys.modules.get(name), "LightningOptimizer", None)
+            for name in ("pytorch_lightning.core.optimizer", "lightning.pytorch.core.optimizer")
+        )
         if isinstance(cls, type)
     )
     while current is not None and id(current) not in seen:

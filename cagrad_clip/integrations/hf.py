@@ -172,8 +172,9 @@ class MultiObjectiveTrainerMixin:
         w = self._weights(len(losses), losses[0])
         return (torch.stack([loss.detach() for loss in losses]).to(w.dtype) @ w) * share
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The ``w``-weighted sum of :meth:`objective_losses` (what evaluation reports)."""
         losses = list(self.objective_losses(model, inputs))
         self._record_losses("train" if model.training else "eval", losses)
@@ -181,8 +182,9 @@ class MultiObjectiveTrainerMixin:
         loss = torch.stack(losses).to(w.dtype) @ w
         return (loss, None) if return_outputs else loss
 
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+    def prediction_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Tensor, None, None]:
         """Evaluation: the weighted loss through :meth:`objective_losses` (no logits)."""
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
         with torch.no_grad(), self.compute_loss_context_manager():  # type: ignore[attr-defined]

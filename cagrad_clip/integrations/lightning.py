@@ -137,4 +137,3 @@ class MultiObjectiveModule(pl.LightningModule):
         """Clip the combined direction (already unscaled by the precision plugin)."""
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-

@@ -160,8 +160,16 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
     and the last step's ``coef/<objective>`` (the coefficients ``a``) and ``cos/<a>|<b>``.
     """
 
-    def __init__(self, model: Any, ref_model: Any = None, args: MultiObjectiveDPOConfig | None = None, data_collator: Any = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: MultiObjectiveDPOConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(args, MultiObjectiveDPOConfig):
             raise TypeError(f"args must be a MultiObjectiveDPOConfig, got {type(args).__name__}")
         m = None if args.objective_weights is None else len(args.objective_weights)
@@ -172,9 +180,18 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
             if ds is not None:
                 _check_dataset(ds, args.signs_column, m, str(name))
         super().__init__(
-            model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, objective_weights=args.objective_weights, objective_names=args.objective_names,
-            c=args.c, clip=args.clip, rescale=args.rescale, **kwargs,
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            objective_weights=args.objective_weights,
+            objective_names=args.objective_names,
+            c=args.c,
+            clip=args.clip,
+            rescale=args.rescale,
+            **kwargs,
         )
         if self._is_vision_dataset:
             raise ValueError("MultiObjectiveDPOTrainer supports text preference data only (no images)")

@@ -24,9 +24,7 @@ def make_store(params: Sequence[Tensor], shared_count: int, accumulate_dtype: to
     """The store for ``params`` (shared first): sharded for DTensor shards, dense otherwise."""
     devices = {p.device for p in params}
     if len(devices) > 1:
-        raise ValueError(
-            f"all trainable parameters must be on one device to share a gradient buffer, found {sorted(map(str, devices))}"
-        )
+        raise ValueError(f"all trainable parameters must be on one device to share a gradient buffer, found {sorted(map(str, devices))}")
     group = sharded_layout(params)
     if group is not None:
         return ShardedStore(params, shared_count, group, accumulate_dtype)

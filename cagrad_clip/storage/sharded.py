@@ -126,4 +126,3 @@ class ShardedStore(GradientStore):
         if kept:
             torch._foreach_sub_(kept, added)
         self.coefficients = None
-

@@ -28,8 +28,17 @@ H3 = torch.eye(3, dtype=torch.float64)
 
 def test_public_names() -> None:
     assert set(dual.__all__) >= {
-        "CAGradSolution", "solve_cagrad", "combination_coefficients", "solve_with_settings", "auto_solver",
-        "default_max_iter", "resolve_solver", "AUTO_EXACT_MAX_M", "EXACT_MAX_M", "RESCALE_OPTIONS", "SOLVER_OPTIONS",
+        "CAGradSolution",
+        "solve_cagrad",
+        "combination_coefficients",
+        "solve_with_settings",
+        "auto_solver",
+        "default_max_iter",
+        "resolve_solver",
+        "AUTO_EXACT_MAX_M",
+        "EXACT_MAX_M",
+        "RESCALE_OPTIONS",
+        "SOLVER_OPTIONS",
         "exact_line_search",
     }
     assert all(hasattr(dual, name) for name in dual.__all__)
@@ -111,8 +120,9 @@ def test_bad_solver() -> None:
     with pytest.raises(ValueError, match="limited to m <= 12, got m = 13"):
         solve_cagrad(torch.eye(13, dtype=torch.float64), solver="exact")
     with pytest.raises(ValueError, match="limited to m <= 12, got m = 13"):
-        solve_with_settings(torch.eye(13, dtype=torch.float64), torch.full((13,), 1 / 13, dtype=torch.float64),
-                            CAGradSettings(solver="exact"))
+        solve_with_settings(
+            torch.eye(13, dtype=torch.float64), torch.full((13,), 1 / 13, dtype=torch.float64), CAGradSettings(solver="exact")
+        )
     assert resolve_solver("auto", 40) == "auto" and resolve_solver("exact", 12) == "exact"
 
 
@@ -152,5 +162,4 @@ def test_solve_with_settings_float32_and_half() -> None:
     for gram in (H, H.half()):
         a = solve_with_settings(gram, w, CAGradSettings()).coefficients
         assert a.dtype == torch.float32
-        np.testing.assert_allclose(a.double().numpy(), reference_coefficients(gram.double().numpy(), np.array([0.2, 0.8]), 0.4),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(a.double().numpy(), reference_coefficients(gram.double().numpy(), np.array([0.2, 0.8]), 0.4), rtol=1e-5)

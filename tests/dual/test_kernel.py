@@ -103,8 +103,11 @@ def test_rescale_divides_the_coefficients(solver: str, rescale) -> None:
     rng = np.random.default_rng(17)
     G = random_gradients(rng, 4, 5)
     H = G.T @ G
-    np.testing.assert_allclose(coeffs(H, None, 0.7, rescale=rescale, solver=solver) * DIVISOR[rescale](0.7),
-                               reference_coefficients(H, np.full(4, 0.25), 0.7), rtol=1e-9)
+    np.testing.assert_allclose(
+        coeffs(H, None, 0.7, rescale=rescale, solver=solver) * DIVISOR[rescale](0.7),
+        reference_coefficients(H, np.full(4, 0.25), 0.7),
+        rtol=1e-9,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +248,9 @@ def test_one_zero_gradient(solver: str) -> None:
     ref = solve_dual_reference(H, w, 0.4)
     assert ref.value < 0 and ref.p[2] < 1e-9
     for clip in (True, False):
-        np.testing.assert_allclose(coeffs(H, w, 0.4, clip, solver=solver), coefficients_from_dual(H, w, 0.4, ref.p, clip),
-                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            coeffs(H, w, 0.4, clip, solver=solver), coefficients_from_dual(H, w, 0.4, ref.p, clip), rtol=1e-9, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -39,9 +39,20 @@ def rows(n: int) -> list[dict]:
 
 
 def args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=2, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
-                max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                remove_unused_columns=False)
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     base.update(kw)
     return transformers.TrainingArguments(**base)
 
@@ -57,9 +68,13 @@ def test_accumulation_with_a_short_last_window_equals_the_hand_written_loop(tmp_
         opt.backward(halves(mine, torch.stack([r["input_ids"] for r in window])))
         torch.nn.utils.clip_grad_norm_(mine.parameters(), 1.0)
         opt.step()
-    trainer = HalvesTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, logging_strategy="steps",
-                                                   logging_steps=1), train_dataset=data, objective_weights=WEIGHTS,
-                            objective_names=["head", "tail"])
+    trainer = HalvesTrainer(
+        model=model,
+        args=args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, logging_strategy="steps", logging_steps=1),
+        train_dataset=data,
+        objective_weights=WEIGHTS,
+        objective_names=["head", "tail"],
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), mine.parameters()))
@@ -80,5 +95,6 @@ def test_a_missing_hook_or_optimizer_is_reported(tmp_path):
     with pytest.raises(NotImplementedError, match="objective_losses"):
         NoHook(model=tiny.no_dropout_gpt2(tok), args=args(tmp_path, max_steps=1), train_dataset=rows(2)).train()
     with pytest.raises(ValueError, match="objective_names"):
-        HalvesTrainer(model=tiny.no_dropout_gpt2(tok), args=args(tmp_path), train_dataset=rows(2), objective_weights=[1, 1],
-                      objective_names=["a"])
+        HalvesTrainer(
+            model=tiny.no_dropout_gpt2(tok), args=args(tmp_path), train_dataset=rows(2), objective_weights=[1, 1], objective_names=["a"]
+        )

@@ -47,8 +47,17 @@ class Module(MultiObjectiveModule):
 
 
 def fit(module: pl.LightningModule, batches, **kw) -> pl.Trainer:
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, **kw)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
     return trainer
 

@@ -35,9 +35,23 @@ def tok():
 
 def config(out, m: int = 2, **kw) -> MultiObjectiveDPOConfig:
     base = dict(
-        output_dir=str(out), objective_weights=WEIGHTS[m], c=0.4, beta=BETA, learning_rate=LR, lr_scheduler_type="constant",
-        per_device_train_batch_size=4, max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no",
-        logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, optim="sgd", bf16=False,  # TRL: bf16 by default
+        output_dir=str(out),
+        objective_weights=WEIGHTS[m],
+        c=0.4,
+        beta=BETA,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=4,
+        max_grad_norm=1.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        optim="sgd",
+        bf16=False,  # TRL: bf16 by default
     )
     base.update(kw)
     return MultiObjectiveDPOConfig(**base)
@@ -64,8 +78,7 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def run_trainer(tok, rows, args, model, ref, trainer_cls=SequentialDPOTrainer, **kw):
-    trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=tok, **kw)
+    trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, **kw)
     trainer.train()
     return trainer
 
@@ -89,8 +102,13 @@ def test_accumulation_equals_one_batch_of_the_same_size_short_last_window_too(to
     model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
     mine = copy.deepcopy(model)
     hand_loop(mine, ref, tok, [rows[:8], rows[8:]], 2)
-    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                            num_train_epochs=1), model, copy.deepcopy(ref))
+    trainer = run_trainer(
+        tok,
+        rows,
+        config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=1),
+        model,
+        copy.deepcopy(ref),
+    )
     assert trainer.state.global_step == 2
     diff = max_diff(model, mine)
     print(f"accumulation: trainer vs hand-written loop, max parameter difference {diff:.2e}")
@@ -104,8 +122,9 @@ def test_settings_reach_the_optimizer(tok, tmp_path, variant):
     mine = copy.deepcopy(model)
     c, clip = (0.4, False) if variant == "cagrad" else (0.0, True)
     hand_loop(mine, ref, tok, [rows], 2, clip=clip, c=c)
-    trainer = run_trainer(tok, rows, config(tmp_path, per_device_train_batch_size=8, max_steps=1, c=c, clip=clip), model,
-                          copy.deepcopy(ref))
+    trainer = run_trainer(
+        tok, rows, config(tmp_path, per_device_train_batch_size=8, max_steps=1, c=c, clip=clip), model, copy.deepcopy(ref)
+    )
     assert max_diff(model, mine) < TOL
     if variant == "weighted":  # c = 0: the coefficients are w exactly
         torch.testing.assert_close(trainer.conflict_averse_optimizer.last.coefficients, torch.tensor(WEIGHTS[2]))
@@ -118,8 +137,14 @@ def test_precomputed_reference_and_gradient_checkpointing(tok, tmp_path, reentra
     mine = copy.deepcopy(model)
     hand_loop(mine, ref, tok, [rows], 2)
     kwargs = None if reentrant is None else {"use_reentrant": True}
-    args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, precompute_ref_log_probs=True, gradient_checkpointing=True,
-                  gradient_checkpointing_kwargs=kwargs)
+    args = config(
+        tmp_path,
+        per_device_train_batch_size=8,
+        max_steps=1,
+        precompute_ref_log_probs=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=kwargs,
+    )
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": bool(reentrant)}  # non-reentrant unless asked
     run_trainer(tok, rows, args, model, copy.deepcopy(ref))
     assert model.is_gradient_checkpointing
@@ -163,8 +188,14 @@ def test_fp16_loss_scaling_scales_every_objective(tok, tmp_path):
     hand_loop(mine, ref, tok, [rows], 2, max_norm=0)
     args = config(tmp_path, per_device_train_batch_size=8, max_steps=1, max_grad_norm=0.0)
     opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), weights=WEIGHTS[2], nonfinite="ignore")
-    trainer = SequentialDPOTrainer(model=model, ref_model=copy.deepcopy(ref), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                   processing_class=tok, optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    trainer = SequentialDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(ref),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+        optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+    )
     trainer.accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaled_norms = []
     combine = opt.combine
@@ -196,13 +227,25 @@ def test_bf16_runs_close_to_fp32(tok, tmp_path):
 def test_resume_from_checkpoint_equals_a_straight_run(tok, tmp_path):
     rows = tiny.preference_rows(16, 2, seed=9)
     ref = tiny.no_dropout_gpt2(tok, seed=1)
-    args = dict(per_device_train_batch_size=4, max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="linear",
-                optim="adamw_torch", learning_rate=1e-2)  # Adam: its state must be restored too
+    args = dict(
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        learning_rate=1e-2,
+    )  # Adam: its state must be restored too
     straight = tiny.no_dropout_gpt2(tok)
     first = run_trainer(tok, rows, config(tmp_path / "a", **args), straight, copy.deepcopy(ref), MultiObjectiveDPOTrainer)
     resumed = tiny.no_dropout_gpt2(tok)
-    trainer = MultiObjectiveDPOTrainer(model=resumed, ref_model=copy.deepcopy(ref), args=config(tmp_path / "a", **args),
-                                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer = MultiObjectiveDPOTrainer(
+        model=resumed,
+        ref_model=copy.deepcopy(ref),
+        args=config(tmp_path / "a", **args),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert trainer.state.global_step == 4
     assert max_diff(straight, resumed) < 1e-6
@@ -228,9 +271,14 @@ def test_optimizer_is_built_from_the_config_and_user_optimizers_work(tok, tmp_pa
     trainer = run_trainer(tok, rows, config(tmp_path, max_steps=2), model, ref, optimizers=(own, sched))
     assert trainer.conflict_averse_optimizer is own and own.optimizer.state_dict()["param_groups"][0]["lr"] == 0.1
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1),
-                                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                                       optimizers=(plain, torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0)))
+    trainer = MultiObjectiveDPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+        optimizers=(plain, torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0)),
+    )
     assert trainer.conflict_averse_optimizer.optimizer is plain
 
 
@@ -256,8 +304,9 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
     model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
 
     def make(rows, **kw):
-        return MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, **kw),
-                                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+        return MultiObjectiveDPOTrainer(
+            model=model, ref_model=ref, args=config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
+        )
 
     with pytest.raises(ValueError, match="3 signs per example but there are 2 objective_weights"):
         make(tiny.preference_rows(4, 3))
@@ -277,21 +326,28 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
     from trl import DPOConfig
 
     with pytest.raises(TypeError, match="MultiObjectiveDPOConfig"):
-        MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
-                                 train_dataset=datasets.Dataset.from_list(tiny.preference_rows(4, 2)), processing_class=tok)
+        MultiObjectiveDPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+            train_dataset=datasets.Dataset.from_list(tiny.preference_rows(4, 2)),
+            processing_class=tok,
+        )
 
 
 def test_streamed_data_is_checked_per_batch(tok, tmp_path):
     model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
     rows = tiny.preference_rows(8, 2, seed=12)
     stream = datasets.Dataset.from_list(rows).to_iterable_dataset()
-    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=stream,
-                                       processing_class=tok)
+    trainer = MultiObjectiveDPOTrainer(
+        model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=stream, processing_class=tok
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     rows[0]["objective_signs"] = [1, 2]
     bad = datasets.Dataset.from_list(rows).to_iterable_dataset()
-    trainer = MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=bad,
-                                       processing_class=tok)
+    trainer = MultiObjectiveDPOTrainer(
+        model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=bad, processing_class=tok
+    )
     with pytest.raises(ValueError, match="signs must be"):
         trainer.train()

@@ -6,8 +6,28 @@ import random
 
 import torch
 
-WORDS = ["write", "about", ":", "alpha", "beta", "gamma", "delta", "please", "thanks", "the", "a", "is", "and", "of",
-         "very", "good", "with", "it", "so", "then"]
+WORDS = [
+    "write",
+    "about",
+    ":",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "please",
+    "thanks",
+    "the",
+    "a",
+    "is",
+    "and",
+    "of",
+    "very",
+    "good",
+    "with",
+    "it",
+    "so",
+    "then",
+]
 
 
 def tokenizer():
@@ -25,8 +45,14 @@ def gpt2(tok, seed: int = 0, n_layer: int = 1):
 
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=n_layer, n_head=2,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        n_positions=32,
+        n_embd=32,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return transformers.GPT2LMHeadModel(config)
 
