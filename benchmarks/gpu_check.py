@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpt2-layers", type=int, default=12, help="memory: GPT-2 layers (default 12: 124 M parameters)")
     parser.add_argument("--gpt2-width", type=int, default=768, help="memory: GPT-2 n_embd (default 768; 1024 + 24 layers: 355 M)")
     parser.add_argument("--memory-ms", default="2,3", help="memory: comma list of m (default 2,3)")
-    parser.add_argument("--memory-slack", type=float, default=0.25,
-                        help="memory: ours passes if extra <= (m - 1) + slack parameter bytes (default 0.25)")
+    parser.add_argument(
+        "--memory-slack", type=float, default=0.25, help="memory: ours passes if extra <= (m - 1) + slack parameter bytes (default 0.25)"
+    )
     parser.add_argument("--timing-ms", default="2,4,8", help="timing: comma list of m (default 2,4,8)")
     parser.add_argument("--repeats", type=int, default=20, help="timing: repeats per variant (default 20)")
     parser.add_argument("--out", type=Path, default=None, help="report file (default $OUT/gpu_check.md or results/gpu_check.md)")
@@ -108,8 +109,10 @@ def render(results: list[CheckResult], machine: str, command: str) -> str:
 def machine_line() -> str:
     """GPU name, memory, torch / CUDA versions."""
     props = torch.cuda.get_device_properties(0)
-    return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -265,8 +268,9 @@ def check_graph() -> CheckResult:
             error, what = _graph_of_solver()
         except Exception as exc2:  # noqa: BLE001
             rows.append(["solve_cagrad + combination", "not capturable", f"{type(exc2).__name__}: {str(exc2).splitlines()[0][:100]}"])
-            return CheckResult("b. CUDA graph replay equals eager", False, "neither could be captured",
-                               ["captured", "result", "detail"], rows)
+            return CheckResult(
+                "b. CUDA graph replay equals eager", False, "neither could be captured", ["captured", "result", "detail"], rows
+            )
     ok = error <= 1e-5
     rows.append([what, "replay equals eager" if ok else "MISMATCH", f"max relative error {error:.1e}"])
     return CheckResult("b. CUDA graph replay equals eager", ok, f"captured: {what}", ["captured", "result", "detail"], rows)
@@ -279,8 +283,18 @@ def _gpt2_case(m: int, layers: int, width: int):
     from benchmarks.speed.models import MemoryCase
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=width, n_layer=layers, n_head=max(1, width // 64),
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 64),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     with torch.device("cuda"):
         model = GPT2LMHeadModel(config).to(torch.bfloat16)
     model.train()
@@ -313,7 +327,7 @@ def _step_peak(build: Callable[[], Callable[[], object]]) -> int:
 
 def check_memory(layers: int, width: int, ms: list[int], slack: float) -> CheckResult:
     """(c): extra peak over plain training in parameter bytes, bf16 GPT-2."""
-    from benchmarks.speed.memory import ours_step, plain_step, raco_step
+    from benchmarks.speed.memory import ours_low_step, ours_step, plain_step, raco_step
     from benchmarks.speed.models import param_bytes
 
     low = _low_memory_supported()
@@ -326,7 +340,7 @@ def check_memory(layers: int, width: int, ms: list[int], slack: float) -> CheckR
         plain = _step_peak(lambda: plain_step(_gpt2_case(m, layers, width)))
         variants: dict[str, Callable[[], Callable[[], object]]] = {"ours default": lambda: ours_step(_gpt2_case(m, layers, width))}
         if low:
-            variants['ours memory="low"'] = lambda: ours_step(_gpt2_case(m, layers, width), memory="low")
+            variants['ours memory="low"'] = lambda: ours_low_step(_gpt2_case(m, layers, width))
         variants["RACO recipe"] = lambda: raco_step(_gpt2_case(m, layers, width))
         cells = {}
         for name, build in variants.items():
@@ -340,12 +354,27 @@ def check_memory(layers: int, width: int, ms: list[int], slack: float) -> CheckR
             torch.cuda.empty_cache()
         extra_default = float(cells["ours default"].rstrip("x")) if cells["ours default"].endswith("x") else float("inf")
         ok &= extra_default <= (m - 1) + slack
-        rows.append([str(m), f"{m - 1}x", cells["ours default"], cells.get('ours memory="low"', "n/a (not available in this build)"),
-                     cells["RACO recipe"], f"{plain / 2**30:.2f} GiB"])
-    detail = (f"GPT-2 bf16, {numel / 1e6:.0f} M parameters ({nbytes / 2**30:.2f} GiB), batch 4 x 512 tokens; "
-              f"pass: ours default <= (m - 1) + {slack}")
-    return CheckResult("c. memory over plain training (parameter bytes)", ok, detail,
-                       ["m", "floor (m - 1)", "ours default", 'ours memory="low"', "RACO recipe", "plain peak"], rows)
+        rows.append(
+            [
+                str(m),
+                f"{m - 1}x",
+                cells["ours default"],
+                cells.get('ours memory="low"', "n/a (not available in this build)"),
+                cells["RACO recipe"],
+                f"{plain / 2**30:.2f} GiB",
+            ]
+        )
+    detail = (
+        f"GPT-2 bf16, {numel / 1e6:.0f} M parameters ({nbytes / 2**30:.2f} GiB), batch 4 x 512 tokens; "
+        f"pass: ours default <= (m - 1) + {slack}"
+    )
+    return CheckResult(
+        "c. memory over plain training (parameter bytes)",
+        ok,
+        detail,
+        ["m", "floor (m - 1)", "ours default", 'ours memory="low"', "RACO recipe", "plain peak"],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- (d) timings
@@ -423,17 +452,27 @@ def check_timing(ms: list[int], repeats: int) -> CheckResult:
                 solver_times[name] = float("nan")
                 print(f"timing {name} m={m} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         fl = times["floor"]
-        rows.append([str(m), f"{fl:.2f}", f"{times['ours']:.2f} ({times['ours'] / fl:.2f}x)",
-                     *(f"{times[k]:.2f} ({times[k] / fl:.2f}x)" if k in times else "n/a" for k in ("TorchJD CAGrad", "TorchJD UPGrad")),
-                     f"{solver_times['ours solve_cagrad']:.3f}", f"{solver_times['TorchJD CAGradWeighting']:.3f}" if have_tjd else "n/a"])
+        rows.append(
+            [
+                str(m),
+                f"{fl:.2f}",
+                f"{times['ours']:.2f} ({times['ours'] / fl:.2f}x)",
+                *(f"{times[k]:.2f} ({times[k] / fl:.2f}x)" if k in times else "n/a" for k in ("TorchJD CAGrad", "TorchJD UPGrad")),
+                f"{solver_times['ours solve_cagrad']:.3f}",
+                f"{solver_times['TorchJD CAGradWeighting']:.3f}" if have_tjd else "n/a",
+            ]
+        )
         del fns, model, model2, opt
         gc.collect()
         torch.cuda.empty_cache()
-    return CheckResult("d. step and solver time (ms, median of CUDA-event timings)", None,
-                       f"4-layer TransformerEncoder (d_model 256), fp32, batch 16 x 128; {repeats} repeats"
-                       + ("" if have_tjd else "; TorchJD not installed"),
-                       ["m", "floor ms", "ours ms (/ floor)", "TorchJD CAGrad ms", "TorchJD UPGrad ms", "solver ours ms",
-                        "solver TorchJD ms"], rows)
+    return CheckResult(
+        "d. step and solver time (ms, median of CUDA-event timings)",
+        None,
+        f"4-layer TransformerEncoder (d_model 256), fp32, batch 16 x 128; {repeats} repeats"
+        + ("" if have_tjd else "; TorchJD not installed"),
+        ["m", "floor ms", "ours ms (/ floor)", "TorchJD CAGrad ms", "TorchJD UPGrad ms", "solver ours ms", "solver TorchJD ms"],
+        rows,
+    )
 
 
 def _run(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
@@ -460,8 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     if "graph" in args.checks:
         results.append(_run("b. CUDA graph replay equals eager", check_graph))
     if "memory" in args.checks:
-        results.append(_run("c. memory over plain training", lambda: check_memory(args.gpt2_layers, args.gpt2_width, args.memory_ms,
-                                                                                   args.memory_slack)))
+        results.append(
+            _run(
+                "c. memory over plain training", lambda: check_memory(args.gpt2_layers, args.gpt2_width, args.memory_ms, args.memory_slack)
+            )
+        )
     if "timing" in args.checks:
         results.append(_run("d. step and solver time", lambda: check_timing(args.timing_ms, args.repeats)))
     command = " ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])

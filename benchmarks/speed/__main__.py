@@ -31,16 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 15; --quick 5)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's); 1 avoids thread-pool wake-up latency for small ops")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's); 1 avoids thread-pool wake-up latency for small ops",
+    )
     parser.add_argument("--compile", action="store_true", help="solver: also time torch.compile'd solvers")
     parser.add_argument("--ms", default=None, help="solver: comma list of m (default 2,4,8,16,32,64)")
     parser.add_argument("--batches", default=None, help="solver: comma list of batch sizes (default 1,1024)")
     parser.add_argument("--models", default=None, help="step: comma list of mlp-<width>, transformer (default transformer,mlp-2048)")
     parser.add_argument("--step-ms", default=None, help="step: comma list of m (default 2,4,8)")
     parser.add_argument("--mlp-batch", type=int, default=64, help="step: rows per MLP training step (default 64)")
-    parser.add_argument("--memory-models", default=None,
-                        help="memory: comma list of encoder, encoder-<d_model>, gpt2 (default encoder,gpt2,encoder-512)")
+    parser.add_argument(
+        "--memory-models", default=None, help="memory: comma list of encoder, encoder-<d_model>, gpt2 (default encoder,gpt2,encoder-512)"
+    )
     parser.add_argument("--memory-ms", default=None, help="memory: comma list of m (default 2,3,4,8)")
     parser.add_argument("--memory-batch", default="4,32", help="memory: sequences,tokens per step (default 4,32)")
     parser.add_argument("--dtypes", default=None, help="memory: comma list of fp32, bf16 (default both)")
@@ -94,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if "solver" in args.sections:
         from .solver import solver_section
 
-        solver_rows = solver_section(args.ms, args.batches, args.repeats, 2 if args.quick else 6, 2 if args.quick else 4,
-                                     args.compile, log)
+        solver_rows = solver_section(args.ms, args.batches, args.repeats, 2 if args.quick else 6, 2 if args.quick else 4, args.compile, log)
     if "step" in args.sections:
         from . import models
         from .step import step_section
@@ -120,8 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     text = render(command, header, library, solver_rows, step_rows, memory_rows, lever_rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.md").write_text(text + "\n")
-    (args.out / "speed.json").write_text(json.dumps({"command": command, "machine": header, "library": library, "solver": solver_rows,
-                                                     "step": step_rows, "memory": memory_rows, "levers": lever_rows}, indent=1))
+    (args.out / "speed.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "machine": header,
+                "library": library,
+                "solver": solver_rows,
+                "step": step_rows,
+                "memory": memory_rows,
+                "levers": lever_rows,
+            },
+            indent=1,
+        )
+    )
     print()
     print(text)
     log(f"wrote {args.out / 'speed.md'}")

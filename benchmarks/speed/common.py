@@ -45,10 +45,12 @@ def library_version() -> str:
     """Where ``cagrad_clip`` was imported from and its git commit (``+dirty`` if its folder has local changes)."""
     root = Path(cagrad_clip.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."], capture_output=True, text=True,
-                               check=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
         return f"cagrad_clip at commit {commit}{'+dirty' if dirty else ''} ({root})"
     except (OSError, subprocess.SubprocessError):
         return f"cagrad_clip from {root} (not a git checkout)"
@@ -57,6 +59,8 @@ def library_version() -> str:
 def machine(torchjd_note: str) -> str:
     """One line describing the machine, the threads, the peers and the load at start."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {torchjd_note}; "
-            f"load average at start {load:.1f}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {torchjd_note}; "
+        f"load average at start {load:.1f}"
+    )

@@ -52,8 +52,10 @@ def lever_section(numel: int, ms: list[int], repeats: int, log: Log) -> list[dic
         }
         times = time_interleaved(fns, repeats)
         scale = exact.abs().max()
-        errors = {LEVER_VARIANTS[0]: float(((G @ G.T).double() - exact).abs().max() / scale),
-                  LEVER_VARIANTS[1]: float((blocked_gram(G).double() - exact).abs().max() / scale)}
+        errors = {
+            LEVER_VARIANTS[0]: float(((G @ G.T).double() - exact).abs().max() / scale),
+            LEVER_VARIANTS[1]: float((blocked_gram(G).double() - exact).abs().max() / scale),
+        }
         for name, t in times.items():
             rows.append({"m": m, "numel": numel, "variant": name, "ms": t, "rel_error": errors.get(name, float("nan"))})
         log(f"  levers m={m}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))

@@ -32,8 +32,9 @@ class MLP(nn.Module):
 
     def __init__(self, width: int, m: int, d_in: int = 256) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                   nn.Linear(width, width), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
         self.out = nn.Linear(width, m)
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -77,8 +78,13 @@ def make_step_case(kind: str, m: int, seed: int = 0) -> StepCase:
         return StepCase(model, torch.randn(MLP_BATCH, 256), torch.randn(MLP_BATCH, m), list(model.parameters()), None)
     if kind == "transformer":
         tmodel = Transformer(m)
-        return StepCase(tmodel, torch.randn(16, 32, 128), torch.randn(16, m), list(tmodel.encoder.parameters()),
-                        [list(h.parameters()) for h in tmodel.heads])
+        return StepCase(
+            tmodel,
+            torch.randn(16, 32, 128),
+            torch.randn(16, m),
+            list(tmodel.encoder.parameters()),
+            [list(h.parameters()) for h in tmodel.heads],
+        )
     raise ValueError(f"unknown step model {kind!r}; choose mlp-<width> or transformer")
 
 
@@ -109,8 +115,19 @@ def make_memory_case(kind: str, m: int, dtype: torch.dtype, seed: int = 0) -> Me
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=1024, n_positions=max(64, tokens), n_embd=256, n_layer=2, n_head=4, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=1024,
+            n_positions=max(64, tokens),
+            n_embd=256,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         gpt = GPT2LMHeadModel(config).to(dtype)
         gpt.train()
         ids = torch.randint(0, config.vocab_size, (batch, tokens))

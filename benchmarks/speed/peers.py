@@ -46,8 +46,20 @@ except Exception:  # noqa: BLE001
     HAVE_CVXPY = False
 
 __all__ = [
-    "HAVE_CVXPY", "HAVE_TORCHJD", "TJDCAGrad", "TJDCAGradWeighting", "TJDEngine", "TJDUPGrad", "TORCHJD_NOTE",
-    "dual_value", "slsqp_official", "tight_reference", "tjd_backward", "tjd_jac_to_grad", "tjd_mtl_backward", "torchjd_dual",
+    "HAVE_CVXPY",
+    "HAVE_TORCHJD",
+    "TJDCAGrad",
+    "TJDCAGradWeighting",
+    "TJDEngine",
+    "TJDUPGrad",
+    "TORCHJD_NOTE",
+    "dual_value",
+    "slsqp_official",
+    "tight_reference",
+    "tjd_backward",
+    "tjd_jac_to_grad",
+    "tjd_mtl_backward",
+    "torchjd_dual",
 ]
 
 

@@ -17,59 +17,73 @@ def _cell(value: float | str, fmt: str = "{:.2f}x") -> str:
 
 def render_solver(rows: list[dict]) -> list[str]:
     """Section 1: time per call and accuracy of every solver."""
-    out = ["## Dual solver: time per call (ms, median) and accuracy\n",
-           "Accuracy: `(F(p) - F_ref) / max_i H_ii`, median / max over the accuracy problems (F_ref: best of every "
-           "method and the independent tight reference). `*` = peer timed on a sample of the batch in a Python loop "
-           "and scaled to the batch.\n",
-           "| m | batch | method | ms / call | vs TorchJD | accuracy median | accuracy max |",
-           "|---:|---:|---|---:|---:|---:|---:|"]
+    out = [
+        "## Dual solver: time per call (ms, median) and accuracy\n",
+        "Accuracy: `(F(p) - F_ref) / max_i H_ii`, median / max over the accuracy problems (F_ref: best of every "
+        "method and the independent tight reference). `*` = peer timed on a sample of the batch in a Python loop "
+        "and scaled to the batch.\n",
+        "| m | batch | method | ms / call | vs TorchJD | accuracy median | accuracy max |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        tjd = next((q["ms"] for q in rows if q["m"] == r["m"] and q["batch"] == r["batch"] and q["method"] == "TorchJD CAGrad"),
-                   float("nan"))
+        tjd = next(
+            (q["ms"] for q in rows if q["m"] == r["m"] and q["batch"] == r["batch"] and q["method"] == "TorchJD CAGrad"), float("nan")
+        )
         speed = tjd / r["ms"] if r["ms"] == r["ms"] and r["ms"] > 0 else float("nan")
         star = "*" if r["extrapolated"] else ""
-        out.append(f"| {r['m']} | {r['batch']} | {r['method']} | {r['ms']:.3f}{star} | {speed:.1f}x | "
-                   f"{r['acc_median']:.1e} | {r['acc_max']:.1e} |")
+        out.append(
+            f"| {r['m']} | {r['batch']} | {r['method']} | {r['ms']:.3f}{star} | {speed:.1f}x | {r['acc_median']:.1e} | {r['acc_max']:.1e} |"
+        )
     return out + [""]
 
 
 def render_step(rows: list[dict]) -> list[str]:
     """Section 2: step time of every variant and ours against the floor and the targets."""
-    out = ["## Training step: median ms per iteration and ratio to the floor (b)\n",
-           "(a) plain summed loss; (b) the floor: m `autograd.grad` passes + base step; (c) ours, `opt.step(losses)`; "
-           "(d) TorchJD `backward`/`mtl_backward` + `jac_to_grad`. All variants of one (model, m) interleaved in one "
-           "process, medians over the repeats.\n",
-           "| model | m | variant | ms | / floor |", "|---|---:|---|---:|---:|"]
+    out = [
+        "## Training step: median ms per iteration and ratio to the floor (b)\n",
+        "(a) plain summed loss; (b) the floor: m `autograd.grad` passes + base step; (c) ours, `opt.step(losses)`; "
+        "(d) TorchJD `backward`/`mtl_backward` + `jac_to_grad`. All variants of one (model, m) interleaved in one "
+        "process, medians over the repeats.\n",
+        "| model | m | variant | ms | / floor |",
+        "|---|---:|---|---:|---:|",
+    ]
     for r in rows:
         out.append(f"| {r['model']} | {r['m']} | {r['variant']} | {r['ms']:.2f} | {r['ratio']:.3f} |")
-    out += ["", "Ours against the floor and the issue's targets (`combine()` alone: Gram + solve + write-back, timed "
-            "separately on freshly accumulated gradients; graph freed: the autograd graph is gone after the step):\n",
-            "| model | m | floor ms | ours ms | ours / floor | target | met | combine() alone | graph freed "
-            "| combine(): top ops (self CPU) |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
+    out += [
+        "",
+        "Ours against the floor and the issue's targets (`combine()` alone: Gram + solve + write-back, timed "
+        "separately on freshly accumulated gradients; graph freed: the autograd graph is gone after the step):\n",
+        "| model | m | floor ms | ours ms | ours / floor | target | met | combine() alone | graph freed | combine(): top ops (self CPU) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|---|",
+    ]
     for r in rows:
         if r["variant"] != "(c) ours":
             continue
         fl = next(q for q in rows if q["model"] == r["model"] and q["m"] == r["m"] and q["variant"] == "(b) floor")
         target = TARGETS.get(r["model"])
         met = "" if target is None else ("yes" if r["ratio"] <= target else "**no**")
-        out.append(f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
-                   f"{'' if target is None else f'<= {target:.2f}'} | {met} | {r['combine_ms']:.2f} ms "
-                   f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} | "
-                   + ", ".join(f"{name} {100 * share:.0f}%" for name, share in r.get("combine_top_ops", [])) + " |")
+        out.append(
+            f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
+            f"{'' if target is None else f'<= {target:.2f}'} | {met} | {r['combine_ms']:.2f} ms "
+            f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} | "
+            + ", ".join(f"{name} {100 * share:.0f}%" for name, share in r.get("combine_top_ops", []))
+            + " |"
+        )
     return out + [""]
 
 
 def render_memory(rows: list[dict], library: str) -> list[str]:
     """Section 3: extra peak over plain training in parameter bytes, and the bf16 projection."""
-    out = ["## Memory: extra peak of a training step over plain training, in units of parameter bytes\n",
-           f"Library measured: {library}.\n",
-           "Metric: (peak CPU allocator bytes live during the second of two full training steps, "
-           "`opt.zero_grad(); opt.step(losses)`) minus (the same for plain `sum(losses).backward(); base.step()` "
-           "training of the same model), divided by the model's parameter bytes. Counted from before the model is "
-           "built (parameters, `.grad`, activations, transients, state kept between steps). Base optimizer: SGD "
-           "without momentum (no state on either side). Floor: m - 1 (all gradients but one alive at once; the "
-           "last one can be `.grad`). A failed or unavailable method says so in its cell.\n"]
+    out = [
+        "## Memory: extra peak of a training step over plain training, in units of parameter bytes\n",
+        f"Library measured: {library}.\n",
+        "Metric: (peak CPU allocator bytes live during the second of two full training steps, "
+        "`opt.zero_grad(); opt.step(losses)`) minus (the same for plain `sum(losses).backward(); base.step()` "
+        "training of the same model), divided by the model's parameter bytes. Counted from before the model is "
+        "built (parameters, `.grad`, activations, transients, state kept between steps). Base optimizer: SGD "
+        "without momentum (no state on either side). Floor: m - 1 (all gradients but one alive at once; the "
+        "last one can be `.grad`). A failed or unavailable method says so in its cell.\n",
+    ]
     header = "| model | params | dtype | m | floor (m - 1) | " + " | ".join(MEMORY_VARIANTS) + " |"
     out += [header, "|---|---:|---|---:|---:|" + "---:|" * len(MEMORY_VARIANTS)]
     notes: dict[str, int] = {}
@@ -115,8 +129,10 @@ def projection_fit(rows: list[dict]) -> tuple[str, dict[tuple[str, int], tuple[f
     if small == large:
         basis = f"measured ratio of `{small}` (bf16) x parameters x 2 bytes"
     else:
-        basis = (f"slope and constant through `{small}` and `{large}` (bf16): extra = slope x parameters x 2 bytes + constant; "
-                 "the slope is what a method costs per parameter byte, the constant its fixed-size transients")
+        basis = (
+            f"slope and constant through `{small}` and `{large}` (bf16): extra = slope x parameters x 2 bytes + constant; "
+            "the slope is what a method costs per parameter byte, the constant its fixed-size transients"
+        )
     return basis, fits
 
 
@@ -126,12 +142,14 @@ def render_projection(rows: list[dict]) -> list[str]:
     if not fits:
         return []
     ms = sorted({m for _, m in fits})
-    out = ["### Projection to large bf16 models (arithmetic, not measured)\n",
-           f"Extra GB (1 GB = 1e9 bytes) from the {basis}. Slopes per m: "
-           + "; ".join(f"m = {m}: " + ", ".join(f"{v} {fits[(v, m)][0]:.2f}" for v in MEMORY_VARIANTS if (v, m) in fits) for m in ms)
-           + ".\n",
-           "| params | m | floor (m - 1) | " + " | ".join(MEMORY_VARIANTS) + " |",
-           "|---:|---:|---:|" + "---:|" * len(MEMORY_VARIANTS)]
+    out = [
+        "### Projection to large bf16 models (arithmetic, not measured)\n",
+        f"Extra GB (1 GB = 1e9 bytes) from the {basis}. Slopes per m: "
+        + "; ".join(f"m = {m}: " + ", ".join(f"{v} {fits[(v, m)][0]:.2f}" for v in MEMORY_VARIANTS if (v, m) in fits) for m in ms)
+        + ".\n",
+        "| params | m | floor (m - 1) | " + " | ".join(MEMORY_VARIANTS) + " |",
+        "|---:|---:|---:|" + "---:|" * len(MEMORY_VARIANTS),
+    ]
     for label, n in PROJECTION_SIZES.items():
         for m in ms:
             cells = []
@@ -144,16 +162,18 @@ def render_projection(rows: list[dict]) -> list[str]:
 
 def render_levers(rows: list[dict]) -> list[str]:
     """Section 4: the Gram and write-back levers."""
-    out = [f"## Levers inside the combination: float32 gradients of {rows[0]['numel']:,} entries per objective\n",
-           "| m | variant | ms (median) | rel. error vs float64 |", "|---:|---|---:|---:|"]
+    out = [
+        f"## Levers inside the combination: float32 gradients of {rows[0]['numel']:,} entries per objective\n",
+        "| m | variant | ms (median) | rel. error vs float64 |",
+        "|---:|---|---:|---:|",
+    ]
     for r in rows:
         err = "" if math.isnan(r["rel_error"]) else f"{r['rel_error']:.1e}"
         out.append(f"| {r['m']} | {r['variant']} | {r['ms']:.2f} | {err} |")
     return out + [""]
 
 
-def render(command: str, header: str, library: str, solver: list[dict], step: list[dict], memory: list[dict],
-           levers: list[dict]) -> str:
+def render(command: str, header: str, library: str, solver: list[dict], step: list[dict], memory: list[dict], levers: list[dict]) -> str:
     """The whole report; sections without rows are left out."""
     out = [f"# Speed and memory at the floor\n\nCommand: `{command}`  \nMachine: {header}  \nLibrary: {library}\n"]
     if solver:

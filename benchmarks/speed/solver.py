@@ -85,8 +85,7 @@ def _accuracy(m: int, n_acc: int, tjd_weighting: Callable | None) -> dict[str, t
     return {k: (float(np.median(v)), float(np.max(v))) for k, v in errors.items()}
 
 
-def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, peer_sample: int, compiled: bool,
-                   log: Log) -> list[dict]:
+def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, peer_sample: int, compiled: bool, log: Log) -> list[dict]:
     """Rows ``{m, batch, method, ms, extrapolated, acc_median, acc_max}``."""
     rows: list[dict] = []
     tjd_weighting = TJDCAGradWeighting(C) if HAVE_TORCHJD else None
@@ -129,10 +128,28 @@ def solver_section(ms: list[int], batches: list[int], repeats: int, n_acc: int, 
             for name, t in times.items():
                 key = name.replace(" compiled", "")
                 label = f"{name} (auto: {auto_solver(m, batch) if m > 2 else 'edge'})" if key in ("ours fp32", "ours fp64") else name
-                rows.append({"m": m, "batch": batch, "method": label, "ms": t, "extrapolated": name in peer_times and sample < batch,
-                             "acc_median": acc.get(key, nan2)[0], "acc_max": acc.get(key, nan2)[1]})
+                rows.append(
+                    {
+                        "m": m,
+                        "batch": batch,
+                        "method": label,
+                        "ms": t,
+                        "extrapolated": name in peer_times and sample < batch,
+                        "acc_median": acc.get(key, nan2)[0],
+                        "acc_max": acc.get(key, nan2)[1],
+                    }
+                )
             if not HAVE_TORCHJD:
-                rows.append({"m": m, "batch": batch, "method": "TorchJD CAGrad", "ms": float("nan"), "extrapolated": False,
-                             "acc_median": float("nan"), "acc_max": float("nan")})
+                rows.append(
+                    {
+                        "m": m,
+                        "batch": batch,
+                        "method": "TorchJD CAGrad",
+                        "ms": float("nan"),
+                        "extrapolated": False,
+                        "acc_median": float("nan"),
+                        "acc_max": float("nan"),
+                    }
+                )
             log(f"  solver m={m:>2} batch={batch:>4}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
     return rows

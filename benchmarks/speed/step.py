@@ -154,8 +154,18 @@ def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> lis
             hot = combine_profile(opt, case)
             floor = times["(b) floor"]
             for name, t in times.items():
-                rows.append({"model": kind, "m": m, "variant": name, "ms": t, "ratio": t / floor, "combine_ms": combine_ms,
-                             "graph_freed": freed, "combine_top_ops": hot})
+                rows.append(
+                    {
+                        "model": kind,
+                        "m": m,
+                        "variant": name,
+                        "ms": t,
+                        "ratio": t / floor,
+                        "combine_ms": combine_ms,
+                        "graph_freed": freed,
+                        "combine_top_ops": hot,
+                    }
+                )
             log(f"  step {kind} m={m}: " + ", ".join(f"{k} {v:.1f} ms ({v / floor:.3f}x)" for k, v in times.items()))
             del variants, opt, case
             gc.collect()

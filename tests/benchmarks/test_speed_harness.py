@@ -34,8 +34,15 @@ def test_peak_from_trace_counts_live_bytes_around_the_marked_step() -> None:
     def mem(ts: float, nbytes: int) -> dict:
         return {"name": "[memory]", "ph": "i", "ts": ts, "args": {"Bytes": nbytes, "Device Type": 0}}
 
-    events = [mem(0, 100), mem(1, 50), {"name": memory.MEASURED, "ph": "X", "ts": 2, "dur": 10},
-              mem(3, 400), mem(4, -400), mem(5, 30), mem(20, 1000)]
+    events = [
+        mem(0, 100),
+        mem(1, 50),
+        {"name": memory.MEASURED, "ph": "X", "ts": 2, "dur": 10},
+        mem(3, 400),
+        mem(4, -400),
+        mem(5, 30),
+        mem(20, 1000),
+    ]
     assert memory.peak_from_trace(events) == memory.Peak(before=150, peak=550, after=180)
 
 
@@ -79,15 +86,25 @@ def _row(model: str, params: int, m: int, extra: dict[str, float]) -> dict:
     cells: dict[str, float | str] = {v: e / nbytes for v, e in extra.items()}
     cells['ours memory="low"'] = memory.NOT_AVAILABLE
     cells["TorchJD autojac CAGrad"] = "failed: NotImplementedError: no bf16"
-    return {"model": model, "dtype": "bfloat16", "m": m, "params": params, "param_bytes": nbytes, "plain_peak": 1,
-            "cells": cells, "extra_bytes": dict(extra)}
+    return {
+        "model": model,
+        "dtype": "bfloat16",
+        "m": m,
+        "params": params,
+        "param_bytes": nbytes,
+        "plain_peak": 1,
+        "cells": cells,
+        "extra_bytes": dict(extra),
+    }
 
 
 def test_render_memory_with_notes_and_a_two_size_projection() -> None:
     mib = float(2**20)
     # ours: exactly one parameter copy plus a fixed 16 MiB; the recipe: 1.5 copies, no constant
-    rows = [_row("encoder", 1_000_000, 2, {"ours default": 2e6 + 16 * mib, "RACO recipe": 3e6}),
-            _row("encoder-512", 4_000_000, 2, {"ours default": 8e6 + 16 * mib, "RACO recipe": 12e6})]
+    rows = [
+        _row("encoder", 1_000_000, 2, {"ours default": 2e6 + 16 * mib, "RACO recipe": 3e6}),
+        _row("encoder-512", 4_000_000, 2, {"ours default": 8e6 + 16 * mib, "RACO recipe": 12e6}),
+    ]
     text = "\n".join(report.render_memory(rows, "cagrad_clip at commit abc"))
     assert "| encoder | 1.00 M | bfloat16 | 2 | 1x |  | 9.39x | n/a (not available in this build) |  | 1.50x | failed [1] |  |" in text
     assert "[1] NotImplementedError: no bf16" in text and "arithmetic, not measured" in text
