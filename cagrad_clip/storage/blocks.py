@@ -3,7 +3,7 @@
 The rows are kept in the gradients' own dtype (bf16 stays bf16). Every reduction that matters
 for the solve (the Gram ``H = G G^T``, RACO Algorithm 1) and the combination ``sum_i a_i g_i`` is
 accumulated in float32 or better, one chunk of columns at a time, so the only extra memory is a
-chunk (:func:`chunk_columns`: about 1/32 of a row, at most ``CHUNK`` columns) and never a float32
+chunk (:func:`chunk_columns`: about 1/16 of a row, at most ``CHUNK`` columns) and never a float32
 copy of the whole buffer.
 """
 
@@ -21,11 +21,16 @@ GRAM_BLOCK = 1 << 14
 CHUNK = 1 << 20
 
 
-def chunk_columns(m: int, n: int) -> int:
-    """Columns per chunk for ``m`` rows of ``n`` columns: the float32 transient of a chunk
-    (``(m + 1) * columns * 4`` bytes) stays near 1/32 of one row's float32 size, at least one
-    Gram block and at most :data:`CHUNK`, so small models pay no fixed multi-MiB buffer."""
-    return max(GRAM_BLOCK, min(CHUNK, n // (32 * m) // GRAM_BLOCK * GRAM_BLOCK))
+def chunk_columns(m: int, n: int, upcast: bool) -> int:
+    """Columns per chunk for ``m`` rows of ``n`` columns.
+
+    A chunk's transient is ``(m + 1) * columns * 4`` bytes when half-precision rows are upcast to
+    float32, else one chunk of the result. Either way it stays near 1/16 of a float32 row (so small models
+    pay no fixed multi-MiB buffer), between 2**16 and :data:`CHUNK` columns (so large ones take few
+    Python iterations), in whole Gram blocks.
+    """
+    columns = n // (16 * (m + 1)) if upcast else n // 16
+    return max(1 << 16, min(CHUNK, columns // GRAM_BLOCK * GRAM_BLOCK))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,7 +60,7 @@ def blocked_gram(rows: Tensor, columns: int) -> Tensor:
     if rows.dtype == acc:
         return _gram_of_block(rows[:, :columns])
     m = rows.shape[0]
-    step = chunk_columns(m, rows.shape[1])
+    step = chunk_columns(m, rows.shape[1], upcast=True)
     if columns == 0:
         return torch.zeros((m, m), dtype=acc, device=rows.device)
     parts = [_gram_of_block(rows[:, start : min(columns, start + step)].to(acc)) for start in range(0, columns, step)]
@@ -84,7 +89,7 @@ def combine_into_row(rows: Tensor, coefficients: Tensor, target: int) -> Tensor:
     a = coefficients.to(acc)
     extremes = []
     n = rows.shape[1]
-    step = chunk_columns(rows.shape[0], n)
+    step = chunk_columns(rows.shape[0], n, upcast=rows.dtype != acc)
     for start in range(0, n, step):  # a loop over shapes only: no sync
         block = rows[:, start : start + step]
         written = rows[target, start : start + step]
