@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover
 from cagrad_clip import ConflictAverseOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the task's prompts and responses
-from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt, random_batch  # noqa: E402
+from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt, random_batch, tiny_gpt2  # noqa: E402
 from benchmarks.dpo.task import random_response as _task_response  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "write", "about", ":"]
@@ -103,6 +103,9 @@ class WordTokenizer:
         self.ids = {w: i for i, w in enumerate(self.vocab)}
         self.pad_token_id, self.eos_token_id = 0, 1
 
+    def __len__(self) -> int:
+        return len(self.vocab)
+
     def encode(self, text: str) -> list[int]:
         return [self.ids[w] for w in text.split()]
 
@@ -126,18 +129,7 @@ class HFTokenizer:
 
 
 def tiny_model(tok: WordTokenizer, seed: int):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=len(tok.vocab),
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(tok, seed)
 
 
 def batch_sequences(tok, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -100,28 +100,34 @@ def random_batch(rng: random.Random, batch: int, polite: bool = True) -> tuple[l
     return prompts, responses
 
 
-def tokenizer():
-    """A whitespace word-level ``PreTrainedTokenizerFast`` over the task's closed vocabulary."""
+def word_tokenizer(words: Sequence[str]):
+    """A whitespace word-level ``PreTrainedTokenizerFast`` over ``<pad>``, ``<eos>``, ``<unk>`` and ``words``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + KEYWORDS + POLITE + FILLER)}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_gpt2(tok, seed: int):
-    """2 layers, width 64, 4 heads, no dropout (so the objectives' gradients of one forward agree)."""
+def tokenizer():
+    """The task's tokenizer: its closed vocabulary, word by word."""
+    return word_tokenizer(SPECIAL[3:] + KEYWORDS + POLITE + FILLER)
+
+
+def tiny_gpt2(tok, seed: int, n_embd: int = 64, n_layer: int = 2, n_head: int = 4):
+    """A GPT-2 over ``tok``'s vocabulary (``len(tok)``), no dropout (so the objectives' gradients of one
+    forward agree); by default 2 layers, width 64, 4 heads."""
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
         vocab_size=len(tok),
         n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

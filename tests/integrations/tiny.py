@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from benchmarks.dpo.task import tiny_gpt2, word_tokenizer
+
 WORDS = [
     "write",
     "about",
@@ -31,30 +33,11 @@ WORDS = [
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def gpt2(tok, seed: int = 0, n_layer: int = 1):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=len(tok),
-        n_positions=32,
-        n_embd=32,
-        n_layer=n_layer,
-        n_head=2,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(tok, seed, n_embd=32, n_layer=n_layer, n_head=2)
 
 
 def preference_rows(n: int, m: int, seed: int = 0) -> list[dict]:
