@@ -102,15 +102,22 @@ def step_variants(kind: str, m: int) -> tuple[dict[str, Callable[[], None]], tup
 
 
 def graph_freed_after_step(opt: ConflictAverseOptimizer, case: StepCase) -> bool:
-    """Whether the autograd graph is gone after ``opt.step(losses)`` (a second backward must fail)."""
+    """Whether the autograd graph is gone right after the last objective's backward pass.
+
+    Probed after ``backward`` and before any parameter update (after the update, the in-place
+    change of the parameters would make every further backward raise anyway, so a probe there could
+    not tell a retained graph from a freed one).
+    """
     opt.zero_grad()
     losses, _ = case.model.losses(case.x, case.y)
-    opt.step(losses)
+    opt.backward(losses)
     try:
         torch.autograd.grad(losses[-1], list(case.model.parameters()), allow_unused=True)
-    except RuntimeError:
-        return True
-    return False
+        freed = False
+    except RuntimeError as error:
+        freed = "second time" in str(error)
+    opt.step()
+    return freed
 
 
 def combine_only_ms(opt: ConflictAverseOptimizer, case: StepCase, repeats: int, warmup: int = 2) -> float:
