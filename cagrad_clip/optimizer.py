@@ -296,7 +296,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self._state.window.reset()
         if self._state.store is not None:
             self._state.store.abandon()
-            if not set_to_none and hasattr(self._state.store, "mark_zeroed"):
+            if not set_to_none:
                 self._state.store.mark_zeroed()
 
     # ------------------------------------------------------------------ layout
@@ -340,7 +340,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 "summed over their device mesh's group; drop process_group"
             )
         if self._state.store is not None:
-            self._state.store.close()  # type: ignore[attr-defined]
+            self._state.store.close()
         self._state.store, self._state.layout_key = store, key
         self._state.window.reset()
         return store

@@ -131,6 +131,12 @@ class GradientStore:
         """Take the written combination back out of ``.grad`` so more gradients can be accumulated."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the store registered (hooks) before the layout is rebuilt."""
+
+    def mark_zeroed(self) -> None:
+        """``zero_grad(set_to_none=False)`` just zeroed ``.grad`` in place (stores that can reuse those zeros override)."""
+
     def abandon(self) -> None:
         """Forget the window (after a failed pass or a reset); ``.grad`` is left as it is."""
         self.guard.clear()

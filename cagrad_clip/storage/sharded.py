@@ -41,9 +41,6 @@ class ShardedStore(GradientStore):
         self.reached = [False] * len(self.params)
         self.coefficients: Tensor | None = None
 
-    def close(self) -> None:
-        """Nothing to release (no hooks)."""
-
     def start_window(self, m: int, home: int) -> None:
         self.external = [p.grad for p in self.params]
         self.allocate(m, reusable=False).zero_()
