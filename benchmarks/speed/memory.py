@@ -41,6 +41,7 @@ MEASURED = "measured step"
 #: Column order of the memory table (the floor is computed, not measured).
 VARIANTS = (
     "floor, measured",
+    "plain, .grad preallocated",
     "ours default",
     'ours memory="low"',
     "low_memory_backward",
@@ -132,6 +133,29 @@ def floor_step(case: MemoryCase) -> Callable[[], None]:
         assert len(kept) == m - 1
         base.step()
         del kept
+
+    return step
+
+
+def preallocated_plain_step(case: MemoryCase) -> Callable[[], None]:
+    """Plain training, but ``.grad`` is allocated (zeroed views of one flat buffer) before the backward.
+
+    A diagnostic: against plain training (where autograd allocates each gradient as the backward
+    reaches it, while activations are being freed) it shows what holding a whole gradient from the
+    start of the backward costs. The default store holds all its rows from the start of the backward.
+    """
+    base = _sgd(case.model)
+    params = [p for p in {id(p): p for p in case.model.parameters()}.values() if p.requires_grad]
+    numels = [p.numel() for p in params]
+
+    def step() -> None:
+        base.zero_grad()
+        losses = case.losses()
+        flat = torch.zeros(sum(numels), dtype=params[0].dtype)
+        for p, view in zip(params, flat.split(numels)):
+            p.grad = view.view(p.shape)
+        sum(losses).backward()
+        base.step()
 
     return step
 
@@ -263,6 +287,7 @@ def _builders(kind: str, m: int, dtype: torch.dtype) -> dict[str, Callable[[], C
     builders: dict[str, Callable[[], Callable[[], object]] | str] = {
         "plain": lambda: plain_step(make_memory_case(kind, m, dtype)),
         "floor, measured": lambda: floor_step(make_memory_case(kind, m, dtype)),
+        "plain, .grad preallocated": lambda: preallocated_plain_step(make_memory_case(kind, m, dtype)),
         "ours default": lambda: ours_step(make_memory_case(kind, m, dtype)),
     }
     try:  # the low-memory mode, where this build has it

@@ -106,14 +106,14 @@ def test_render_memory_with_notes_and_a_two_size_projection() -> None:
         _row("encoder-512", 4_000_000, 2, {"ours default": 8e6 + 16 * mib, "RACO recipe": 12e6}),
     ]
     text = "\n".join(report.render_memory(rows, "cagrad_clip at commit abc"))
-    assert "| encoder | 1.00 M | bfloat16 | 2 | 1x |  | 9.39x | n/a (not available in this build) |  | 1.50x | failed [1] |  |" in text
+    assert "| encoder | 1.00 M | bfloat16 | 2 | 1x |  |  | 9.39x | n/a (not available in this build) |  | 1.50x | failed [1] |  |" in text
     assert "[1] NotImplementedError: no bf16" in text and "arithmetic, not measured" in text
     basis, fits = report.projection_fit(rows)
     assert "encoder-512" in basis
     slope, constant = fits[("ours default", 2)]
     assert abs(slope - 1.0) < 1e-12 and abs(constant - 16 * mib) < 1e-3
     # 8 B bf16 parameters: 16 GB of slope + 16 MiB (0.02 GB)
-    assert "| 8 B | 2 | 16.0 GB | n/a | 16.0 GB | n/a | n/a | 24.0 GB | n/a | n/a |" in text
+    assert "| 8 B | 2 | 16.0 GB | n/a | n/a | 16.0 GB | n/a | n/a | 24.0 GB | n/a | n/a |" in text
 
 
 def test_memory_section_end_to_end_on_the_quick_size(monkeypatch: pytest.MonkeyPatch) -> None:
