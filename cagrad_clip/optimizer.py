@@ -11,7 +11,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .distributed import active_group, average_across_ranks, check_distributed, check_same_count, sum_across_ranks
+from .distributed import active_group, check_distributed, check_same_count, sum_across_ranks
 from .dual import solve_with_settings
 from .lifecycle import WindowState
 from .losses import check_losses
@@ -471,8 +471,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         group, world_size = active_group(self.distributed, self.process_group)
         if world_size > 1:  # host-side check; the all-reduce itself never syncs
             check_same_count(self._state.window, m, group, store.device)
-            assert store.rows is not None
-            average_across_ranks(store.rows, group, world_size)
+            store.average(group, world_size)
         return store.gram()
 
     def _combine(self, store: GradientStore, m: int) -> StepDiagnostics:

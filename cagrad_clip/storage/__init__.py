@@ -15,9 +15,10 @@ from ..distributed import sharded_layout
 from .base import GradientStore
 from .blocks import CHUNK, GRAM_BLOCK
 from .dense import DenseStore
+from .direct import DirectStore
 from .sharded import ShardedStore
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "DenseStore", "GradientStore", "ShardedStore", "make_store"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "DenseStore", "DirectStore", "GradientStore", "ShardedStore", "make_store"]
 
 
 def make_store(params: Sequence[Tensor], shared_count: int, accumulate_dtype: torch.dtype | None = None) -> GradientStore:
@@ -28,4 +29,6 @@ def make_store(params: Sequence[Tensor], shared_count: int, accumulate_dtype: to
     group = sharded_layout(params)
     if group is not None:
         return ShardedStore(params, shared_count, group, accumulate_dtype)
+    if accumulate_dtype is None and len({p.dtype for p in params}) == 1:
+        return DirectStore(params, shared_count)
     return DenseStore(params, shared_count, accumulate_dtype)

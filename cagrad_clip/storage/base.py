@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..distributed import average_across_ranks
 from .blocks import blocked_gram, row_sumsq
 
 __all__ = ["GradientStore", "GradGuard"]
@@ -130,6 +132,11 @@ class GradientStore:
     def unwrite(self) -> None:
         """Take the written combination back out of ``.grad`` so more gradients can be accumulated."""
         raise NotImplementedError
+
+    def average(self, group: Any, world_size: int) -> None:
+        """Average every objective's gradient over the ranks (``torch.distributed``), in place."""
+        assert self.rows is not None
+        average_across_ranks(self.rows, group, world_size)
 
     def close(self) -> None:
         """Release what the store registered (hooks) before the layout is rebuilt."""
