@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.blocks import CHUNK, blocked_gram, combine_into_row
+from cagrad_clip.storage.blocks import CHUNK, blocked_gram
 from tests.policies import step_refused
 
 
@@ -53,24 +53,20 @@ def test_blocked_gram_of_half_rows_accumulates_in_float32(dtype):
     torch.testing.assert_close(gram.double(), expected, rtol=2e-6, atol=2e-6 * expected.abs().max().item())
 
 
-def test_combine_into_row_is_in_place_and_float32_accurate():
+def test_bf16_combination_is_accumulated_in_float32_and_rounded_once():
+    """bf16 parameters over more than one chunk: every value written into ``.grad`` is the exact
+    combination of the bf16 per-objective gradients up to one bf16 rounding (a bf16 accumulation
+    would be off by several roundings)."""
     torch.manual_seed(1)
-    rows = torch.randn(3, CHUNK + 7).to(torch.bfloat16)
-    a = torch.tensor([0.7, -1.3, 2.1])
-    exact = a.double() @ rows.double()
-    magnitude = a.double().abs() @ rows.double().abs()  # float32 accumulation error is relative to this
-    pointer = rows[2].data_ptr()
-    finite = combine_into_row(rows, a, 2)
-    assert rows[2].data_ptr() == pointer and bool(finite)
-    # every value is the exact combination up to the bf16 rounding of the result (no bf16 accumulation)
-    error = (rows[2].double() - exact).abs()
+    w = nn.Parameter(torch.zeros(3 * CHUNK // 2, dtype=torch.bfloat16))
+    targets = torch.randn(3, w.numel()).to(torch.bfloat16)
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.0), weights=[0.2, 0.3, 0.5], c=0.7)
+    opt.backward([(w * t).sum() for t in targets])  # gradient of objective i is targets[i]
+    a = opt.last.coefficients.double()
+    exact = a @ targets.double()
+    magnitude = a.abs() @ targets.double().abs()  # float32 accumulation error is relative to this
+    error = (w.grad.double() - exact).abs()
     assert bool((error <= 2.0**-8 * exact.abs() + 1e-6 * magnitude).all())
-
-
-def test_combine_into_row_flags_an_overflow_of_the_rows_dtype():
-    rows = torch.full((2, 10), 5e4, dtype=torch.float16)
-    assert not bool(combine_into_row(rows, torch.tensor([0.7, 0.7]), 1))  # 7e4 > 65504
-    assert torch.isinf(rows[1]).all()
 
 
 # ------------------------------------------------------------------------------------------ memory floor

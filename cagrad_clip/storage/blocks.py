@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "combine_into_row", "row_sumsq"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "row_sumsq"]
 
 #: Columns per block of the blocked Gram: each block's products stay in cache and are summed
 #: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
@@ -26,11 +26,11 @@ def chunk_columns(m: int, n: int, upcast: bool) -> int:
 
     A chunk's transient is ``(m + 1) * columns * 4`` bytes when half-precision rows are upcast to
     float32, else one chunk of the result. Either way it stays near 1/16 of a float32 row (so small models
-    pay no fixed multi-MiB buffer), between 2**16 and :data:`CHUNK` columns (so large ones take few
-    Python iterations), in whole Gram blocks.
+    pay no fixed multi-MiB buffer), at most :data:`CHUNK` columns and at least one Gram block (2**16
+    columns without an upcast), so large ones take few Python iterations.
     """
     columns = n // (16 * (m + 1)) if upcast else n // 16
-    return max(1 << 16, min(CHUNK, columns // GRAM_BLOCK * GRAM_BLOCK))
+    return max(GRAM_BLOCK if upcast else 1 << 16, min(CHUNK, columns // GRAM_BLOCK * GRAM_BLOCK))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,29 +74,3 @@ def row_sumsq(rows: Tensor, start: int) -> Tensor:
     if tail.shape[1] == 0:
         return torch.zeros(rows.shape[0], dtype=acc, device=rows.device)
     return torch.linalg.vector_norm(tail, dim=1, dtype=acc).square()
-
-
-def combine_into_row(rows: Tensor, coefficients: Tensor, target: int) -> Tensor:
-    """Overwrite ``rows[target]`` with ``sum_i coefficients_i rows[i]``, accumulated in float32 or better.
-
-    Chunk by chunk, so the row can be one of the inputs (the combination is written in place,
-    e.g. into the row that is ``.grad``). Returns a 0-d bool tensor: whether every value written
-    is finite *in the rows' dtype*. Only float16 can overflow where float32 did not (its range
-    ends at 65504), so only float16 rows pay for that check (one fused ``aminmax`` per chunk);
-    for the other dtypes the caller's checks of the Gram and the coefficients cover it.
-    """
-    acc = accumulation_dtype(rows.dtype)
-    a = coefficients.to(acc)
-    extremes = []
-    n = rows.shape[1]
-    step = chunk_columns(rows.shape[0], n, upcast=rows.dtype != acc)
-    for start in range(0, n, step):  # a loop over shapes only: no sync
-        block = rows[:, start : start + step]
-        written = rows[target, start : start + step]
-        written.copy_(a @ (block if block.dtype == acc else block.to(acc)))
-        if rows.dtype == torch.float16:
-            extremes.append(torch.stack(torch.aminmax(written)))  # NaN propagates
-    if not extremes:
-        return torch.ones((), dtype=torch.bool, device=rows.device)
-    low, high = torch.stack(extremes).unbind(-1)
-    return (low.amin() > -torch.inf) & (high.amax() < torch.inf)

@@ -1,22 +1,12 @@
-"""Per-objective gradients of ordinary (non-sharded) parameters.
+"""Per-objective gradients of parameters whose rows need a wider (or common) dtype: the accumulator store.
 
-Every objective's gradient is taken with ``loss_i.backward()`` (so parameter hooks fire, reentrant
-checkpointing works, and leaves outside the optimizer get the plain sum of the objectives'
-gradients, exactly as ``sum(losses).backward()`` would give them). What differs is where it lands:
-
-* **direct** (the default whenever the rows can have the parameters' own dtype): before pass ``i``
-  every parameter's ``.grad`` is pointed at its slice of row ``i``, so autograd accumulates
-  straight into the row: no copy and no transient gradient. The *home* objective (the one with the
-  largest weight) goes last and its row stays behind as ``.grad``; the combination
-  ``sum_i a_i g_i`` is then written into that row in place. Extra memory over plain training:
-  ``(m - 1)`` parameter-sized rows plus a float32 chunk (see :mod:`.blocks`), the physical floor.
-* **accumulator** (float32 rows for low-precision parameters on request, or parameters of mixed
-  dtypes): each pass lands in a fresh ``.grad`` that is added into its wider row and dropped; the
-  combination is written parameter by parameter in the parameters' dtype.
-
-Parameters that no objective reached keep ``.grad = None`` (as ``loss.backward()`` leaves them).
-Whatever ``.grad`` held when the window began (torch-style accumulation without ``zero_grad``)
-is kept aside and the combination is added to it.
+Used when ``accumulate_dtype=torch.float32`` asks for float32 sums of low-precision gradients, or
+when the trainable parameters have mixed dtypes (otherwise :mod:`.direct` keeps the rows at the
+memory floor). Each objective's gradient is taken with ``loss_i.backward()`` (hooks fire, reentrant
+checkpointing works, leaves outside the optimizer get the plain sum of the objectives' gradients),
+lands in a fresh ``.grad``, is added into its wider row and dropped; the combination is written
+parameter by parameter in the parameters' dtype. Parameters that no objective reached keep
+``.grad = None``; whatever ``.grad`` held when the window began is kept and the combination added.
 """
 
 from __future__ import annotations
@@ -28,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import GradGuard, GradientStore
-from .blocks import accumulation_dtype, combine_into_row
+from .blocks import accumulation_dtype
 
 __all__ = ["DenseStore", "ReachRecorder"]
 
@@ -58,7 +48,7 @@ class ReachRecorder:
 
 
 class DenseStore(GradientStore):
-    """Rows of plain tensors; ``direct`` when every parameter has the rows' dtype (see the module doc)."""
+    """Rows in a wider dtype than (some of) the parameters' (see the module doc)."""
 
     def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype | None = None) -> None:
         dtypes = {p.dtype for p in params}
@@ -67,12 +57,9 @@ class DenseStore(GradientStore):
             for d in dtypes:
                 dtype = torch.promote_types(dtype, d)
         super().__init__(params, shared_count, [p.shape for p in params], dtype)
-        self.direct = dtypes == {dtype}
         self.recorder = ReachRecorder(self.params)
         self.external: list[Tensor | None] = [None] * len(self.params)
         self.coefficients: Tensor | None = None
-        self._handed_out: list[weakref.ref[Tensor]] = []
-        self._home_views: list[Tensor] = []
         self._zeroed = GradGuard()
 
     def mark_zeroed(self) -> None:
@@ -87,14 +74,11 @@ class DenseStore(GradientStore):
     def start_window(self, m: int, home: int) -> None:
         zeros = self._zeroed.intact(self.params)  # .grad holds the zeros our zero_grad() left: nothing to keep
         self._zeroed.clear()
-        self._home_views = []  # our own references must not count as a user's
         self.external = [None if zeros else p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        reusable = not any(ref() is not None for ref in self._handed_out)
-        rows = self.allocate(m, reusable)
+        rows = self.allocate(m, reusable=True)  # the rows are never handed out as .grad
         rows.zero_()
-        self._handed_out = []
         self.home = home
         self.coefficients = None
         self.recorder.reached = [False] * len(self.params)
@@ -113,9 +97,8 @@ class DenseStore(GradientStore):
 
     def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool) -> None:
         assert self.rows is not None
-        row = self.views(self.rows[i]) if self.direct else None
-        for j, p in enumerate(self.params):
-            p.grad = None if row is None else row[j]
+        for p in self.params:
+            p.grad = None
         before = self.recorder.count
         self.recorder.active = True
         try:
@@ -135,8 +118,7 @@ class DenseStore(GradientStore):
                 f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
                 "from the model the optimizer updates"
             )
-        if not self.direct:
-            self._fold_grads_into_row(i)
+        self._fold_grads_into_row(i)
 
     def _fold_grads_into_row(self, i: int) -> None:
         """Accumulator mode: add each fresh ``.grad`` into the wider row ``i`` and drop it."""
@@ -151,14 +133,8 @@ class DenseStore(GradientStore):
             torch._foreach_add_(views, grads)
 
     def _settle(self) -> None:
-        """After the passes: ``.grad`` is the home row (direct) or what it was (accumulator)."""
-        assert self.rows is not None
-        if self.direct:
-            self._home_views = self.views(self.rows[self.home])
-            for p, view, reached in zip(self.params, self._home_views, self.recorder.reached):
-                p.grad = view if reached else None
-        else:
-            self._restore_external()
+        """After the passes: ``.grad`` is what it was when the window began."""
+        self._restore_external()
         self.guard.record(self.params)
 
     def _restore_external(self) -> None:
@@ -169,14 +145,8 @@ class DenseStore(GradientStore):
     def write(self, coefficients: Tensor) -> Tensor:
         assert self.rows is not None
         self.coefficients = coefficients
-        if self.direct:
-            finite = combine_into_row(self.rows, coefficients, self.home)
-            grads = self._home_views
-        else:
-            finite = torch.ones((), dtype=torch.bool, device=self.device)
-            grads = self._combination_per_parameter(coefficients)
-        finite = finite & self._add_to_external(grads)
-        self._handed_out = [weakref.ref(g) for g in grads]
+        grads = self._combination_per_parameter(coefficients)
+        finite = self._add_to_external(grads)
         self.guard.record(self.params)
         return finite
 
@@ -201,7 +171,7 @@ class DenseStore(GradientStore):
                 p.grad = e
             else:
                 p.grad = d if reached else None
-            if not self.direct and reached and e is None:
+            if reached and e is None:
                 finite = finite & torch.isfinite(d).all()
         if kept:
             torch._foreach_add_(kept, added)
@@ -210,26 +180,12 @@ class DenseStore(GradientStore):
         return finite
 
     def unwrite(self) -> None:
-        """Before more accumulation: the home row gets ``g_home`` back, kept ``.grad`` loses the combination.
-
-        Direct mode recovers ``g_home = (d - sum_{i != home} a_i g_i) / a_home`` in float32 from the
-        rows (``a_home >= w_home / divisor > 0``: the home objective has the largest weight); this
-        costs one rounding of ``d`` in the rows' dtype. Pass ``combine=False`` to all but the last
-        ``backward`` of an accumulation to avoid it.
-        """
+        """Before more accumulation: kept ``.grad`` loses the combination (the rows are untouched)."""
         assert self.rows is not None and self.coefficients is not None
-        a = self.coefficients.to(accumulation_dtype(self.dtype))
-        if self.direct:
-            combination: list[Tensor] = self._home_views
-        else:
-            combination = self._combination_per_parameter(self.coefficients)
+        combination = self._combination_per_parameter(self.coefficients)
         kept = [(e, d) for e, d in zip(self.external, combination) if e is not None]
         if kept:
             torch._foreach_sub_([e for e, _ in kept], [d for _, d in kept])
-        if self.direct:
-            inverse = -a / a[self.home]
-            inverse[self.home] = 1.0 / a[self.home]
-            combine_into_row(self.rows, inverse, self.home)
         for p, e in zip(self.params, self.external):
             if e is not None:
                 p.grad = None

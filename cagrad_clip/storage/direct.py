@@ -84,7 +84,7 @@ class DirectStore(GradientStore):
     def _chunks(self, j: int) -> Iterator[slice]:
         """Column chunks of parameter ``j`` (local to its flattened gradient)."""
         n = self.numels[j]
-        step = chunk_columns(max(self.m - 1, 1), n, upcast=self.dtype != self.acc)
+        step = chunk_columns(max(self.m - 1, 1), self.numel, upcast=self.dtype != self.acc)  # sized on the model
         for start in range(0, n, step):  # a loop over shapes only: no sync
             yield slice(start, min(n, start + step))
 
