@@ -181,7 +181,9 @@ class DirectStore(GradientStore):
                 continue
             flat = g.reshape(-1)
             if k:
-                cross = cross + _dot_rows(self.rows[:, self._columns(j)], flat, self.acc)
+                block = self.rows[:, self._columns(j)]
+                for cols in self._chunks(j):  # half-precision pieces are upcast one chunk at a time
+                    cross = cross + _dot_rows(block[:, cols], flat[cols], self.acc)
             own = own + torch.linalg.vector_norm(flat, dtype=self.acc).square()
         top = torch.cat([inner, cross.unsqueeze(1)], 1)
         bottom = torch.cat([cross, own.reshape(1)]).unsqueeze(0)
