@@ -30,22 +30,16 @@ from torch import Tensor
 
 from ..distributed import average_across_ranks
 from .base import GradGuard, GradientStore
-from .blocks import GRAM_BLOCK, accumulation_dtype, blocked_gram, chunk_columns, row_sumsq
+from .blocks import accumulation_dtype, blocked_gram, chunk_columns, row_sumsq
 from .dense import ReachRecorder
 
 __all__ = ["DirectStore"]
 
 
 def _dot_rows(rows: Tensor, vector: Tensor, acc: torch.dtype) -> Tensor:
-    """``rows @ vector`` (``(k, n) x (n,)``) in ``acc``, in ``GRAM_BLOCK`` tiles (short float32 chains)."""
-    k, n = rows.shape
-    blocks = n // GRAM_BLOCK
-    rows, vector = rows.to(acc), vector.to(acc)
-    if blocks < 2:
-        return rows @ vector
-    tiled = rows[:, : blocks * GRAM_BLOCK].view(k, blocks, GRAM_BLOCK).transpose(0, 1)
-    partial = torch.bmm(tiled, vector[: blocks * GRAM_BLOCK].view(blocks, GRAM_BLOCK, 1)).sum(0).squeeze(-1)
-    return partial + rows[:, blocks * GRAM_BLOCK :] @ vector[blocks * GRAM_BLOCK :]
+    """``rows @ vector`` (``(k, n) x (n,)``) in ``acc``: one matrix-vector product per chunk (the
+    caller's chunks keep each float32 chain at most :data:`~cagrad_clip.storage.blocks.CHUNK` long)."""
+    return rows.to(acc) @ vector.to(acc)
 
 
 class DirectStore(GradientStore):
