@@ -46,6 +46,29 @@ class ReachRecorder:
             handle.remove()
         self.handles = []
 
+    def backward(self, loss: Tensor, i: int, retain_graph: bool) -> None:
+        """``loss.backward()`` for objective ``i``, recording what it reaches; clear errors for a loss
+        that reaches no parameter and for DDP's reducer firing inside the passes."""
+        before = self.count
+        self.active = True
+        try:
+            loss.backward(retain_graph=retain_graph)
+        except RuntimeError as error:
+            if "mark a variable ready only once" in str(error):
+                raise RuntimeError(
+                    "DistributedDataParallel's gradient sync ran during the per-objective backward passes: run the "
+                    "forward under model.no_sync() (ConflictAverseOptimizer averages every objective's gradient across "
+                    "ranks itself; see docs/distributed.md)"
+                ) from error
+            raise
+        finally:
+            self.active = False
+        if self.count == before:
+            raise ValueError(
+                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
+                "from the model the optimizer updates"
+            )
+
 
 class DenseStore(GradientStore):
     """Rows in a wider dtype than (some of) the parameters' (see the module doc)."""
@@ -99,25 +122,7 @@ class DenseStore(GradientStore):
         assert self.rows is not None
         for p in self.params:
             p.grad = None
-        before = self.recorder.count
-        self.recorder.active = True
-        try:
-            loss.backward(retain_graph=retain_graph)
-        except RuntimeError as error:
-            if "mark a variable ready only once" in str(error):
-                raise RuntimeError(
-                    "DistributedDataParallel's gradient sync ran during the per-objective backward passes: run the "
-                    "forward under model.no_sync() (ConflictAverseOptimizer averages every objective's gradient across "
-                    "ranks itself; see docs/distributed.md)"
-                ) from error
-            raise
-        finally:
-            self.recorder.active = False
-        if self.recorder.count == before:
-            raise ValueError(
-                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
-                "from the model the optimizer updates"
-            )
+        self.recorder.backward(loss, i, retain_graph)
         self._fold_grads_into_row(i)
 
     def _fold_grads_into_row(self, i: int) -> None:

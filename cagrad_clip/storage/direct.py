@@ -115,10 +115,10 @@ class DirectStore(GradientStore):
                 row = self.views(self.rows[self._row(i)])
                 for p, view in zip(self.params, row):
                     p.grad = view
-                self._backward(losses[i], i, retain_graph=True)
+                self.recorder.backward(losses[i], i, retain_graph=True)
             for p, g in zip(self.params, self.home_grads):
                 p.grad = g
-            self._backward(losses[self.home], self.home, retain_graph=False)
+            self.recorder.backward(losses[self.home], self.home, retain_graph=False)
         except BaseException:
             for p, e in zip(self.params, self.external):
                 p.grad = e
@@ -128,27 +128,6 @@ class DirectStore(GradientStore):
         for p, g in zip(self.params, self.home_grads):
             p.grad = g
         self.guard.record(self.params)
-
-    def _backward(self, loss: Tensor, i: int, retain_graph: bool) -> None:
-        before = self.recorder.count
-        self.recorder.active = True
-        try:
-            loss.backward(retain_graph=retain_graph)
-        except RuntimeError as error:
-            if "mark a variable ready only once" in str(error):
-                raise RuntimeError(
-                    "DistributedDataParallel's gradient sync ran during the per-objective backward passes: run the "
-                    "forward under model.no_sync() (ConflictAverseOptimizer averages every objective's gradient across "
-                    "ranks itself; see docs/distributed.md)"
-                ) from error
-            raise
-        finally:
-            self.recorder.active = False
-        if self.recorder.count == before:
-            raise ValueError(
-                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
-                "from the model the optimizer updates"
-            )
 
     def average(self, group: Any, world_size: int) -> None:
         """Average every objective's gradient over the ranks (rows in one all-reduce, home per parameter)."""
