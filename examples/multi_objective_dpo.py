@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover
 from cagrad_clip import ConflictAverseOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the task's prompts and responses
-from benchmarks.dpo.task import FILLER, KEYWORDS, make_prompt, random_batch, tiny_gpt2  # noqa: E402
+from benchmarks.dpo.task import FILLER, KEYWORDS, generate, make_prompt, random_batch, tiny_gpt2  # noqa: E402
 from benchmarks.dpo.task import random_response as _task_response  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "write", "about", ":"]
@@ -161,27 +161,8 @@ def sequence_logps(model, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Ten
 def sample(model, tok, prompts: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
     """Temperature-1 samples (left-padded prompts, so a pretrained tokenizer's ragged prompts work)."""
     torch.manual_seed(seed)
-    enc = [tok.encode(p) for p in prompts]
-    width = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
-    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    texts = []
-    for row in out[:, width:].tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id)]
-        texts.append(tok.decode(row))
-    return texts
+    rows = generate(model, [tok.encode(p) for p in prompts], tok.pad_token_id, tok.eos_token_id, max_new_tokens)
+    return [tok.decode(row) for row in rows]
 
 
 def supervised_warmup(model, tok, steps: int, batch: int, rng: random.Random, lr: float = 3e-3) -> None:

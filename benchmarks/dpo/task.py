@@ -174,31 +174,37 @@ def supervised_reference(tok, seed: int, steps: int, batch: int = 64, lr: float 
 
 
 @torch.no_grad()
+def generate(model, encoded: Sequence[Sequence[int]], pad_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Temperature-1 continuations of left-padded token ids, each cut at its first ``eos_id``."""
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad_id] * (width - len(e)) + list(e) for e in encoded])
+    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    rows = []
+    for row in out[:, width:].tolist():
+        rows.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return rows
+
+
+@torch.no_grad()
 def sample(model, tok, prompts: Sequence[str], seed: int, max_new_tokens: int = 12, batch: int = 256) -> list[str]:
     """Temperature-1 samples (left-padded prompts), decoded up to the first ``<eos>``."""
     torch.manual_seed(seed)
     out_texts: list[str] = []
     model.eval()
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(map(len, enc))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
-        attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
+        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch]]
+        for row in generate(model, enc, tok.pad_token_id, tok.eos_token_id, max_new_tokens):
             out_texts.append(" ".join(tok.convert_ids_to_tokens([i for i in row if i != tok.pad_token_id])))
     return out_texts
 
