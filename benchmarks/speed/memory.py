@@ -102,6 +102,11 @@ def peak_from_trace(events: list[dict]) -> Peak:
     return Peak(before=before, peak=max(before, peak if peak is not None else before), after=after)
 
 
+def _trainable(model: nn.Module) -> list[Tensor]:
+    """The model's parameters that require grad, each once (tied weights counted once)."""
+    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+
+
 def _sgd(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=1e-6)  # no momentum: no optimizer state on either side
 
@@ -121,7 +126,7 @@ def plain_step(case: MemoryCase) -> Callable[[], None]:
 def floor_step(case: MemoryCase) -> Callable[[], None]:
     """The measured floor: m ``autograd.grad`` passes, m - 1 results kept, the last one as ``.grad``; no combination."""
     base = _sgd(case.model)
-    params = [p for p in {id(p): p for p in case.model.parameters()}.values() if p.requires_grad]
+    params = _trainable(case.model)
 
     def step() -> None:
         base.zero_grad()
@@ -145,7 +150,7 @@ def preallocated_plain_step(case: MemoryCase) -> Callable[[], None]:
     start of the backward costs. The default store holds all its rows from the start of the backward.
     """
     base = _sgd(case.model)
-    params = [p for p in {id(p): p for p in case.model.parameters()}.values() if p.requires_grad]
+    params = _trainable(case.model)
     numels = [p.numel() for p in params]
 
     def step() -> None:
@@ -185,7 +190,7 @@ def low_memory_step(case: MemoryCase) -> Callable[[], None]:
     from cagrad_clip import low_memory
 
     base = _sgd(case.model)
-    params = [p for p in {id(p): p for p in case.model.parameters()}.values() if p.requires_grad]
+    params = _trainable(case.model)
     settings = CAGradSettings(c=C)
     engine: list = []
 
@@ -213,7 +218,7 @@ def raco_step(case: MemoryCase) -> Callable[[], None]:
     Each parameter's ``m`` gradients are released as soon as its combination is in ``.grad``.
     """
     base = _sgd(case.model)
-    params = [p for p in {id(p): p for p in case.model.parameters()}.values() if p.requires_grad]
+    params = _trainable(case.model)
 
     def step() -> None:
         base.zero_grad()
