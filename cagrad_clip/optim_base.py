@@ -8,8 +8,7 @@ contracts: step pre/post hooks fire around :meth:`step`, the ``state_dict`` and
 ``load_state_dict`` hook registries fire, and it pickles and deep-copies.
 
 Subclasses implement :meth:`step` and may extend :meth:`_wrapper_state` / :meth:`_load_wrapper_state`
-(what they add to the base optimizer's state dict) and :meth:`_transient_attributes` (what must
-not be pickled and is rebuilt on demand).
+(what they add to the base optimizer's state dict) and ``__getstate__`` (what must not be pickled).
 """
 
 from __future__ import annotations
@@ -121,15 +120,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------------ pickling, deepcopy
-    def _transient_attributes(self) -> tuple[str, ...]:
-        """Attribute names not pickled (rebuilt on demand after unpickling) (override)."""
-        return ()
-
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        for name in self._transient_attributes():
-            state[name] = None
-        return state
+        return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -560,12 +560,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
         if bad:
             overflowed = [
-                i
-                for i in bad
-                if store is not None
-                and not store.sharded
-                and (i != store.home or not getattr(store, "direct", False))
-                and store.row_finite(i)
+                i for i in bad if store is not None and not store.sharded and (i != store.home or not store.direct) and store.row_finite(i)
             ]
             if overflowed:
                 return (

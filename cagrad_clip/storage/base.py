@@ -65,6 +65,8 @@ class GradientStore:
 
     #: Whether the parameters are FSDP2 shards (the Gram must then be summed over ranks).
     sharded = False
+    #: Whether the home objective's own gradient is overwritten by the combination (its row is then gone).
+    direct = False
     #: The process group to sum shard Grams over (sharded stores only).
     shard_group: object | None = None
 

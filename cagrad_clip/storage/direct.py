@@ -60,6 +60,7 @@ class DirectStore(GradientStore):
         self.coefficients: Tensor | None = None
         self.m = 0
         self._zeroed = GradGuard()
+        self._order_indices: dict[tuple[int, int], Tensor] = {}
 
     def close(self) -> None:
         self.recorder.remove()
@@ -165,9 +166,14 @@ class DirectStore(GradientStore):
         return ordered.index_select(0, index).index_select(1, index)
 
     def _order_index(self) -> Tensor:
-        """Position of each objective in the order (non-home..., home)."""
-        positions = [self._row(i) if i != self.home else self.m - 1 for i in range(self.m)]
-        return torch.tensor(positions, device=self.device)
+        """Position of each objective in the order (non-home..., home); cached per ``(m, home)``, since
+        building it from a Python list is a host-to-device copy (a stream sync on CUDA) on the step path."""
+        key = (self.m, self.home)
+        index = self._order_indices.get(key)
+        if index is None:
+            positions = [self._row(i) if i != self.home else self.m - 1 for i in range(self.m)]
+            index = self._order_indices[key] = torch.tensor(positions, device=self.device)
+        return index
 
     def unshared_sumsq(self) -> Tensor:
         assert self.rows is not None
