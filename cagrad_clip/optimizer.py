@@ -540,15 +540,19 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             self.backward(losses)
         diagnostics = self.combine()
         self._state.window.phase = "stepped"  # whatever happens below, this window is over
-        if self._state.nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
-            message = self._explain_nonfinite(diagnostics)
-            if self._state.nonfinite == "raise":
-                raise FloatingPointError(message + "; the parameters were not updated")
-            self._state.skipped_steps += 1
-            warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
+        try:
+            if self._state.nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
+                message = self._explain_nonfinite(diagnostics)
+                if self._state.nonfinite == "raise":
+                    raise FloatingPointError(message + "; the parameters were not updated")
+                self._state.skipped_steps += 1
+                warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
+                return result
+            self.optimizer.step()
             return result
-        self.optimizer.step()
-        return result
+        finally:
+            if self._state.store is not None:  # .grad is the user's now: keep no reference to it
+                self._state.store.release()
 
     @staticmethod
     def _all_finite(d: StepDiagnostics) -> bool:

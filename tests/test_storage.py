@@ -93,6 +93,29 @@ def test_the_home_objectives_gradient_stays_in_grad_and_the_other_rows_keep_the_
     assert all(p.grad is g for p, g in zip(params, held) if g is not None)  # combined in place
 
 
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
+def test_zero_grad_after_a_step_frees_every_gradient_like_torch(options):
+    """After ``step`` the gradients in ``.grad`` are the user's: ``zero_grad()`` (set_to_none) frees
+    them, as it does for a plain optimizer. A reference kept by the store would keep a whole
+    parameter copy alive into the next forward pass (measured: +0.35 copies on the benchmark encoder)."""
+    import gc
+    import weakref
+
+    trunk, heads = trunk_and_heads()
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), **options)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(two_losses(trunk, heads, x, y))
+        refs = [weakref.ref(p.grad) for p in params if p.grad is not None]
+        assert refs
+        opt.zero_grad()
+        gc.collect()
+        assert [r() is None for r in refs] == [True] * len(refs)
+        opt.zero_grad()
+
+
 def test_accumulate_dtype_float32_sums_bf16_gradients_in_float32():
     trunk, heads = trunk_and_heads(torch.bfloat16)
     params = params_of(trunk, heads)

@@ -149,3 +149,13 @@ class GradientStore:
     def abandon(self) -> None:
         """Forget the window (after a failed pass or a reset); ``.grad`` is left as it is."""
         self.guard.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop this window's references to gradients the user now owns (the window is over).
+
+        Whatever ``.grad`` held before the window and the home objective's gradients belong to
+        ``.grad`` after the step; a reference kept here would keep them alive after ``zero_grad()``
+        (``set_to_none``) and add a whole parameter copy to the next forward's peak. The rows stay:
+        they are reused by the next window.
+        """

@@ -89,6 +89,10 @@ class DenseStore(GradientStore):
         """``zero_grad(set_to_none=False)`` just zeroed ``.grad`` in place: a new window may drop those zeros."""
         self._zeroed.record(self.params)
 
+    def release(self) -> None:
+        self.external = [None] * len(self.params)
+        self.coefficients = None
+
     def close(self) -> None:
         """Remove the hooks (the layout is being rebuilt)."""
         self.recorder.remove()

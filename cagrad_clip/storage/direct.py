@@ -68,6 +68,12 @@ class DirectStore(GradientStore):
     def mark_zeroed(self) -> None:
         self._zeroed.record(self.params)
 
+    def release(self) -> None:
+        self.external = [None] * len(self.params)
+        self.home_grads = [None] * len(self.params)
+        self.fresh = [False] * len(self.params)
+        self.coefficients = None
+
     # ------------------------------------------------------------------ layout helpers
     def _row(self, i: int) -> int:
         """Row of objective ``i`` (``i != home``) in the ``(m - 1, D)`` buffer."""

@@ -41,6 +41,10 @@ class ShardedStore(GradientStore):
         self.reached = [False] * len(self.params)
         self.coefficients: Tensor | None = None
 
+    def release(self) -> None:
+        self.external = [None] * len(self.params)
+        self.coefficients = None
+
     def start_window(self, m: int, home: int) -> None:
         self.external = [p.grad for p in self.params]
         self.allocate(m, reusable=False).zero_()
