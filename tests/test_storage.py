@@ -4,8 +4,12 @@ float64 Grams, ``sum(losses).backward()``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -70,25 +74,28 @@ def test_bf16_combination_is_accumulated_in_float32_and_rounded_once():
 
 
 # ------------------------------------------------------------------------------------------ memory floor
-def test_the_home_objectives_gradient_stays_in_grad_and_the_other_rows_keep_the_parameter_dtype():
-    """Direct store: ``m - 1`` rows in the parameters' dtype; the home objective's gradient is left in
-    ``.grad`` where autograd put it, and the combination is written into those very tensors."""
+def test_every_objectives_gradient_stays_where_autograd_put_it_in_the_parameter_dtype():
+    """Direct store: no buffer is allocated ahead of the backward. Objective 0's gradients are the
+    bf16 tensors autograd allocated (equal to ``autograd.grad``); the home objective's (the largest
+    weight) are left in ``.grad`` and the combination is written into those very tensors."""
     trunk, heads = trunk_and_heads(torch.bfloat16)
     params = params_of(trunk, heads)
     opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.3, 0.7])
     x, y = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 1, dtype=torch.bfloat16)
-    home = torch.autograd.grad(two_losses(trunk, heads, x, y)[1], params, allow_unused=True)  # the largest weight's
+    expected = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in two_losses(trunk, heads, x, y)]
     opt.backward(two_losses(trunk, heads, x, y), combine=False)
-    rows = opt._store.rows
-    assert rows.dtype == torch.bfloat16 and rows.shape == (1, sum(p.numel() for p in params))
+    store = opt._store
+    assert store.rows is None and store.home == 1
     held = [p.grad for p in params]
-    start, end = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
-    for g, h in zip(held, home):
-        if h is None:
-            assert g is None  # objective 1 does not reach heads[0]
-            continue
-        torch.testing.assert_close(g, h)  # .grad is objective 1's gradient before the combination
-        assert not start <= g.data_ptr() < end
+    for j, p in enumerate(params):
+        for i in range(2):
+            got = store.grads[i][j]
+            if expected[i][j] is None:
+                assert got is None  # objective i does not reach heads[1 - i]
+                continue
+            assert got.dtype == torch.bfloat16 and got.shape == p.shape
+            torch.testing.assert_close(got, expected[i][j], rtol=0, atol=0)
+        assert held[j] is store.grads[1][j]  # .grad is objective 1's own gradient before the combination
     opt.combine()
     assert all(p.grad is g for p, g in zip(params, held) if g is not None)  # combined in place
 
@@ -274,3 +281,88 @@ def test_leaves_outside_the_optimizer_get_the_plain_sum_like_backward():
     opt.backward(losses())
     expected = torch.autograd.grad(sum(losses()), outside)[0]
     torch.testing.assert_close(outside.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ chunks
+@given(
+    numels=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    columns=st.integers(1, 50),
+    data=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_chunk_plan_covers_each_parameter_once_in_order(numels, columns, data):
+    """Every chosen parameter's ``[0, n)`` is covered exactly once, in order; no chunk exceeds
+    ``columns`` and only the last may be shorter."""
+    from cagrad_clip.storage.direct import plan_chunks
+
+    indices = data.draw(st.lists(st.sampled_from(range(len(numels))), unique=True).map(sorted))
+    plan = plan_chunks(numels, indices, columns)
+    flat = [(j, start, stop) for chunk in plan for j, start, stop in chunk.pieces]
+    covered = [(j, k) for j, start, stop in flat for k in range(start, stop)]
+    assert covered == [(j, k) for j in indices for k in range(numels[j])]
+    assert all(chunk.length == sum(stop - start for _, start, stop in chunk.pieces) for chunk in plan)
+    assert all(chunk.length == columns for chunk in plan[:-1]) and all(0 < c.length <= columns for c in plan)
+
+
+def small_chunks(monkeypatch, columns):
+    """Force the direct store's chunks down to ``columns`` columns, so parameters split across chunks."""
+    import cagrad_clip.storage.direct as direct
+
+    monkeypatch.setattr(direct, "chunk_columns", lambda m, n, upcast: columns)
+
+
+@pytest.mark.parametrize("columns", [7, 50, 1 << 20])
+def test_gram_and_direction_do_not_depend_on_the_chunking(monkeypatch, columns):
+    """m = 3 with a head objective 0 does not reach: Gram and ``.grad`` equal a float64 reference of
+    independent ``autograd.grad`` calls whether parameters share a chunk or are split over many."""
+    small_chunks(monkeypatch, columns)
+    torch.manual_seed(3)
+    trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
+    heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(3)])
+    params = params_of(trunk, heads)
+    x, y = torch.randn(10, 5), torch.randn(10, 3)
+
+    def losses(t, h):
+        z = t(x.to(h[0].weight.dtype))
+        out = [((h[i](z).squeeze(-1) - y[:, i].to(z.dtype)) ** 2).mean() for i in range(3)]
+        out[2] = out[2] + 0.1 * (h[0](z) ** 2).mean()  # objective 2 also reaches head 0; 0 reaches no other head
+        return out
+
+    twin_t, twin_h = copy.deepcopy(trunk).double(), copy.deepcopy(heads).double()
+    twin_params = params_of(twin_t, twin_h)
+    shared = len(list(trunk.parameters()))
+    per = [torch.autograd.grad(loss, twin_params, retain_graph=True, allow_unused=True) for loss in losses(twin_t, twin_h)]
+    rows = torch.stack([torch.cat([g.flatten() for g in gs[:shared]]) for gs in per])
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), weights=[0.2, 0.3, 0.5], shared=list(trunk.parameters()))
+    opt.backward(losses(trunk, heads))
+    torch.testing.assert_close(opt.last.gram.double(), rows @ rows.T, rtol=1e-5, atol=1e-7)
+    a = opt.last.coefficients.double()
+    for j, p in enumerate(params):
+        parts = [a[i] * gs[j] for i, gs in enumerate(per) if gs[j] is not None]
+        if not parts:
+            assert p.grad is None
+            continue
+        torch.testing.assert_close(p.grad.double(), sum(parts), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
+def test_channels_last_parameters_are_combined_element_for_element(options):
+    """A ``channels_last`` convolution's gradients keep the parameter's strides; the combination must
+    pair the same elements of every objective's gradient (checked against ``autograd.grad``)."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    target = torch.randn(2, 4, 4, 4)
+
+    def losses():
+        out = conv(x)
+        return [((out - target) ** 2).mean(), (out[:, :2] ** 2).mean(), out.abs().mean()]
+
+    params = list(conv.parameters())
+    per = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses()]
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), weights=[0.5, 0.3, 0.2], c=0.5, **options)
+    opt.backward(losses())
+    a = opt.last.coefficients
+    for j, p in enumerate(params):
+        torch.testing.assert_close(p.grad, sum(a[i] * per[i][j] for i in range(3)), rtol=1e-5, atol=1e-7)

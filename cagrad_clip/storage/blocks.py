@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "row_sumsq"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "gram_of_block", "row_sumsq"]
 
 #: Columns per block of the blocked Gram: each block's products stay in cache and are summed
 #: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
@@ -38,7 +38,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gram_of_block(rows: Tensor) -> Tensor:
+def gram_of_block(rows: Tensor) -> Tensor:
     """Gram of ``rows`` (already in the accumulation dtype): ``GRAM_BLOCK``-column tiles through one ``bmm``."""
     m, n = rows.shape
     blocks = n // GRAM_BLOCK
@@ -58,12 +58,12 @@ def blocked_gram(rows: Tensor, columns: int) -> Tensor:
     """
     acc = accumulation_dtype(rows.dtype)
     if rows.dtype == acc:
-        return _gram_of_block(rows[:, :columns])
+        return gram_of_block(rows[:, :columns])
     m = rows.shape[0]
     step = chunk_columns(m, rows.shape[1], upcast=True)
     if columns == 0:
         return torch.zeros((m, m), dtype=acc, device=rows.device)
-    parts = [_gram_of_block(rows[:, start : min(columns, start + step)].to(acc)) for start in range(0, columns, step)]
+    parts = [gram_of_block(rows[:, start : min(columns, start + step)].to(acc)) for start in range(0, columns, step)]
     return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
 
 

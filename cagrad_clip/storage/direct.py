@@ -1,20 +1,22 @@
-"""Per-objective gradients at the memory floor: ``m - 1`` rows, the home objective stays in ``.grad``.
+"""Per-objective gradients at the memory floor: each one stays where autograd allocates it.
 
 Used whenever every trainable parameter has one dtype (the default). Each objective's gradient is
 taken with ``loss_i.backward()``, so parameter hooks fire, reentrant checkpointing works, and leaves
 outside the optimizer get the plain sum of the objectives' gradients.
 
-* The ``m - 1`` non-home objectives land in an ``(m - 1, D)`` buffer in the parameters' dtype:
-  before pass ``i`` every parameter's ``.grad`` is pointed at its slice of row ``i``, so autograd
-  accumulates straight into the row (no copy, no transient gradient).
-* The *home* objective (the largest weight) goes last with ``.grad`` as autograd leaves it: each
-  parameter's gradient is allocated when the backward reaches it, while activations are being
-  freed, exactly as in plain training. Allocating a whole row before the backward instead cost
-  about half a parameter copy more on small models (``python -m benchmarks.speed --sections memory``,
-  column "plain, .grad preallocated").
+* Before pass ``i`` every parameter's ``.grad`` is set to what objective ``i`` has accumulated in
+  this window (``None`` at the start), so autograd allocates each gradient when the backward
+  reaches it, while activations are being freed, exactly as in plain training; after the pass the
+  tensors are taken out of ``.grad`` and kept as objective ``i``'s gradient, in the parameters'
+  dtype. Nothing is allocated ahead of the backward and nothing is copied. (A flat ``(m - 1, D)``
+  buffer allocated before the passes held a whole row during the first pass: +0.25 to +0.3
+  parameter copies over this on the benchmark GPT-2, ``python -m benchmarks.speed --sections memory``.)
+* The *home* objective (the largest weight) goes last; its gradients stay in ``.grad``.
 * The Gram (RACO Algorithm 1's ``H``) and the combination ``sum_i a_i g_i`` are accumulated in
-  float32 or better; the combination is written into the home gradients in place, parameter by
-  parameter, in chunks.
+  float32 or better over :class:`Chunk` s: a few consecutive (pieces of) parameters gathered into
+  one ``(m, L)`` block, small enough to be a transient (:func:`chunk_columns`), large enough that a
+  model with hundreds of small tensors takes few Python iterations. The combination is written
+  into the home gradients in place.
 
 Parameters that no objective reached keep ``.grad = None``. Whatever ``.grad`` held when the window
 began is kept aside and the combination is added to it.
@@ -22,7 +24,8 @@ began is kept aside and the combination is added to it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,37 +33,75 @@ from torch import Tensor
 
 from ..distributed import average_across_ranks
 from .base import GradGuard, GradientStore
-from .blocks import accumulation_dtype, blocked_gram, chunk_columns, row_sumsq
+from .blocks import accumulation_dtype, chunk_columns, gram_of_block
 from .dense import ReachRecorder
 
-__all__ = ["DirectStore"]
+__all__ = ["Chunk", "DirectStore", "plan_chunks"]
+
+_flatten = torch._C._nn.flatten_dense_tensors  # torch.cat of the flattened tensors, in one C++ call
 
 
-def _dot_rows(rows: Tensor, vector: Tensor, acc: torch.dtype) -> Tensor:
-    """``rows @ vector`` (``(k, n) x (n,)``) in ``acc``: one matrix-vector product per chunk (the
-    caller's chunks keep each float32 chain at most :data:`~cagrad_clip.storage.blocks.CHUNK` long)."""
-    return rows.to(acc) @ vector.to(acc)
+def _flat(t: Tensor) -> Tensor:
+    """``t``'s elements in memory order as a 1-D view (no copy).
+
+    Autograd gives a parameter's gradient the parameter's strides when the parameter is dense and
+    non-overlapping (e.g. ``channels_last``), else contiguous ones; every objective's gradient of a
+    parameter then has the same layout, so their memory orders match element for element.
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive pieces ``(parameter, start, stop)`` of flattened parameters, ``length`` columns in all."""
+
+    pieces: tuple[tuple[int, int, int], ...]
+    length: int
+
+
+def plan_chunks(numels: Sequence[int], indices: Sequence[int], columns: int) -> list[Chunk]:
+    """Pack the parameters ``indices`` (in order) into chunks of at most ``columns`` columns.
+
+    A parameter larger than ``columns`` is split into pieces; small ones share a chunk. Pure host
+    arithmetic on shapes (no tensor is touched).
+    """
+    chunks: list[Chunk] = []
+    pieces: list[tuple[int, int, int]] = []
+    length = 0
+    for j in indices:
+        start, n = 0, numels[j]
+        while start < n:
+            take = min(n - start, columns - length)
+            pieces.append((j, start, start + take))
+            length += take
+            start += take
+            if length == columns:
+                chunks.append(Chunk(tuple(pieces), length))
+                pieces, length = [], 0
+    if pieces:
+        chunks.append(Chunk(tuple(pieces), length))
+    return chunks
 
 
 class DirectStore(GradientStore):
-    """``m - 1`` rows in the parameters' dtype plus the home objective's gradients in ``.grad``."""
+    """Every objective's gradients as autograd allocated them; the home objective's in ``.grad``."""
 
     direct = True
 
     def __init__(self, params: Sequence[Tensor], shared_count: int) -> None:
         super().__init__(params, shared_count, [p.shape for p in params], params[0].dtype)
         self.acc = accumulation_dtype(self.dtype)
-        self.offsets = [0]
-        for n in self.numels:
-            self.offsets.append(self.offsets[-1] + n)
         self.recorder = ReachRecorder(self.params)
         self.external: list[Tensor | None] = [None] * len(self.params)
-        self.home_grads: list[Tensor | None] = [None] * len(self.params)
+        self.grads: list[list[Tensor | None]] = []  # grads[i][j]: objective i, parameter j (grads[home] is .grad)
         self.fresh = [False] * len(self.params)  # home gradient allocated by write() (home did not reach it)
         self.coefficients: Tensor | None = None
         self.m = 0
         self._zeroed = GradGuard()
-        self._order_indices: dict[tuple[int, int], Tensor] = {}
+        self._plans: dict[tuple[int, tuple[int, ...]], list[Chunk]] = {}
+        self._zeros: Tensor | None = None
 
     def close(self) -> None:
         self.recorder.remove()
@@ -70,35 +111,48 @@ class DirectStore(GradientStore):
 
     def release(self) -> None:
         self.external = [None] * len(self.params)
-        self.home_grads = [None] * len(self.params)
+        self.grads = []
         self.fresh = [False] * len(self.params)
         self.coefficients = None
-
-    # ------------------------------------------------------------------ layout helpers
-    def _row(self, i: int) -> int:
-        """Row of objective ``i`` (``i != home``) in the ``(m - 1, D)`` buffer."""
-        return i if i < self.home else i - 1
-
-    def _columns(self, j: int) -> slice:
-        return slice(self.offsets[j], self.offsets[j + 1])
-
-    def _chunks(self, j: int) -> Iterator[slice]:
-        """Column chunks of parameter ``j`` (local to its flattened gradient)."""
-        n = self.numels[j]
-        step = chunk_columns(max(self.m - 1, 1), self.numel, upcast=self.dtype != self.acc)  # sized on the model
-        for start in range(0, n, step):  # a loop over shapes only: no sync
-            yield slice(start, min(n, start + step))
+        self._zeros = None
 
     @property
     def num_objectives(self) -> int | None:
-        return None if self.rows is None else self.m
+        return self.m if self.grads else None
 
-    def row_finite(self, i: int) -> bool:
-        assert self.rows is not None
-        if i == self.home:
-            grads = [g for g in self.home_grads if g is not None]
-            return all(bool(torch.isfinite(g).all()) for g in grads)
-        return bool(torch.isfinite(self.rows[self._row(i)]).all())
+    @property
+    def home_grads(self) -> list[Tensor | None]:
+        return self.grads[self.home]
+
+    # ------------------------------------------------------------------ chunks
+    def _plan(self, indices: Sequence[int]) -> list[Chunk]:
+        """Chunks over the parameters ``indices``; cached per ``(m, indices)``."""
+        key = (self.m, tuple(indices))
+        plan = self._plans.get(key)
+        if plan is None:
+            columns = chunk_columns(self.m - 1, self.numel, upcast=True)  # (m) * columns * 4 bytes, ~1/16 of a row
+            plan = self._plans[key] = plan_chunks(self.numels, indices, columns)
+        return plan
+
+    def _zero_piece(self, length: int) -> Tensor:
+        """A read-only run of zeros standing for a gradient an objective did not produce."""
+        if self._zeros is None or self._zeros.numel() < length:
+            self._zeros = torch.zeros(length, dtype=self.dtype, device=self.device)
+        return self._zeros[:length]
+
+    def _gather(self, chunk: Chunk, objectives: Sequence[Sequence[Tensor | None]]) -> Tensor:
+        """The ``(len(objectives), chunk.length)`` block of the chunk, in the parameters' dtype (one copy)."""
+        parts = []
+        for grads in objectives:
+            for j, start, stop in chunk.pieces:
+                g = grads[j]
+                if g is None:
+                    parts.append(self._zero_piece(stop - start))
+                elif stop - start == self.numels[j]:
+                    parts.append(_flat(g))
+                else:
+                    parts.append(_flat(g)[start:stop])
+        return _flatten(parts).view(len(objectives), chunk.length)
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
@@ -108,124 +162,95 @@ class DirectStore(GradientStore):
         for p in self.params:
             p.grad = None
         self.m, self.home = m, home
-        self.allocate(m - 1, reusable=True).zero_()  # never handed out as .grad: always reusable
-        self.home_grads = [None] * len(self.params)
+        self.grads = [[None] * len(self.params) for _ in range(m)]
         self.fresh = [False] * len(self.params)
         self.coefficients = None
         self.recorder.reached = [False] * len(self.params)
 
     def accumulate(self, losses: Sequence[Tensor]) -> None:
-        assert self.rows is not None
         m = len(losses)
         try:
-            for i in [i for i in range(m) if i != self.home]:
-                row = self.views(self.rows[self._row(i)])
-                for p, view in zip(self.params, row):
-                    p.grad = view
-                self.recorder.backward(losses[i], i, retain_graph=True)
-            for p, g in zip(self.params, self.home_grads):
-                p.grad = g
-            self.recorder.backward(losses[self.home], self.home, retain_graph=False)
+            for n, i in enumerate([i for i in range(m) if i != self.home] + [self.home]):
+                for p, g in zip(self.params, self.grads[i]):
+                    p.grad = g  # autograd adds to what objective i has so far, or allocates
+                self.recorder.backward(losses[i], i, retain_graph=n < m - 1)
+                # a sparse gradient (nn.Embedding(sparse=True)) is kept and combined densely
+                self.grads[i] = [None if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in self.params]
         except BaseException:
             for p, e in zip(self.params, self.external):
                 p.grad = e
             raise
-        # a sparse home gradient (nn.Embedding(sparse=True)) is combined densely, like the rows
-        self.home_grads = [None if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in self.params]
         for p, g in zip(self.params, self.home_grads):
             p.grad = g
         self.guard.record(self.params)
 
     def average(self, group: Any, world_size: int) -> None:
-        """Average every objective's gradient over the ranks (rows in one all-reduce, home per parameter)."""
-        assert self.rows is not None
-        average_across_ranks(self.rows, group, world_size)
-        for j, p in enumerate(self.params):
-            if self.home_grads[j] is None:  # every rank must join every all-reduce
-                self.home_grads[j] = torch.zeros(p.shape, dtype=self.dtype, device=self.device)
-                p.grad = self.home_grads[j]
-            average_across_ranks(self.home_grads[j], group, world_size)  # type: ignore[arg-type]
+        """Average every objective's gradient over the ranks, one all-reduce per chunk."""
+        for grads in self.grads:  # every rank must join every all-reduce with the same shapes
+            for j, p in enumerate(self.params):
+                if grads[j] is None:
+                    grads[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.recorder.reached = [True] * len(self.params)  # another rank may have reached it
+        for chunk in self._plan(range(len(self.params))):
+            block = average_across_ranks(self._gather(chunk, self.grads), group, world_size)
+            targets = [_flat(grads[j])[start:stop] for grads in self.grads for j, start, stop in chunk.pieces]  # type: ignore[arg-type]
+            torch._foreach_copy_(targets, list(block.view(-1).split([t.numel() for t in targets])))
+        for p, g in zip(self.params, self.home_grads):
+            p.grad = g
         self.guard.record(self.params)
 
     # ------------------------------------------------------------------ reductions
     def gram(self) -> Tensor:
-        """The ``(m, m)`` Gram over the shared parameters, float32 or better."""
-        assert self.rows is not None
-        k = self.m - 1
-        inner = blocked_gram(self.rows, self.shared_numel)  # (k, k)
-        cross = torch.zeros(k, dtype=self.acc, device=self.device)
-        own = torch.zeros((), dtype=self.acc, device=self.device)
-        for j in range(self.shared_count):
-            g = self.home_grads[j]
-            if g is None:
-                continue
-            flat = g.reshape(-1)
-            if k:
-                block = self.rows[:, self._columns(j)]
-                for cols in self._chunks(j):  # half-precision pieces are upcast one chunk at a time
-                    cross = cross + _dot_rows(block[:, cols], flat[cols], self.acc)
-            own = own + torch.linalg.vector_norm(flat, dtype=self.acc).square()
-        top = torch.cat([inner, cross.unsqueeze(1)], 1)
-        bottom = torch.cat([cross, own.reshape(1)]).unsqueeze(0)
-        ordered = torch.cat([top, bottom], 0)  # objectives in the order (non-home..., home)
-        index = self._order_index()
-        return ordered.index_select(0, index).index_select(1, index)
-
-    def _order_index(self) -> Tensor:
-        """Position of each objective in the order (non-home..., home); cached per ``(m, home)``, since
-        building it from a Python list is a host-to-device copy (a stream sync on CUDA) on the step path."""
-        key = (self.m, self.home)
-        index = self._order_indices.get(key)
-        if index is None:
-            positions = [self._row(i) if i != self.home else self.m - 1 for i in range(self.m)]
-            index = self._order_indices[key] = torch.tensor(positions, device=self.device)
-        return index
+        """The ``(m, m)`` Gram over the shared parameters, float32 or better, chunk by chunk."""
+        parts = [gram_of_block(self._gather(chunk, self.grads).to(self.acc)) for chunk in self._plan(range(self.shared_count))]
+        if not parts:
+            return torch.zeros((self.m, self.m), dtype=self.acc, device=self.device)
+        return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
 
     def unshared_sumsq(self) -> Tensor:
-        assert self.rows is not None
-        rows_part = row_sumsq(self.rows, self.shared_numel)
-        own = torch.zeros((), dtype=self.acc, device=self.device)
-        for j in range(self.shared_count, len(self.params)):
-            g = self.home_grads[j]
-            if g is not None:
-                own = own + torch.linalg.vector_norm(g.reshape(-1), dtype=self.acc).square()
-        return torch.cat([rows_part, own.reshape(1)]).index_select(0, self._order_index())
+        """Each objective's squared norm over the non-shared parameters (heads): their finiteness check."""
+        sums = []
+        for grads in self.grads:
+            present = [g for g in grads[self.shared_count :] if g is not None]
+            if present:
+                sums.append(torch.stack(torch._foreach_norm(present, 2, dtype=self.acc)).square().sum())
+            else:
+                sums.append(torch.zeros((), dtype=self.acc, device=self.device))
+        return torch.stack(sums)
+
+    def row_finite(self, i: int) -> bool:
+        return all(bool(torch.isfinite(g).all()) for g in self.grads[i] if g is not None)
 
     # ------------------------------------------------------------------ combination
-    def _combine_parameter(self, j: int, a_home: Tensor, a_rows: Tensor, target: Tensor, extremes: list[Tensor]) -> None:
-        """``target = a_home * target + a_rows @ rows[:, columns of j]`` in float32 chunks, in place."""
-        assert self.rows is not None
-        flat = target.view(-1)
-        block = self.rows[:, self._columns(j)]
-        for cols in self._chunks(j):
-            combined = a_home * flat[cols].to(self.acc)
-            if block.shape[0]:
-                combined = combined + a_rows @ block[:, cols].to(self.acc)
-            flat[cols].copy_(combined)
+    def _combine_into_home(self, coefficients: Tensor, indices: Sequence[int]) -> Tensor:
+        """``home = sum_i coefficients[i] * grads[i]`` (the home's current values included) over the
+        parameters ``indices``, in float32 chunks, in place; returns the chunks' ``(min, max)`` pairs."""
+        home = self.home_grads
+        extremes = []
+        for chunk in self._plan(indices):
+            combined = coefficients @ self._gather(chunk, self.grads).to(self.acc)
+            targets = [_flat(home[j])[start:stop] for j, start, stop in chunk.pieces]  # type: ignore[arg-type]
+            torch._foreach_copy_(targets, list(combined.split([stop - start for _, start, stop in chunk.pieces])))
             if self.dtype == torch.float16:
-                extremes.append(torch.stack(torch.aminmax(flat[cols])))
+                extremes.append(torch.stack(torch.aminmax(combined)))
+        if not extremes:
+            return torch.zeros((0, 2), dtype=self.acc, device=self.device)
+        return torch.stack(extremes)
 
     def write(self, coefficients: Tensor) -> Tensor:
-        assert self.rows is not None
         self.coefficients = coefficients
-        a = coefficients.to(self.acc)
-        index = self._order_index()
-        a_ordered = torch.empty_like(a).index_copy_(0, index, a)
-        a_rows, a_home = a_ordered[:-1], a_ordered[-1]
-        extremes: list[Tensor] = []
-        for j, p in enumerate(self.params):
-            if not self.recorder.reached[j]:
-                continue
-            if self.home_grads[j] is None:  # reached by other objectives only: the home part is zero
-                self.home_grads[j] = torch.zeros(p.shape, dtype=self.dtype, device=self.device)
+        home = self.home_grads
+        written = [j for j in range(len(self.params)) if self.recorder.reached[j]]
+        for j in written:
+            if home[j] is None:  # reached by other objectives only: the home part is zero
+                home[j] = torch.zeros_like(self.params[j], memory_format=torch.preserve_format)
                 self.fresh[j] = True
-            self._combine_parameter(j, a_home, a_rows, self.home_grads[j], extremes)  # type: ignore[arg-type]
+        extremes = self._combine_into_home(coefficients.to(self.acc), written)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        if extremes:
-            low, high = torch.stack(extremes).unbind(-1)
-            finite = (low.amin() > -torch.inf) & (high.amax() < torch.inf)
+        if extremes.numel():  # float16: what the rounding to the parameters' dtype gives
+            finite = torch.isfinite(extremes.to(self.dtype)).all()
         kept, added = [], []
-        for p, e, d in zip(self.params, self.external, self.home_grads):
+        for p, e, d in zip(self.params, self.external, home):
             if e is not None:
                 if d is not None:
                     kept.append(e)
@@ -247,22 +272,19 @@ class DirectStore(GradientStore):
         rounding of ``d`` in the parameters' dtype (pass ``combine=False`` to all but the last
         ``backward`` of an accumulation to avoid it).
         """
-        assert self.rows is not None and self.coefficients is not None
-        kept = [(e, d) for e, d in zip(self.external, self.home_grads) if e is not None and d is not None]
+        assert self.coefficients is not None
+        home = self.home_grads
+        kept = [(e, d) for e, d in zip(self.external, home) if e is not None and d is not None]
         if kept:
             torch._foreach_sub_([e for e, _ in kept], [d for _, d in kept])
         a = self.coefficients.to(self.acc)
-        a_ordered = torch.empty_like(a).index_copy_(0, self._order_index(), a)
-        a_rows, a_home = -a_ordered[:-1] / a_ordered[-1], 1.0 / a_ordered[-1]
-        unused: list[Tensor] = []
-        for j, g in enumerate(self.home_grads):
-            if g is None:
-                continue
+        inverse = -a / a[self.home]
+        inverse[self.home] = 1.0 / a[self.home]
+        for j in range(len(self.params)):
             if self.fresh[j]:
-                self.home_grads[j] = None
+                home[j] = None
                 self.fresh[j] = False
-                continue
-            self._combine_parameter(j, a_home, a_rows, g, unused)
-        for p, g in zip(self.params, self.home_grads):
+        self._combine_into_home(inverse, [j for j, g in enumerate(home) if g is not None])
+        for p, g in zip(self.params, home):
             p.grad = g
         self.coefficients = None
