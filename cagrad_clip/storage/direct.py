@@ -38,8 +38,6 @@ from .dense import ReachRecorder
 
 __all__ = ["Chunk", "DirectStore", "plan_chunks"]
 
-_flatten = torch._C._nn.flatten_dense_tensors  # torch.cat of the flattened tensors, in one C++ call
-
 
 def _flat(t: Tensor) -> Tensor:
     """``t``'s elements in memory order as a 1-D view (no copy).
@@ -102,6 +100,7 @@ class DirectStore(GradientStore):
         self._zeroed = GradGuard()
         self._plans: dict[tuple[int, tuple[int, ...]], list[Chunk]] = {}
         self._zeros: Tensor | None = None
+        self._buffer: Tensor | None = None
 
     def close(self) -> None:
         self.recorder.remove()
@@ -115,6 +114,7 @@ class DirectStore(GradientStore):
         self.fresh = [False] * len(self.params)
         self.coefficients = None
         self._zeros = None
+        self._buffer = None
 
     @property
     def num_objectives(self) -> int | None:
@@ -141,7 +141,11 @@ class DirectStore(GradientStore):
         return self._zeros[:length]
 
     def _gather(self, chunk: Chunk, objectives: Sequence[Sequence[Tensor | None]]) -> Tensor:
-        """The ``(len(objectives), chunk.length)`` block of the chunk, in the parameters' dtype (one copy)."""
+        """The ``(len(objectives), chunk.length)`` block of the chunk in float32 or better (one copy).
+
+        The copy goes into one buffer reused by every chunk of the step (freed by :meth:`release`), so
+        a large model pays its page faults once per step instead of once per chunk.
+        """
         parts = []
         for grads in objectives:
             for j, start, stop in chunk.pieces:
@@ -152,7 +156,11 @@ class DirectStore(GradientStore):
                     parts.append(_flat(g))
                 else:
                     parts.append(_flat(g)[start:stop])
-        return _flatten(parts).view(len(objectives), chunk.length)
+        size = len(objectives) * chunk.length
+        if self._buffer is None or self._buffer.numel() < size:
+            columns = max(c.length for c in self._plan(range(len(self.params))))
+            self._buffer = torch.empty(max(size, self.m * columns), dtype=self.acc, device=self.device)
+        return torch.cat(parts, out=self._buffer[:size]).view(len(objectives), chunk.length)
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
@@ -202,7 +210,7 @@ class DirectStore(GradientStore):
     # ------------------------------------------------------------------ reductions
     def gram(self) -> Tensor:
         """The ``(m, m)`` Gram over the shared parameters, float32 or better, chunk by chunk."""
-        parts = [gram_of_block(self._gather(chunk, self.grads).to(self.acc)) for chunk in self._plan(range(self.shared_count))]
+        parts = [gram_of_block(self._gather(chunk, self.grads)) for chunk in self._plan(range(self.shared_count))]
         if not parts:
             return torch.zeros((self.m, self.m), dtype=self.acc, device=self.device)
         return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
@@ -224,11 +232,27 @@ class DirectStore(GradientStore):
     # ------------------------------------------------------------------ combination
     def _combine_into_home(self, coefficients: Tensor, indices: Sequence[int]) -> Tensor:
         """``home = sum_i coefficients[i] * grads[i]`` (the home's current values included) over the
-        parameters ``indices``, in float32 chunks, in place; returns the chunks' ``(min, max)`` pairs."""
+        parameters ``indices``, in float32 or better, in place; returns ``(min, max)`` pairs of what
+        float16 parameters received (empty otherwise).
+
+        float32/float64 gradients are combined in place, a fused multiply-add per objective over all
+        the parameters (no copy, no chunk); half-precision ones chunk by chunk through a float32 block,
+        rounded once.
+        """
         home = self.home_grads
+        if self.dtype == self.acc:
+            scales = list(coefficients.unbind())
+            torch._foreach_mul_([g for g in (home[j] for j in indices) if g is not None], scales[self.home])
+            for i, grads in enumerate(self.grads):
+                if i == self.home:
+                    continue
+                pairs = [(h, g) for h, g in ((home[j], grads[j]) for j in indices) if h is not None and g is not None]
+                if pairs:
+                    torch._foreach_addcmul_([h for h, _ in pairs], [g for _, g in pairs], [scales[i]] * len(pairs))
+            return torch.zeros((0, 2), dtype=self.acc, device=self.device)
         extremes = []
         for chunk in self._plan(indices):
-            combined = coefficients @ self._gather(chunk, self.grads).to(self.acc)
+            combined = coefficients @ self._gather(chunk, self.grads)
             targets = [_flat(home[j])[start:stop] for j, start, stop in chunk.pieces]  # type: ignore[arg-type]
             torch._foreach_copy_(targets, list(combined.split([stop - start for _, start, stop in chunk.pieces])))
             if self.dtype == torch.float16:
