@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "gram_of_block", "row_sumsq"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "gather_columns", "gram_of_block", "row_sumsq"]
 
 #: Columns per block of the blocked Gram: each block's products stay in cache and are summed
 #: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
@@ -31,6 +31,15 @@ def chunk_columns(m: int, n: int, upcast: bool) -> int:
     """
     columns = n // (16 * (m + 1)) if upcast else n // 16
     return max(GRAM_BLOCK if upcast else 1 << 16, min(CHUNK, columns // GRAM_BLOCK * GRAM_BLOCK))
+
+
+def gather_columns(m: int, n: int) -> int:
+    """Columns per gathered ``(m, columns)`` float32 block of ``m`` objectives over ``n`` parameters.
+
+    The block is about 1/64 of a float32 gradient (``n / (64 m)`` columns: 1/32 of a bf16 model's
+    parameter bytes), at least one Gram block and at most :data:`CHUNK` columns.
+    """
+    return max(GRAM_BLOCK, min(CHUNK, n // (64 * m) // GRAM_BLOCK * GRAM_BLOCK))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ outside the optimizer get the plain sum of the objectives' gradients.
 * The *home* objective (the largest weight) goes last; its gradients stay in ``.grad``.
 * The Gram (RACO Algorithm 1's ``H``) and the combination ``sum_i a_i g_i`` are accumulated in
   float32 or better over :class:`Chunk` s: a few consecutive (pieces of) parameters gathered into
-  one ``(m, L)`` block, small enough to be a transient (:func:`chunk_columns`), large enough that a
+  one ``(m, L)`` block, small enough to be a transient (:func:`~.blocks.gather_columns`), large enough that a
   model with hundreds of small tensors takes few Python iterations. The combination is written
   into the home gradients in place.
 
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..distributed import average_across_ranks
 from .base import GradGuard, GradientStore
-from .blocks import accumulation_dtype, chunk_columns, gram_of_block
+from .blocks import accumulation_dtype, gather_columns, gram_of_block
 from .dense import ReachRecorder
 
 __all__ = ["Chunk", "DirectStore", "plan_chunks"]
@@ -130,7 +130,7 @@ class DirectStore(GradientStore):
         key = (self.m, tuple(indices))
         plan = self._plans.get(key)
         if plan is None:
-            columns = chunk_columns(self.m - 1, self.numel, upcast=True)  # (m) * columns * 4 bytes, ~1/16 of a row
+            columns = gather_columns(self.m, self.numel)
             plan = self._plans[key] = plan_chunks(self.numels, indices, columns)
         return plan
 
