@@ -134,6 +134,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["count_mismatch"] = "no error"
         except ValueError as error:
             results["count_mismatch"] = str(error)
+        # A parameter only rank 1's micro-batch reaches: every rank must still write the same direction.
+        model = make_model()
+        extra = nn.Parameter(torch.ones((), dtype=torch.float64))
+        opt = ConflictAverseOptimizer(torch.optim.SGD([*model.parameters(), extra], lr=0.1), weights=WEIGHTS, c=0.4)
+        losses = losses_of(model, x, ya, yb)
+        if rank == 1:
+            losses[1] = losses[1] + (extra * x.mean()) ** 2
+        opt.step(losses)
+        results["reached_on_one_rank"] = [p.detach().clone() for p in [*model.parameters(), extra]]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -190,6 +199,16 @@ def test_ddp_without_no_sync_is_refused_clearly(runs):
     ranks, _, _ = runs
     for rank in ranks:
         assert "model.no_sync()" in rank["ddp_without_no_sync"]
+
+
+def test_a_parameter_reached_on_one_rank_only_gets_the_same_direction_on_every_rank(runs):
+    """Rank 0 never reaches ``extra``; its averaged gradient is still non-zero there, so rank 0 must
+    combine it like rank 1 does (writing the averaged home gradient instead split the ranks)."""
+    ranks, _, _ = runs
+    first, second = (rank["reached_on_one_rank"] for rank in ranks)
+    for p, q in zip(first, second):
+        assert torch.equal(p, q)
+    assert first[-1].item() != 1.0  # extra moved on both ranks
 
 
 def test_without_averaging_ranks_disagree(runs):
