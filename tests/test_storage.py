@@ -308,7 +308,7 @@ def small_chunks(monkeypatch, columns):
     """Force the direct store's chunks down to ``columns`` columns, so parameters split across chunks."""
     import cagrad_clip.storage.direct as direct
 
-    monkeypatch.setattr(direct, "gather_columns", lambda m, n: columns)
+    monkeypatch.setattr(direct, "gather_columns", lambda m, n, itemsize: columns)
 
 
 @pytest.mark.parametrize("columns", [7, 50, 1 << 20])

@@ -33,13 +33,14 @@ def chunk_columns(m: int, n: int, upcast: bool) -> int:
     return max(GRAM_BLOCK if upcast else 1 << 16, min(CHUNK, columns // GRAM_BLOCK * GRAM_BLOCK))
 
 
-def gather_columns(m: int, n: int) -> int:
-    """Columns per gathered ``(m, columns)`` float32 block of ``m`` objectives over ``n`` parameters.
+def gather_columns(m: int, n: int, itemsize: int) -> int:
+    """Columns per gathered ``(m, columns)`` float32 block of ``m`` objectives over ``n`` parameters
+    of ``itemsize`` bytes each.
 
-    The block is about 1/64 of a float32 gradient (``n / (64 m)`` columns: 1/32 of a bf16 model's
-    parameter bytes), at least one Gram block and at most :data:`CHUNK` columns.
+    The block (``m * columns * 4`` bytes) is about 1/16 of the parameters' bytes: ``n * itemsize /
+    (64 m)`` columns, at least one Gram block and at most :data:`CHUNK` columns.
     """
-    return max(GRAM_BLOCK, min(CHUNK, n // (64 * m) // GRAM_BLOCK * GRAM_BLOCK))
+    return max(GRAM_BLOCK, min(CHUNK, n * itemsize // (64 * m) // GRAM_BLOCK * GRAM_BLOCK))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -130,7 +130,7 @@ class DirectStore(GradientStore):
         key = (self.m, tuple(indices))
         plan = self._plans.get(key)
         if plan is None:
-            columns = gather_columns(self.m, self.numel)
+            columns = gather_columns(self.m, self.numel, self.params[0].element_size())
             plan = self._plans[key] = plan_chunks(self.numels, indices, columns)
         return plan
 
