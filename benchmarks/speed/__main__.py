@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, library_version, machine
+from .common import RESULTS, keep_freed_memory, library_version, machine
 
 SECTIONS = ("solver", "step", "memory", "levers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-ms", default=None, help="memory: comma list of m (default 2,3,4,8)")
     parser.add_argument("--memory-batch", default="4,32", help="memory: sequences,tokens per step (default 4,32)")
     parser.add_argument("--dtypes", default=None, help="memory: comma list of fp32, bf16 (default both)")
+    parser.add_argument(
+        "--allocator",
+        choices=("system", "caching"),
+        default="system",
+        help="system: the C allocator as configured (glibc returns large freed blocks to the kernel); caching: keep "
+        "freed memory for reuse, as CUDA's caching allocator does (glibc only)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"report folder (default {RESULTS})")
     return parser
 
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from .peers import TORCHJD_NOTE
 
     header, library = machine(TORCHJD_NOTE), library_version()
+    if args.allocator == "caching":
+        header += "; allocator: " + keep_freed_memory()
     log(f"machine: {header}\nlibrary: {library}")
     solver_rows = step_rows = memory_rows = lever_rows = []
     if "solver" in args.sections:

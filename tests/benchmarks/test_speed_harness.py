@@ -30,6 +30,20 @@ def test_cli_defaults_quick_and_errors() -> None:
         cli.parse_args(["--dtypes", "fp8"])
 
 
+def test_allocator_option() -> None:
+    """``--allocator caching`` keeps freed memory like a caching allocator (glibc); ``system`` is the default."""
+    import platform
+
+    from benchmarks.speed.common import keep_freed_memory
+
+    assert cli.parse_args([]).allocator == "system"
+    assert cli.parse_args(["--allocator", "caching"]).allocator == "caching"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--allocator", "jemalloc"])
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert "M_MMAP_THRESHOLD" in keep_freed_memory()
+
+
 def test_peak_from_trace_counts_live_bytes_around_the_marked_step() -> None:
     def mem(ts: float, nbytes: int) -> dict:
         return {"name": "[memory]", "ph": "i", "ts": ts, "args": {"Bytes": nbytes, "Device Type": 0}}
