@@ -385,3 +385,33 @@ def test_the_optimizers_gram_of_half_gradients_is_accumulated_in_float32(monkeyp
     scale = exact.diagonal().sqrt()
     error = (opt.last.gram.double() - exact).abs() / (scale[:, None] * scale[None, :])
     assert error.max().item() < 1e-5
+
+
+@pytest.mark.parametrize("combine_each", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulation_over_micro_batches(dtype, combine_each):
+    """Two micro-batches of bf16/fp16 gradients (half-precision path: float32 chunks): each objective's
+    gradients are summed in the parameters' dtype as ``.grad`` sums them, and the direction is
+    ``sum_i a_i g_i`` of those sums rounded once (``combine=True`` on the first micro-batch takes the
+    combination back out first: a few roundings more)."""
+    torch.manual_seed(6)
+    trunk, heads = trunk_and_heads(dtype)
+    params = params_of(trunk, heads)
+    xs = [torch.randn(8, 4, dtype=dtype) for _ in range(2)]
+    ys = [torch.randn(8, 1, dtype=dtype) for _ in range(2)]
+    halves = [
+        [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in two_losses(trunk, heads, x, y)]
+        for x, y in zip(xs, ys)
+    ]
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), weights=[0.6, 0.4], c=0.5)
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        opt.backward(two_losses(trunk, heads, x, y), combine=combine_each or k == 1)
+    a = opt.last.coefficients.double()
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for j, p in enumerate(params):
+        grads = [[h[i][j] for h in halves if h[i][j] is not None] for i in range(2)]
+        exact = sum(a[i] * (g[0] + g[1]).double() for i, g in enumerate(grads) if g)  # summed in the dtype, like .grad
+        # every rounding is relative to what was summed, the micro-batches' own magnitudes included
+        scale = sum(a[i].abs() * sum(t.double().abs() for t in g) for i, g in enumerate(grads) if g)
+        rounds = 5 if combine_each else 1
+        assert bool(((p.grad.double() - exact).abs() <= rounds * ulp * (exact.abs() + scale) + 1e-6).all())
