@@ -42,6 +42,7 @@ def render_step(rows: list[dict]) -> list[str]:
     out = [
         "## Training step: median ms per iteration and ratio to the floor (b)\n",
         "(a) plain summed loss; (b) the floor: m `autograd.grad` passes + base step; (c) ours, `opt.step(losses)`; "
+        "(c0) ours without `combine()` (`opt.backward(losses, combine=False)` + base step); "
         "(d) TorchJD `backward`/`mtl_backward` + `jac_to_grad`. All variants of one (model, m) interleaved in one "
         "process, medians over the repeats.\n",
         "| model | m | variant | ms | / floor |",

@@ -2,7 +2,7 @@
 
 Median ms per iteration (zero_grad, forward, gradients, SGD step) over interleaved repeats of:
 (a) plain summed loss, (b) **the floor**: m ``autograd.grad`` passes + base step and nothing
-else, (c) ours, ``opt.step(losses)``, (d) TorchJD ``backward`` / ``mtl_backward`` + ``jac_to_grad``
+else, (c) ours, ``opt.step(losses)``, (c0) ours without the combination, (d) TorchJD ``backward`` / ``mtl_backward`` + ``jac_to_grad``
 with CAGrad and UPGrad. Ratios are to (b). ``combine()`` alone (Gram + solve + write-back) is
 timed on freshly accumulated gradients each repeat (the accumulation itself is not timed).
 """
@@ -73,6 +73,20 @@ def ours_variant(case: StepCase) -> tuple[Callable[[], None], ConflictAverseOpti
     return step, opt
 
 
+def passes_only_variant(case: StepCase) -> Callable[[], None]:
+    """(c0) ours without ``combine()``: ``opt.backward(losses, combine=False)``, then the base step on
+    the home objective's gradients (what the floor steps on). Ours minus this is the combination."""
+    opt = ConflictAverseOptimizer(_sgd(case), c=C, shared=case.shared, nonfinite="ignore")
+
+    def step() -> None:
+        opt.zero_grad()  # also ends the window left open by the last call
+        losses, _ = case.model.losses(case.x, case.y)
+        opt.backward(losses, combine=False)
+        opt.optimizer.step()
+
+    return step
+
+
 def torchjd_variant(case: StepCase, aggregator: object) -> Callable[[], None]:
     """(d) TorchJD: ``backward`` (all shared) or ``mtl_backward`` (with heads), then ``jac_to_grad``."""
     base = _sgd(case)
@@ -95,6 +109,7 @@ def step_variants(kind: str, m: int) -> tuple[dict[str, Callable[[], None]], tup
     variants = {"(a) plain sum": plain_variant(make_step_case(kind, m)), "(b) floor": floor_variant(make_step_case(kind, m))}
     ours_case = make_step_case(kind, m)
     variants["(c) ours"], opt = ours_variant(ours_case)
+    variants["(c0) ours, gradients only"] = passes_only_variant(make_step_case(kind, m))
     if HAVE_TORCHJD:
         variants["(d) TorchJD CAGrad"] = torchjd_variant(make_step_case(kind, m), TJDCAGrad(C))
         variants["(d) TorchJD UPGrad"] = torchjd_variant(make_step_case(kind, m), TJDUPGrad())
