@@ -415,3 +415,28 @@ def test_half_precision_accumulation_over_micro_batches(dtype, combine_each):
         scale = sum(a[i].abs() * sum(t.double().abs() for t in g) for i, g in enumerate(grads) if g)
         rounds = 5 if combine_each else 1
         assert bool(((p.grad.double() - exact).abs() <= rounds * ulp * (exact.abs() + scale) + 1e-6).all())
+
+
+def test_chunk_plans_stay_bounded_when_the_reached_parameters_change_every_step():
+    """Conditional computation: a different head each step. The direction is still exact, and the
+    store's cached chunk plans do not grow with the number of distinct reach patterns."""
+    torch.manual_seed(7)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).to(torch.bfloat16)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(7)]).to(torch.bfloat16)
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.0), weights=[0.6, 0.4], shared=list(trunk.parameters()))
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    for step in range(6):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = [(heads[0](z) ** 2).mean(), ((heads[step + 1](z) - 1) ** 2).mean()]
+        per = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+        opt.backward(losses)
+        a = opt.last.coefficients
+        for j, p in enumerate(params):
+            parts = [a[i].double() * g[j].double() for i, g in enumerate(per) if g[j] is not None]
+            if not parts:
+                assert p.grad is None
+                continue
+            torch.testing.assert_close(p.grad.double(), sum(parts), rtol=2**-7, atol=1e-6)
+    assert len(opt._store._plans) <= 2

@@ -10,7 +10,7 @@ outside the optimizer get the plain sum of the objectives' gradients.
   tensors are taken out of ``.grad`` and kept as objective ``i``'s gradient, in the parameters'
   dtype. Nothing is allocated ahead of the backward and nothing is copied. (A flat ``(m - 1, D)``
   buffer allocated before the passes held a whole row during the first pass: +0.25 to +0.3
-  parameter copies over this on the benchmark GPT-2, ``python -m benchmarks.speed --sections memory``.)
+  parameter copies over this on the benchmark GPT-2 at b1309a3, ``python -m benchmarks.speed --sections memory``.)
 * The *home* objective (the largest weight) goes last; its gradients stay in ``.grad``.
 * The Gram (RACO Algorithm 1's ``H``) and the combination ``sum_i a_i g_i`` are accumulated in
   float32 or better over :class:`Chunk` s: a few consecutive (pieces of) parameters gathered into
@@ -98,7 +98,7 @@ class DirectStore(GradientStore):
         self.coefficients: Tensor | None = None
         self.m = 0
         self._zeroed = GradGuard()
-        self._plans: dict[tuple[int, tuple[int, ...]], list[Chunk]] = {}
+        self._plans: dict[tuple[int, int, int], list[Chunk]] = {}
         self._zeros: Tensor | None = None
         self._buffer: Tensor | None = None
 
@@ -126,11 +126,15 @@ class DirectStore(GradientStore):
 
     # ------------------------------------------------------------------ chunks
     def _plan(self, indices: Sequence[int]) -> list[Chunk]:
-        """Chunks over the parameters ``indices``; cached per ``(m, indices)``."""
-        key = (self.m, tuple(indices))
+        """Chunks over the parameters ``indices``. Cached per ``m`` for a ``range`` (all parameters, the
+        shared ones), planned afresh for any other subset: which parameters a step reaches may change
+        every step (conditional computation), and a cache keyed by it would grow without bound."""
+        columns = gather_columns(self.m, self.numel, self.params[0].element_size())
+        if not isinstance(indices, range):
+            return plan_chunks(self.numels, indices, columns)
+        key = (self.m, indices.start, indices.stop)
         plan = self._plans.get(key)
         if plan is None:
-            columns = gather_columns(self.m, self.numel, self.params[0].element_size())
             plan = self._plans[key] = plan_chunks(self.numels, indices, columns)
         return plan
 
@@ -264,7 +268,8 @@ class DirectStore(GradientStore):
     def write(self, coefficients: Tensor) -> Tensor:
         self.coefficients = coefficients
         home = self.home_grads
-        written = [j for j in range(len(self.params)) if self.recorder.reached[j]]
+        reached = self.recorder.reached
+        written: Sequence[int] = range(len(self.params)) if all(reached) else [j for j, r in enumerate(reached) if r]
         for j in written:
             if home[j] is None:  # reached by other objectives only: the home part is zero
                 home[j] = torch.zeros_like(self.params[j], memory_format=torch.preserve_format)
