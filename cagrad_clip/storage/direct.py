@@ -5,8 +5,8 @@ taken with ``loss_i.backward()``, so parameter hooks fire, reentrant checkpointi
 outside the optimizer get the plain sum of the objectives' gradients.
 
 * Before pass ``i`` every parameter's ``.grad`` is set to what objective ``i`` has accumulated in
-  this window (``None`` at the start), so autograd allocates each gradient when the backward
-  reaches it, while activations are being freed, exactly as in plain training; after the pass the
+  this window (``None`` at the start), so autograd allocates each gradient only when the backward
+  reaches it, exactly as in plain training; after the pass the
   tensors are taken out of ``.grad`` and kept as objective ``i``'s gradient, in the parameters'
   dtype. Nothing is allocated ahead of the backward and nothing is copied. (A flat ``(m - 1, D)``
   buffer allocated before the passes held a whole row during the first pass: +0.25 to +0.3
