@@ -114,9 +114,12 @@ def test_zero_grad_after_a_step_frees_every_gradient_like_torch(options):
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     for _ in range(2):
         opt.zero_grad()
-        opt.step(two_losses(trunk, heads, x, y))
-        refs = [weakref.ref(p.grad) for p in params if p.grad is not None]
-        assert refs
+        opt.backward(two_losses(trunk, heads, x, y))
+        rows = [] if opt._store.rows is None else [weakref.ref(opt._store.rows)]  # the accumulator's float32 rows
+        assert len(rows) == (1 if options else 0)
+        opt.step()
+        refs = [weakref.ref(p.grad) for p in params if p.grad is not None] + rows
+        assert len(refs) > len(rows)
         opt.zero_grad()
         gc.collect()
         assert [r() is None for r in refs] == [True] * len(refs)

@@ -156,6 +156,7 @@ class GradientStore:
 
         Whatever ``.grad`` held before the window and the home objective's gradients belong to
         ``.grad`` after the step; a reference kept here would keep them alive after ``zero_grad()``
-        (``set_to_none``) and add a whole parameter copy to the next forward's peak. The rows stay:
-        they are reused by the next window.
+        (``set_to_none``) and add a whole parameter copy to the next forward's peak. The rows go too
+        (the next window allocates them again; CUDA's caching allocator hands the same memory back).
         """
+        self.rows = None

@@ -90,6 +90,7 @@ class DenseStore(GradientStore):
         self._zeroed.record(self.params)
 
     def release(self) -> None:
+        super().release()
         self.external = [None] * len(self.params)
         self.coefficients = None
 

@@ -109,6 +109,7 @@ class DirectStore(GradientStore):
         self._zeroed.record(self.params)
 
     def release(self) -> None:
+        super().release()
         self.external = [None] * len(self.params)
         self.grads = []
         self.fresh = [False] * len(self.params)

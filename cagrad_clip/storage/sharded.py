@@ -42,6 +42,7 @@ class ShardedStore(GradientStore):
         self.coefficients: Tensor | None = None
 
     def release(self) -> None:
+        super().release()
         self.external = [None] * len(self.params)
         self.coefficients = None
 
