@@ -98,6 +98,16 @@ class GradientStore:
     def num_objectives(self) -> int | None:
         return None if self.rows is None else self.rows.shape[0]
 
+    @staticmethod
+    def add_to_kept(kept: list[Tensor], added: list[Tensor], finite: Tensor) -> Tensor:
+        """``kept[k] += added[k]`` (the ``.grad`` a window began with receives the combination) in one
+        fused add; returns ``finite`` and-ed with every result being finite."""
+        if kept:
+            torch._foreach_add_(kept, added)
+            for t in kept:
+                finite = finite & torch.isfinite(t).all()
+        return finite
+
     # ------------------------------------------------------------------ reductions
     def gram(self) -> Tensor:
         """``H = G_shared G_shared^T`` of this window's rows, float32 or better (RACO Alg. 1's ``H``)."""

@@ -183,11 +183,7 @@ class DenseStore(GradientStore):
                 p.grad = d if reached else None
             if reached and e is None:
                 finite = finite & torch.isfinite(d).all()
-        if kept:
-            torch._foreach_add_(kept, added)
-            for e in kept:
-                finite = finite & torch.isfinite(e).all()
-        return finite
+        return self.add_to_kept(kept, added, finite)
 
     def unwrite(self) -> None:
         """Before more accumulation: kept ``.grad`` loses the combination (the rows are untouched)."""

@@ -288,10 +288,7 @@ class DirectStore(GradientStore):
                 p.grad = e
             else:
                 p.grad = d
-        if kept:
-            torch._foreach_add_(kept, added)
-            for e in kept:
-                finite = finite & torch.isfinite(e).all()
+        finite = self.add_to_kept(kept, added, finite)
         self.guard.record(self.params)
         return finite
 

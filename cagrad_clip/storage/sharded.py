@@ -109,10 +109,7 @@ class ShardedStore(GradientStore):
             elif reached:
                 p.grad = type(p).from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())  # type: ignore[attr-defined]
                 finite = finite & torch.isfinite(local).all()
-        if kept:
-            torch._foreach_add_(kept, added)
-            for t in kept:
-                finite = finite & torch.isfinite(t).all()
+        finite = self.add_to_kept(kept, added, finite)
         self.guard.record(self.params)
         return finite
 
