@@ -307,6 +307,24 @@ def test_chunk_plan_covers_each_parameter_once_in_order(numels, columns, data):
     assert all(chunk.length == columns for chunk in plan[:-1]) and all(0 < c.length <= columns for c in plan)
 
 
+@given(m=st.integers(1, 16), numel=st.integers(1, 1 << 34), itemsize=st.sampled_from([2, 4, 8]))
+@settings(max_examples=300, deadline=None)
+def test_gathered_block_is_a_sixteenth_of_the_parameters(m, numel, itemsize):
+    """The ``(m, columns)`` float32 block: whole Gram blocks, at most ``CHUNK`` columns, and as
+    close to 1/16 of the parameters' bytes as whole Gram blocks allow (one Gram block at least)."""
+    from cagrad_clip.storage.blocks import GRAM_BLOCK, gather_columns
+
+    columns = gather_columns(m, numel, itemsize)
+    budget = numel * itemsize // 16  # bytes, written out here independently
+    assert columns % GRAM_BLOCK == 0 and GRAM_BLOCK <= columns <= CHUNK
+    if columns == CHUNK:
+        assert m * CHUNK * 4 <= budget
+    elif columns > GRAM_BLOCK:
+        assert m * columns * 4 <= budget < m * (columns + GRAM_BLOCK) * 4
+    else:
+        assert budget < m * 2 * GRAM_BLOCK * 4
+
+
 def small_chunks(monkeypatch, columns):
     """Force the direct store's chunks down to ``columns`` columns, so parameters split across chunks."""
     import cagrad_clip.storage.direct as direct
