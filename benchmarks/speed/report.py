@@ -41,7 +41,9 @@ def render_step(rows: list[dict]) -> list[str]:
     """Section 2: step time of every variant and ours against the floor and the targets."""
     out = [
         "## Training step: median ms per iteration and ratio to the floor (b)\n",
-        "(a) plain summed loss; (b) the floor: m `autograd.grad` passes + base step; (c) ours, `opt.step(losses)`; "
+        "(a) plain summed loss; (b) the floor: m `autograd.grad` passes + base step; (b2) the floor plus the float32 "
+        "Gram and one combination of a contiguous (m, D) block, allocated once (the arithmetic of any conflict-averse "
+        "step in its cheapest layout, without gather or solve: a bound); (c) ours, `opt.step(losses)`; "
         "(c0) ours without `combine()` (`opt.backward(losses, combine=False)` + base step); "
         "(d) TorchJD `backward`/`mtl_backward` + `jac_to_grad`. All variants of one (model, m) interleaved in one "
         "process, medians over the repeats.\n",
@@ -54,18 +56,21 @@ def render_step(rows: list[dict]) -> list[str]:
         "",
         "Ours against the floor and the issue's targets (`combine()` alone: Gram + solve + write-back, timed "
         "separately on freshly accumulated gradients; graph freed: the autograd graph is gone after the step):\n",
-        "| model | m | floor ms | ours ms | ours / floor | target | met | combine() alone | graph freed | combine(): top ops (self CPU) |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "| model | m | floor ms | ours ms | ours / floor | target | met | bound (b2) / floor | combine() alone | graph freed "
+        "| combine(): top ops (self CPU) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for r in rows:
         if r["variant"] != "(c) ours":
             continue
         fl = next(q for q in rows if q["model"] == r["model"] and q["m"] == r["m"] and q["variant"] == "(b) floor")
+        bound = next((q["ratio"] for q in rows if q["model"] == r["model"] and q["m"] == r["m"] and q["variant"].startswith("(b2)")), None)
         target = TARGETS.get(r["model"])
         met = "" if target is None else ("yes" if r["ratio"] <= target else "**no**")
         out.append(
             f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
-            f"{'' if target is None else f'<= {target:.2f}'} | {met} | {r['combine_ms']:.2f} ms "
+            f"{'' if target is None else f'<= {target:.2f}'} | {met} | {'n/a' if bound is None else f'{bound:.3f}'} | "
+            f"{r['combine_ms']:.2f} ms "
             f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} | "
             + ", ".join(f"{name} {100 * share:.0f}%" for name, share in r.get("combine_top_ops", []))
             + " |"

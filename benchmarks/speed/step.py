@@ -2,8 +2,10 @@
 
 Median ms per iteration (zero_grad, forward, gradients, SGD step) over interleaved repeats of:
 (a) plain summed loss, (b) **the floor**: m ``autograd.grad`` passes + base step and nothing
-else, (c) ours, ``opt.step(losses)``, (c0) ours without the combination, (d) TorchJD ``backward`` / ``mtl_backward`` + ``jac_to_grad``
-with CAGrad and UPGrad. Ratios are to (b). ``combine()`` alone (Gram + solve + write-back) is
+else, (b2) the floor plus the Gram and one combination on a contiguous float32 ``(m, D)`` block
+(the arithmetic every conflict-averse step adds, in its cheapest layout: a bound), (c) ours,
+``opt.step(losses)``, (c0) ours without the combination, (d) TorchJD ``backward`` /
+``mtl_backward`` + ``jac_to_grad`` with CAGrad and UPGrad. Ratios are to (b). ``combine()`` alone (Gram + solve + write-back) is
 timed on freshly accumulated gradients each repeat (the accumulation itself is not timed).
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip.storage.blocks import gram_of_block
 
 from .common import C, Log, median_ms, time_interleaved
 from .models import StepCase, make_step_case
@@ -57,6 +60,30 @@ def floor_variant(case: StepCase) -> Callable[[], None]:
         for p, g in zip(params, grads):
             p.grad = g
         base.step()
+
+    return step
+
+
+def bound_variant(case: StepCase) -> Callable[[], None]:
+    """(b2) the floor, plus the two ``m x D`` reductions of any conflict-averse step in their cheapest layout.
+
+    After the floor's passes: the float32 Gram of one contiguous ``(m, D)`` block (``gram_of_block``,
+    as ours reduces each gathered chunk) and one combination ``a @ block`` written into a ``(D,)``
+    buffer. The block and the buffer are allocated once and hold arbitrary values: no gather, no
+    copy, no solve, no memory limit. Ours / (b2) is what our floor-memory layout costs on top of
+    the arithmetic; (b2) / floor is the least any method that forms the Gram can reach.
+    """
+    floor = floor_variant(case)
+    numel = sum(p.numel() for p in case.shared)
+    m = len(case.model.losses(case.x, case.y)[0])
+    block = torch.randn(m, numel)
+    direction = torch.empty(numel)
+    coefficients = torch.full((m,), 1.0 / m)
+
+    def step() -> None:
+        floor()
+        gram_of_block(block)
+        torch.mv(block.T, coefficients, out=direction)
 
     return step
 
@@ -107,6 +134,7 @@ def torchjd_variant(case: StepCase, aggregator: object) -> Callable[[], None]:
 def step_variants(kind: str, m: int) -> tuple[dict[str, Callable[[], None]], tuple[ConflictAverseOptimizer, StepCase]]:
     """Every variant on its own (identically seeded) model copy, and ours' optimizer and case."""
     variants = {"(a) plain sum": plain_variant(make_step_case(kind, m)), "(b) floor": floor_variant(make_step_case(kind, m))}
+    variants["(b2) floor + contiguous Gram and combination (bound)"] = bound_variant(make_step_case(kind, m))
     ours_case = make_step_case(kind, m)
     variants["(c) ours"], opt = ours_variant(ours_case)
     variants["(c0) ours, gradients only"] = passes_only_variant(make_step_case(kind, m))

@@ -139,3 +139,13 @@ def test_memory_section_end_to_end_on_the_quick_size(monkeypatch: pytest.MonkeyP
     assert isinstance(cells["ours default"], float) and cells["ours default"] >= 1.0 - 0.05
     assert isinstance(cells["RACO recipe"], float) and 0.5 <= cells["RACO recipe"] <= 3.0
     assert cells["TorchJD autojac CAGrad"].startswith("n/a")
+
+
+def test_render_step_puts_the_bound_next_to_ours_and_checks_the_target() -> None:
+    def row(variant: str, ms: float) -> dict:
+        return {"model": "transformer", "m": 2, "variant": variant, "ms": ms, "ratio": ms / 10.0, "combine_ms": 1.5}
+
+    rows = [row("(b) floor", 10.0), row("(b2) floor + contiguous Gram and combination (bound)", 10.4), row("(c) ours", 12.0)]
+    rows[-1].update(graph_freed=True, combine_top_ops=[("aten::mm", 0.5)])
+    summary = [line for line in report.render_step(rows) if line.startswith("| transformer | 2 | 10.00 |")]
+    assert summary == ["| transformer | 2 | 10.00 | 12.00 | 1.200 | <= 1.05 | **no** | 1.040 | 1.50 ms (15.0%) | yes | aten::mm 50% |"]
