@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .objective import quad_form
+from .objective import numbers
 
-__all__ = ["face_frame", "solve_by_supports"]
+__all__ = ["face_frame", "solve_by_supports", "solve_exact"]
 
 # Linear systems per chunk of the support enumeration: bounds its memory to a few MiB per chunk.
 _SYSTEMS_PER_CHUNK = 1 << 15
@@ -88,61 +88,90 @@ def solve_by_supports(
     where there is none, the first candidate), a start for Frank-Wolfe. Ties go to the first
     (smallest) face. The chunk loop runs over shapes only: no host sync.
     """
+    p, value, p_off = _solve(Hn, b, s, max_support, kink_tol)
+    return p, value.reshape(Hn.shape[:-2]), p_off
+
+
+def solve_exact(Hn: Tensor, b: Tensor, s: Tensor) -> Tensor:
+    """The exact dual solution ``p`` ``(..., m)``: :func:`solve_by_supports` over all faces, without the start point.
+
+    ``s`` may be ``(...)`` or ``(..., 1)``.
+    """
+    return _solve(Hn, b, s, None, None)[0]
+
+
+def _solve(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None, kink_tol: float | None) -> list[Tensor]:
+    """``[p, F(p)]`` (``F(p)`` flat) and, unless ``kink_tol`` is ``None``, the best point off the kink."""
     m = Hn.shape[-1]
     batch = Hn.shape[:-2]
     frame = face_frame(m, m if max_support is None else max_support, Hn.device, Hn.dtype)
-    H_flat, b_flat, s_flat = Hn.reshape(-1, m * m), b.reshape(-1, m), s.reshape(-1)
+    H_flat, b_flat, s_flat = Hn.reshape(-1, m * m), b.reshape(-1, m), s.reshape(-1, 1, 1)
+    n = H_flat.shape[0]
     chunk = max(1, _SYSTEMS_PER_CHUNK // frame.vertices.shape[0])
-    parts = [
-        _solve_chunk(frame, m, H_flat[start : start + chunk], b_flat[start : start + chunk], s_flat[start : start + chunk], kink_tol)
-        for start in range(0, H_flat.shape[0], chunk)
-    ]
-    p, value, p_off = (torch.cat(list(part), 0) for part in zip(*parts))
-    return p.reshape(*batch, m), value.reshape(batch), p_off.reshape(*batch, m)
+    if n <= chunk:  # one chunk (shapes only): no slices and no concatenation
+        p, value, *p_off = _solve_chunk(frame, m, H_flat, b_flat, s_flat, kink_tol)
+    else:
+        parts = [
+            _solve_chunk(frame, m, H_flat[start : start + chunk], b_flat[start : start + chunk], s_flat[start : start + chunk], kink_tol)
+            for start in range(0, n, chunk)
+        ]
+        p, value, *p_off = (torch.cat(list(part), 0) for part in zip(*parts))
+    return [p.reshape(*batch, m), value] + [x.reshape(*batch, m) for x in p_off]
 
 
 def _face_candidates(frame: FaceFrame, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Every face's KKT candidate ``(n, K, k)`` (clipped to the simplex), its ``F`` and ``p^T H p`` ``(n, K)``.
+    """Every face's KKT candidate ``(n, K, k)`` (clipped to the simplex), its ``F`` and ``p^T H p`` ``(n, K, 1)``.
 
-    Invalid candidates (singular system, empty or non-finite) get ``F = inf``.
+    ``s_chunk`` is ``(n, 1, 1)``. Invalid candidates (singular system, empty or non-finite) get ``F = inf``.
     """
     n = H_chunk.shape[0]
     n_faces, k = frame.vertices.shape
+    num = numbers(H_chunk)
     # every face's bordered matrix [[H_SS, 1], [1^T, 0]] (identity on padding slots) by one gather
     bordered = H_chunk.index_select(-1, frame.gram_index).view(n, n_faces, k + 1, k + 1) * frame.gram_mask + frame.constant
     linear = b_chunk.index_select(-1, frame.b_index).view(n, n_faces, k + 1) * frame.b_mask
-    s_c = s_chunk.unsqueeze(-1)  # (n, 1)
     H_c = bordered[..., :k, :k]  # the faces' Grams (padding: identity, harmless: p is 0 there)
     b_c = linear[..., :k]
     x, info = torch.linalg.solve_ex(bordered, torch.stack([frame.unit.expand(n, n_faces, k + 1), -linear], -1))
-    p0 = x[..., :k, 0] * frame.support
-    p1 = x[..., :k, 1] * frame.support
-    c0 = quad_form(H_c, p0).clamp_min(0.0)
-    room = s_c * s_c - quad_form(H_c, p1)
-    movable = (room > 0) & (c0 > 0)
-    sigma = torch.where(movable, c0 / torch.where(movable, room, torch.ones_like(room)), torch.zeros_like(room)).sqrt()
-    sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))  # s^2 denormal: inf * 0 = NaN
-    p = (p0 + sigma.unsqueeze(-1) * p1).clamp_min(0.0)
-    total = p.sum(-1)
-    valid = (info == 0) & (total > 0) & torch.isfinite(total)
-    p = p / torch.where(valid, total, torch.ones_like(total)).unsqueeze(-1)
-    quad = quad_form(H_c, p).clamp_min(0.0)
-    value = (b_c * p).sum(-1) + s_c * quad.sqrt()
-    value = torch.where(valid & torch.isfinite(value), value, torch.full_like(value, torch.inf))
+    x = x[..., :k, :]
+    p0 = x[..., 0] * frame.support
+    p1 = x[..., 1] * frame.support
+    H_faces = H_c.flatten(0, 1)  # (n K, k, k), a view
+    c0 = _face_quad_form(H_faces, p0).clamp_min(0.0)
+    room = s_chunk * s_chunk - _face_quad_form(H_faces, p1)
+    ratio = c0 / room  # >= 0 where movable (masked-out quotients are discarded)
+    # s^2 denormal: the ratio overflows (inf * 0 = NaN); inf / inf is NaN
+    sigma = torch.where((room > num.zero) & (c0 > num.zero) & (ratio < num.inf), ratio, num.zero).sqrt()
+    p = (p0 + sigma * p1).clamp_min(0.0)
+    total = p.sum(-1, keepdim=True)  # >= 0, inf or NaN
+    valid = (info.unsqueeze(-1) == 0) & (total > num.zero) & (total < num.inf)
+    p = p / torch.where(valid, total, num.one)
+    quad = _face_quad_form(H_faces, p).clamp_min(0.0)
+    value = (b_c * p).sum(-1, keepdim=True) + s_chunk * quad.sqrt()
+    value = torch.where(valid & (value.abs() < num.inf), value, num.inf)
     return p, value, quad
 
 
-def _solve_chunk(
-    frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor, kink_tol: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`solve_by_supports` for one chunk of flattened problems ``(n, m m)``."""
+def _face_quad_form(H_faces: Tensor, x: Tensor) -> Tensor:
+    """``x^T H x`` ``(n, K, 1)`` for the faces' Grams ``(n K, k, k)`` and ``x`` ``(n, K, k)``.
+
+    :func:`~.objective.quad_form` by one ``bmm`` (``matmul`` of the 4-d tensors would add
+    broadcasting views around the same ``bmm``).
+    """
+    Hx = torch.bmm(H_faces, x.view(-1, x.shape[-1], 1)).view(x.shape)
+    return (x * Hx).sum(-1, keepdim=True)
+
+
+def _solve_chunk(frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor, kink_tol: float | None) -> list[Tensor]:
+    """:func:`_solve` for one chunk of flattened problems ``(n, m m)``: ``[p, F(p)]`` (``(n, 1, m)``, ``(n, 1)``) [+ ``p_off``]."""
     p, value, quad = _face_candidates(frame, H_chunk, b_chunk, s_chunk)
+    best_value, faces = value.min(-2)
+    if kink_tol is not None:  # also the best face off the kink (a Python option, not a tensor value)
+        faces = torch.cat([faces, torch.where(quad > kink_tol, value, torch.inf).argmin(-2)], -1)
     n, _, k = p.shape
-    best_value, best = value.min(-1, keepdim=True)
-    best_off = torch.where(quad > kink_tol, value, torch.full_like(value, torch.inf)).argmin(-1, keepdim=True)
-    chosen = []
-    for face in (best, best_off):
-        p_face = p.gather(-2, face.unsqueeze(-1).expand(n, 1, k)).squeeze(-2)  # (n, k)
-        where = frame.vertices[face.squeeze(-1)]  # (n, k): vertices of the chosen face
-        chosen.append(torch.zeros(n, m, device=p.device, dtype=p.dtype).scatter_add(-1, where, p_face))
-    return chosen[0], best_value.squeeze(-1), chosen[1]
+    p_faces = p.gather(-2, faces.unsqueeze(-1).expand(n, faces.shape[-1], k))  # (n, F, k)
+    where = frame.vertices[faces]  # (n, F, k): vertices of the chosen faces
+    chosen = torch.zeros(n, faces.shape[-1], m, device=p.device, dtype=p.dtype).scatter_add(-1, where, p_faces)
+    if kink_tol is None:
+        return [chosen, best_value]
+    return [chosen[:, 0], best_value, chosen[:, 1]]

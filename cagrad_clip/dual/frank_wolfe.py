@@ -72,6 +72,7 @@ def pairwise_fw_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, kink_tol: floa
     vertices (zero gradients) are never chosen as the best vertex.
     """
     grad, Hp, q0 = dual_gradient(Hn, b, s.unsqueeze(-1), p, kink_tol)
+    q0 = q0.squeeze(-1)
     best = torch.where(excluded, torch.full_like(grad, torch.inf), grad).argmin(-1, keepdim=True)
     away = torch.where(p > 0, grad, torch.full_like(grad, -torch.inf)).argmax(-1, keepdim=True)
     gap = (grad * p).sum(-1) - grad.gather(-1, best).squeeze(-1)
@@ -109,6 +110,7 @@ def face_newton_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, kink_tol: floa
     zig-zags (ill-conditioned, rank-deficient Grams).
     """
     grad, Hp, q0 = dual_gradient(Hn, b, s.unsqueeze(-1), p, kink_tol)
+    q0 = q0.squeeze(-1)
     d = _face_newton_direction(Hn, s, p, grad, Hp, q0, kink_tol)
     shrinking = d < 0
     ratio = torch.where(shrinking, p / torch.where(shrinking, -d, torch.ones_like(d)), torch.full_like(d, torch.inf))

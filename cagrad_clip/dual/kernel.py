@@ -14,16 +14,15 @@ captured by ``torch.compile(fullgraph=True)`` or a CUDA graph and runs on the in
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .exact import solve_by_supports
+from .exact import solve_exact
 from .frank_wolfe import solve_frank_wolfe
 from .line_search import solve_edge
-from .objective import dual_gradient, quad_form
+from .objective import dual_gradient, matvec, numbers, quad_form
 
 __all__ = ["CAGradSolution", "share_ties", "solve_kernel"]
 
@@ -55,32 +54,37 @@ class CAGradSolution(NamedTuple):
 
 
 class _Problem(NamedTuple):
-    """One batch of duals, normalised by ``scale = max_i H_ii`` so that every number is O(1)."""
+    """One batch of duals, normalised by ``scale = max_i H_ii`` so that every number is O(1).
+
+    Per-problem scalars keep a trailing dimension of 1, so they broadcast against ``(*B, m)``
+    without reshapes (the solve's cost is its number of ops).
+    """
 
     H: Tensor  # (*B, m, m) symmetrised, not normalised (for the non-finite check)
     Hn: Tensor  # H / scale
     diag_n: Tensor  # diagonal of Hn, clamped at 0
-    scale: Tensor  # (*B,) max_i H_ii (1 where that is 0)
+    scale: Tensor  # (*B, 1) max_i H_ii clamped at 0 (the division uses 1 where it is 0)
     w: Tensor  # (*B, m)
     b: Tensor  # Hn w
-    anchor_n: Tensor  # ||g0|| / sqrt(scale)
-    s: Tensor  # c ||g0|| / sqrt(scale)
+    anchor_n: Tensor  # (*B, 1) ||g0|| / sqrt(scale)
+    s: Tensor  # (*B, 1) c ||g0|| / sqrt(scale)
 
 
 def _normalise(gram: Tensor, weights: Tensor, c: float) -> _Problem:
     """Broadcast, symmetrise and divide by the largest diagonal entry (``p`` is scale invariant)."""
     m = gram.shape[-1]
     batch = torch.broadcast_shapes(gram.shape[:-2], weights.shape[:-1])
-    H = gram.expand(*batch, m, m)
-    w = weights.expand(*batch, m)
-    H = 0.5 * (H + H.mT)
+    H = gram if gram.shape[:-2] == batch else gram.expand(*batch, m, m)  # shapes only
+    w = weights if weights.shape[:-1] == batch else weights.expand(*batch, m)
+    num = numbers(gram)
+    H = num.half * (H + H.mT)
     diag = H.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
-    scale = diag.amax(-1)
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    Hn = H / safe_scale[..., None, None]
-    b = (Hn @ w.unsqueeze(-1)).squeeze(-1)
-    anchor_n = (w * b).sum(-1).clamp_min(0.0).sqrt()
-    return _Problem(H, Hn, diag / safe_scale[..., None], scale, w, b, anchor_n, c * anchor_n)
+    scale = diag.amax(-1, keepdim=True)
+    safe_scale = torch.where(scale > num.zero, scale, num.one)
+    Hn = H / safe_scale.unsqueeze(-1)
+    b = matvec(Hn, w)
+    anchor_n = (w * b).sum(-1, keepdim=True).clamp_min(0.0).sqrt()
+    return _Problem(H, Hn, diag / safe_scale, scale, w, b, anchor_n, c * anchor_n)
 
 
 def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: float) -> Tensor:
@@ -88,10 +92,15 @@ def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: f
     Hn, b, s = problem.Hn, problem.b, problem.s
     m = Hn.shape[-1]
     if m == 2 and max_iter > 0:
-        return solve_edge(Hn, b, s)
+        return solve_edge(Hn, b, s, problem.diag_n)
     if m > 2 and solver == "exact":
-        return solve_by_supports(Hn, b, s)[0]
-    return solve_frank_wolfe(Hn, b, s, problem.diag_n, max_iter, kink_tol)
+        return solve_exact(Hn, b, s)
+    return solve_frank_wolfe(Hn, b, s.squeeze(-1), problem.diag_n, max_iter, kink_tol)
+
+
+def closure_steps(m: int) -> int:
+    """Squarings that close the tie relation of ``m`` objectives transitively: a path within a group has at most ``m - 1`` edges."""
+    return max(m - 2, 0).bit_length()  # the smallest k with 2^k >= m - 1
 
 
 def share_ties(problem: _Problem, p: Tensor, tie_tol: float) -> Tensor:
@@ -108,17 +117,16 @@ def share_ties(problem: _Problem, p: Tensor, tie_tol: float) -> Tensor:
     diag = problem.diag_n
     pair = diag.unsqueeze(-1) + diag.unsqueeze(-2)
     eye = torch.eye(m, dtype=torch.bool, device=p.device)
-    same = ((pair - 2.0 * problem.Hn <= tie_tol * pair) | eye).to(p.dtype)
-    for _ in range(max(0, math.ceil(math.log2(m)))):  # transitive closure by squaring (shapes only)
-        same = ((same @ same) > 0).to(p.dtype)
-    group_mass = (same @ p.unsqueeze(-1)).squeeze(-1)
-    group_weight = (same @ problem.w.unsqueeze(-1)).squeeze(-1)
+    same = ((pair - (problem.Hn + problem.Hn) <= tie_tol * pair) | eye).to(p.dtype)  # Hn + Hn: 2 Hn exactly, without a scalar op
+    for _ in range(closure_steps(m)):  # transitive closure by squaring (shapes only)
+        same = (same @ same).clamp_max(1.0)  # path counts (exact small integers) back to 0 / 1
+    group_mass = matvec(same, p)
+    group_weight = matvec(same, problem.w)
     count = same.sum(-1)
-    weighted = group_weight > 0
-    shared = torch.where(
-        weighted, problem.w * group_mass / torch.where(weighted, group_weight, torch.ones_like(group_weight)), group_mass / count
-    )
-    return torch.where(count > 1, shared, p)
+    num = numbers(p)
+    weighted = group_weight > num.zero
+    shared = torch.where(weighted, problem.w * group_mass / group_weight, group_mass / count)  # masked-out quotients are discarded
+    return torch.where(count > num.one, shared, p)
 
 
 def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tensor:
@@ -131,14 +139,15 @@ def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tens
     """
     # The correction s G p~ / ||G p~|| is invariant to the mass of p~: normalise it first, so a tiny
     # p~ (a weight of 1e-158) does not square into a subnormal ||G p~||^2 and lose digits.
+    num = numbers(p_clipped)
     mass = p_clipped.sum(-1, keepdim=True)
-    direction = p_clipped / torch.where(mass > 0, mass, torch.ones_like(mass))
-    n2 = quad_form(problem.Hn, direction).clamp_min(0.0)
-    own_scale = (direction * problem.diag_n.sqrt()).sum(-1).square()
-    usable = (mass.squeeze(-1) > 0) & (n2 > zero_tol * own_scale)
-    ratio = problem.s / torch.where(usable, n2, torch.ones_like(n2)).sqrt()
-    ratio = torch.where(usable, ratio, torch.zeros_like(ratio))
-    return problem.w + ratio.unsqueeze(-1) * direction
+    positive = mass > num.zero
+    direction = p_clipped / torch.where(positive, mass, num.one)
+    n2 = quad_form(problem.Hn, direction, keepdim=True).clamp_min(0.0)
+    own_scale = (direction * problem.diag_n.sqrt()).sum(-1, keepdim=True).square()
+    usable = positive & (n2 > zero_tol * own_scale)
+    ratio = torch.where(usable, problem.s / n2.sqrt(), num.zero)  # the masked-out quotients are discarded
+    return problem.w + ratio * direction
 
 
 def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor: float, max_iter: int, solver: str) -> CAGradSolution:
@@ -159,9 +168,9 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     kink_tol = eps * eps
     p = share_ties(problem, _dual_solution(problem, max_iter=max_iter, solver=solver, kink_tol=kink_tol), tie_tol)
 
-    grad, _, quad = dual_gradient(problem.Hn, problem.b, problem.s.unsqueeze(-1), p, kink_tol)
-    fw_gap_n = ((grad * p).sum(-1) - grad.amin(-1)).clamp_min(0.0)
-    dual_n = (problem.b * p).sum(-1) + problem.s * quad.clamp_min(0.0).sqrt()
+    grad, _, quad = dual_gradient(problem.Hn, problem.b, problem.s, p, kink_tol)
+    fw_gap_n = ((grad * p).sum(-1, keepdim=True) - grad.amin(-1, keepdim=True)).clamp_min(0.0)
+    dual_n = (problem.b * p).sum(-1, keepdim=True) + problem.s * quad.clamp_min(0.0).sqrt()
     p_clipped = torch.minimum(p, problem.w) if clip else p
     coefficients = _coefficients(problem, p_clipped, zero_tol)
     if divisor != 1.0:
@@ -169,26 +178,30 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     return _poisoned(problem, coefficients, p, p_clipped, dual_n, fw_gap_n)
 
 
+def non_finite_mark(H: Tensor) -> Tensor:
+    """``(*B, 1)``: ``+0.0``, or NaN where ``H`` ``(*B, m, m)`` has a non-finite entry.
+
+    ``x - x`` is ``+0.0`` for finite ``x`` and NaN for ``+-inf`` and NaN, and ``amax`` propagates NaN.
+    """
+    return (H - H).amax(-1).amax(-1, keepdim=True)
+
+
 def _poisoned(problem: _Problem, coefficients: Tensor, p: Tensor, p_clipped: Tensor, dual_n: Tensor, fw_gap_n: Tensor) -> CAGradSolution:
     """The solution in the input's units, with every output of a problem with a non-finite Gram set to NaN.
 
     A non-finite entry must not pass silently: the masks of the solve (``usable`` is False for NaN)
-    would otherwise return ``a = w``.
+    would otherwise return ``a = w``. :func:`non_finite_mark` is subtracted from every output
+    (directly, or through the scale): ``x - (+0.0)`` is ``x`` bit for bit, ``-0.0`` included
+    (``x + 0.0`` would turn ``-0.0`` into ``+0.0``), and ``x - NaN`` is NaN.
     """
-    finite = torch.isfinite(problem.H).flatten(-2).all(-1)
-    nan = torch.full_like(problem.scale, torch.nan)
-
-    def poison(x: Tensor) -> Tensor:
-        if x.dim() > finite.dim():
-            return torch.where(finite.unsqueeze(-1), x, nan.unsqueeze(-1))
-        return torch.where(finite, x, nan)
-
+    mark = non_finite_mark(problem.H)
+    scale = problem.scale - mark
     return CAGradSolution(
-        coefficients=poison(coefficients),
-        dual=poison(p),
-        clipped_dual=poison(p_clipped),
+        coefficients=coefficients - mark,
+        dual=p - mark,
+        clipped_dual=p_clipped - mark,
         weights=problem.w,
-        anchor_norm=poison(problem.anchor_n * problem.scale.sqrt()),
-        dual_value=poison(dual_n * problem.scale),
-        fw_gap=poison(fw_gap_n * problem.scale),
+        anchor_norm=(problem.anchor_n * scale.sqrt()).squeeze(-1),
+        dual_value=(dual_n * scale).squeeze(-1),
+        fw_gap=(fw_gap_n * scale).squeeze(-1),
     )

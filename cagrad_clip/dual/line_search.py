@@ -4,12 +4,17 @@ Along ``p + gamma d`` the dual ``F(p) = b^T p + s sqrt(p^T H p)`` is, up to a co
 ``h(gamma) = beta1 gamma + s sqrt(q2 gamma^2 + q1 gamma + q0)`` with ``beta1 = b^T d``,
 ``q0 = p^T H p``, ``q1 = 2 d^T H p`` and ``q2 = d^T H d``: the one-dimensional problem that RACO
 solves in closed form for two objectives.
+
+Internally every per-problem scalar keeps a trailing dimension of 1, so the five candidates of a
+segment are one ``(..., 5)`` tensor that the scalars broadcast against without reshapes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .objective import Numbers, numbers
 
 __all__ = ["exact_line_search", "solve_edge"]
 
@@ -25,53 +30,55 @@ def exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tens
     evaluated at every candidate and the smallest wins (ties go to ``g = 0``: no move).
     Sync-free: no host synchronisation and no Python branch on tensor values.
     """
-    candidates = _candidates(beta1, s, q0, q1, q2, gamma_max)
-    values = _change(beta1, s, q0, q1, q2, candidates)
-    return candidates.gather(-1, values.argmin(-1, keepdim=True)).squeeze(-1)
+    args = (beta1, s, q0, q1, q2, gamma_max)
+    return _line_search(*(x.unsqueeze(-1) for x in args)).squeeze(-1)
 
 
-def _candidates(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor) -> Tensor:
+def _line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor) -> Tensor:
+    """:func:`exact_line_search` for arguments of shape ``(..., 1)``; returns ``(..., 1)``."""
+    k = numbers(s)
+    candidates = _candidates(beta1, s, q0, q1, q2, gamma_max, k)
+    values = _change(beta1, s, q0, q1, q2, candidates, k)
+    return candidates.gather(-1, values.argmin(-1, keepdim=True))
+
+
+def _candidates(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor, k: Numbers) -> Tensor:
     """``(..., 5)``: both endpoints, both roots of the squared stationarity condition, the kink; in range."""
     beta_sq, s_sq = beta1 * beta1, s * s
     qa = beta_sq * q2 - s_sq * q2 * q2
     qb = beta_sq * q1 - s_sq * q1 * q2
-    qc = beta_sq * q0 - 0.25 * s_sq * q1 * q1
-    root = (qb * qb - 4.0 * qa * qc).clamp_min(0.0).sqrt()
-    half = -0.5 * (qb + torch.where(qb >= 0, root, -root))  # cancellation-free quadratic formula
-    kink = -0.5 * q1 / q2
-    candidates = torch.stack([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half, kink], dim=-1)
+    qc = beta_sq * q0 - k.quarter * s_sq * q1 * q1
+    root = (qb * qb - k.four * qa * qc).clamp_min(0.0).sqrt()
+    half = k.minus_half * (qb + torch.where(qb >= k.zero, root, -root))  # cancellation-free quadratic formula
+    kink = k.minus_half * q1 / q2
+    candidates = torch.cat([torch.zeros_like(gamma_max), gamma_max, half / qa, qc / half, kink], dim=-1)
     candidates = torch.nan_to_num(candidates, nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.minimum(candidates.clamp_min(0.0), gamma_max.unsqueeze(-1))
+    return torch.minimum(candidates.clamp_min(0.0), gamma_max)
 
 
-def _change(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, g: Tensor) -> Tensor:
+def _change(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, g: Tensor, k: Numbers) -> Tensor:
     """``h(g) - h(0) = beta1 g + s (Q(g) - q0) / (sqrt(Q(g)) + sqrt(q0))`` with ``Q(g) - q0 = g (q1 + q2 g)``.
 
     Free of the cancellation in ``sqrt(Q(g)) - sqrt(q0)``, so improvements far below ``eps |F|``
     (the last digits of ``p`` near the optimum) are still seen instead of tying with ``g = 0``.
+    ``g`` is ``(..., n)``, the other arguments ``(..., 1)``.
     """
-    increase = g * (q1.unsqueeze(-1) + g * q2.unsqueeze(-1))
-    quad = (q0.unsqueeze(-1) + increase).clamp_min(0.0)
-    denominator = quad.sqrt() + q0.clamp_min(0.0).sqrt().unsqueeze(-1)
-    positive = denominator > 0
-    safe = torch.where(positive, denominator, torch.ones_like(denominator))
-    root_change = torch.where(positive, increase / safe, torch.zeros_like(denominator))
-    return beta1.unsqueeze(-1) * g + s.unsqueeze(-1) * root_change
+    increase = g * (q1 + g * q2)
+    quad = (q0 + increase).clamp_min(0.0)
+    denominator = quad.sqrt() + q0.clamp_min(0.0).sqrt()
+    root_change = torch.where(denominator > k.zero, increase / denominator, k.zero)  # the masked-out quotients are discarded
+    return beta1 * g + s * root_change
 
 
-def solve_edge(Hn: Tensor, b: Tensor, s: Tensor) -> Tensor:
+def solve_edge(Hn: Tensor, b: Tensor, s: Tensor, diag: Tensor) -> Tensor:
     """The exact dual solution for ``m = 2``: one line search over the whole edge from ``e_1`` to ``e_2``.
 
     It compares both vertices, every stationary point and the kink, so zero or opposite
-    gradients need no special care. Returns ``p`` of shape ``(..., 2)``.
+    gradients need no special care. ``s`` has shape ``(..., 1)`` and ``diag`` is the diagonal of
+    ``Hn`` clamped at 0. Returns ``p`` of shape ``(..., 2)``.
     """
-    h11, h22, h12 = Hn[..., 0, 0].clamp_min(0.0), Hn[..., 1, 1].clamp_min(0.0), Hn[..., 0, 1]
-    gamma = exact_line_search(
-        b[..., 1] - b[..., 0],
-        s,
-        h11,
-        2.0 * (h12 - h11),
-        (h11 + h22 - 2.0 * h12).clamp_min(0.0),
-        torch.ones_like(s),
-    )
-    return torch.stack([1.0 - gamma, gamma], dim=-1)
+    h11, h22, h12 = diag[..., :1], diag[..., 1:], Hn[..., 0, 1:]
+    d12 = h12 - h11
+    # x + x is 2 x exactly: a tensor op instead of a (slower) op with a Python scalar
+    gamma = _line_search(b[..., 1:] - b[..., :1], s, h11, d12 + d12, (h11 + h22 - (h12 + h12)).clamp_min(0.0), torch.ones_like(s))
+    return torch.cat([numbers(gamma).one - gamma, gamma], dim=-1)

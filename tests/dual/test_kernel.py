@@ -342,3 +342,123 @@ def test_compiled_fullgraph_agrees_with_eager(solver: str) -> None:
     torch.testing.assert_close(got, solve_with_settings(torch.tensor(Hs), torch.tensor(W), settings).coefficients, rtol=1e-10, atol=1e-12)
     for k in range(B):
         np.testing.assert_allclose(got[k].numpy(), reference_coefficients(Hs[k], W[k], 0.4), rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# the mechanisms of the op-lean kernel: the non-finite mark, the tie closure, cached constants
+# ----------------------------------------------------------------------------------------------
+FIELDS = ("coefficients", "dual", "clipped_dual", "weights", "anchor_norm", "dual_value", "fw_gap")
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor: equal bits means equal values, the sign of zero included."""
+    return x.contiguous().view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def test_non_finite_mark_is_zero_or_nan_and_subtracting_it_keeps_every_bit() -> None:
+    """The poisoning subtracts a mark: +0.0 for a finite Gram, NaN for one with a +inf, -inf or NaN entry
+    (reference: torch.isfinite). x - (+0.0) is x bit for bit, -0.0 included; x + 0.0 would not be."""
+    from cagrad_clip.dual.kernel import non_finite_mark
+
+    for dtype in (torch.float32, torch.float64):
+        H = torch.randn(7, 3, 3, dtype=dtype)
+        H[1, 0, 2] = math.inf
+        H[2, 1, 1] = -math.inf
+        H[3, 2, 0] = math.nan
+        H[4] = torch.finfo(dtype).max  # huge but finite
+        H[5, 0, 0] = -0.0
+        mark = non_finite_mark(H)
+        finite = torch.isfinite(H).flatten(-2).all(-1, keepdim=True)
+        assert mark.shape == (7, 1)
+        assert torch.equal(torch.isnan(mark), ~finite)
+        assert torch.equal(_bits(mark[finite]), _bits(torch.zeros(int(finite.sum()), dtype=dtype)))  # +0.0, not -0.0
+        tiny = torch.finfo(dtype).tiny
+        special = torch.tensor([-0.0, 0.0, tiny / 4, -tiny / 4, 1.5, -math.inf, math.inf], dtype=dtype)
+        assert torch.equal(_bits(special - mark[0]), _bits(special))
+        assert not torch.equal(_bits(special + mark[0]), _bits(special))  # why it is subtracted
+        assert torch.isnan(special - mark[1]).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poisoning_keeps_finite_problems_bit_for_bit(solver: str, dtype: torch.dtype) -> None:
+    """A batch with +inf, -inf and NaN entries (on and off the diagonal): every output of those problems
+    is NaN (the weights are not poisoned), and every output of the finite problems is bit-identical to
+    the solve of the same batch with the bad problems replaced by finite ones."""
+    rng = np.random.default_rng(21)
+    m, B = 3, 8
+    Hs = torch.tensor(np.stack([(lambda G: G.T @ G)(random_gradients(rng, m, 4)) for _ in range(B)]), dtype=dtype)
+    W = torch.tensor(rng.dirichlet(np.ones(m), size=B), dtype=dtype)
+    bad = {1: (0, 1, math.inf), 2: (2, 2, -math.inf), 4: (1, 0, math.nan), 6: (0, 0, math.inf)}
+    poisoned = Hs.clone()
+    for k, (i, j, value) in bad.items():
+        poisoned[k, i, j] = value
+    settings = CAGradSettings(c=0.6, solver=solver)
+    got, clean = solve_with_settings(poisoned, W, settings), solve_with_settings(Hs, W, settings)
+    ok = [k for k in range(B) if k not in bad]
+    for field in FIELDS:
+        x, y = getattr(got, field), getattr(clean, field)
+        assert torch.equal(_bits(x[ok]), _bits(y[ok])), field
+        if field == "weights":
+            assert torch.equal(x, W)
+        else:
+            assert torch.isnan(x[list(bad)]).all(), field
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 9, 12, 17])
+def test_tie_closure_joins_a_chain_of_ties(m: int) -> None:
+    """Objective i ties with i + 1 only (H_i,i+1 = 1 - 4 eps: ||g_i - g_j||^2 = 8 eps <= 32 eps; farther pairs
+    1 - 64 eps: 128 eps > 32 eps), so one group only forms through the transitive closure across m - 1
+    edges: every p_i becomes w_i P / W. Fewer closure squarings than closure_steps(m) fail here."""
+    from cagrad_clip.dual.kernel import _normalise, closure_steps, share_ties
+
+    eps = torch.finfo(torch.float64).eps
+    idx = torch.arange(m)
+    gap = (idx[:, None] - idx[None, :]).abs()
+    H = torch.full((m, m), 1.0 - 64 * eps, dtype=torch.float64)
+    H[gap == 1] = 1.0 - 4 * eps
+    H[gap == 0] = 1.0
+    w = torch.tensor(np.random.default_rng(m).dirichlet(np.ones(m)))
+    p = torch.zeros(m, dtype=torch.float64)
+    p[0] = 1.0  # all the mass on one end of the chain
+    shared = share_ties(_normalise(H, w, 0.4), p, 16.0 * eps)
+    torch.testing.assert_close(shared, w / w.sum(), rtol=4 * eps, atol=0)
+    assert 2 ** closure_steps(m) >= m - 1 and (m <= 2 or 2 ** (closure_steps(m) - 1) < m - 1)
+
+
+def test_cached_numbers_equal_python_scalars_bit_for_bit() -> None:
+    """The 0-d constants replace Python numbers in the formulas: same results bit for bit, per dtype."""
+    from cagrad_clip.dual.objective import numbers
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(1000, dtype=dtype) * torch.logspace(-30, 30, 1000, dtype=dtype)
+        k = numbers(x)
+        assert k.half.dtype == dtype and k.half.dim() == 0 and numbers(x) is k
+        assert torch.equal(_bits(k.half * x), _bits(0.5 * x)) and torch.equal(_bits(k.minus_half * x), _bits(-0.5 * x))
+        assert torch.equal(_bits(k.quarter * x), _bits(0.25 * x)) and torch.equal(_bits(k.four * x), _bits(4.0 * x))
+        assert torch.equal(_bits(k.one - x), _bits(1.0 - x))
+        assert torch.equal(x > k.zero, x > 0) and torch.equal(x < k.inf, x < math.inf)
+        assert torch.equal(_bits(torch.where(x > 0, x, k.zero)), _bits(torch.where(x > 0, x, 0.0)))
+    assert numbers(torch.zeros(1, dtype=torch.float32)) is not numbers(torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("m", "most"), [(2, 175), (3, 190), (8, 195)])
+def test_one_solve_dispatches_few_ops(m: int, most: int) -> None:
+    """The solve runs on tiny tensors, so its cost is its number of dispatched ops (a few us each on CPU,
+    a kernel launch each on CUDA). Before the op-lean rewrite: 217 (m = 2) and 270-273 (m = 3..8);
+    after: 160 and 173-177 (torch 2.13). The bounds leave room for other torch versions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.randn(m, 100, generator=torch.Generator().manual_seed(m))
+    G, w, settings = g @ g.T, torch.full((m,), 1.0 / m), CAGradSettings(c=0.4)
+    solve_with_settings(G, w, settings)  # warm caches (face frames, constants)
+    with Count():
+        solve_with_settings(G, w, settings)
+    assert 0 < Count.ops <= most
