@@ -11,7 +11,6 @@ parameter by parameter in the parameters' dtype. Parameters that no objective re
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -24,33 +23,27 @@ __all__ = ["DenseStore", "ReachRecorder"]
 
 
 class ReachRecorder:
-    """Which parameters autograd accumulated into, fed by post-accumulate-grad hooks (registered once)."""
+    """Which parameters a backward pass accumulated into, read off ``.grad`` after the pass.
+
+    A pass reached a parameter iff autograd changed its ``.grad``: set a new tensor where there was
+    ``None`` or another tensor, or added into the one there in place (its version moved). The
+    check is against what ``.grad`` holds, not a hook's record: a post-accumulate-grad hook per
+    parameter and pass made autograd re-enter Python ``m x P`` times a step (variant (c0) of
+    ``python -m benchmarks.speed --sections step`` measures the passes against the floor).
+    """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self.index = {id(p): j for j, p in enumerate(params)}
-        self.reached = [False] * len(params)
-        self.count = 0
-        self.active = False
-        recorder = weakref.ref(self)  # the hooks must not keep the optimizer's memory alive
-
-        def hook(param: Tensor) -> None:
-            me = recorder()
-            if me is not None and me.active:
-                me.count += 1
-                me.reached[me.index[id(param)]] = True
-
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+        self.params = list(params)
+        self.reached = [False] * len(self.params)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        """Nothing to remove (no hooks); kept so that stores can close it."""
 
     def backward(self, loss: Tensor, i: int, retain_graph: bool) -> None:
         """``loss.backward()`` for objective ``i``, recording what it reaches; clear errors for a loss
         that reaches no parameter and for DDP's reducer firing inside the passes."""
-        before = self.count
-        self.active = True
+        before = [p.grad for p in self.params]
+        versions = [-1 if g is None else g._version for g in before]
         try:
             loss.backward(retain_graph=retain_graph)
         except RuntimeError as error:
@@ -61,9 +54,12 @@ class ReachRecorder:
                     "ranks itself; see docs/distributed.md)"
                 ) from error
             raise
-        finally:
-            self.active = False
-        if self.count == before:
+        reached_now = False
+        for j, (p, g, version) in enumerate(zip(self.params, before, versions)):
+            grad = p.grad
+            if grad is not g or (grad is not None and grad._version != version):
+                self.reached[j] = reached_now = True
+        if not reached_now:
             raise ValueError(
                 f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
                 "from the model the optimizer updates"
