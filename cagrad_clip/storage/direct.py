@@ -47,7 +47,7 @@ def _flat(t: Tensor) -> Tensor:
     parameter then has the same layout, so their memory orders match element for element.
     """
     if t.is_contiguous():
-        return t.view(-1)
+        return t if t.dim() == 1 else t.view(-1)  # a 1-D tensor (a bias) is its own flat view: one op less
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
