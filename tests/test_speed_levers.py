@@ -55,6 +55,8 @@ def test_step_variants_all_run_and_ours_matches_the_floor_gradients_at_c0() -> N
         fn()
     assert step.combine_only_ms(opt, case, repeats=1, warmup=0) > 0
     top = step.combine_profile(opt, case)
+    ops = step.combine_op_count(opt, case)
+    assert ops > 10  # the Gram, the solve and the write each dispatch several ops
     assert top and all(name.startswith("aten::") and 0 < share <= 1 for name, share in top)
     # at c = 0 our direction is the weighted sum: it must equal the plain summed gradient / m
     case = models.make_step_case("mlp-512", 2)

@@ -56,9 +56,9 @@ def render_step(rows: list[dict]) -> list[str]:
         "",
         "Ours against the floor and the issue's targets (`combine()` alone: Gram + solve + write-back, timed "
         "separately on freshly accumulated gradients; graph freed: the autograd graph is gone after the step):\n",
-        "| model | m | floor ms | ours ms | ours / floor | target | met | bound (b2) / floor | combine() alone | graph freed "
-        "| combine(): top ops (self CPU) |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
+        "| model | m | floor ms | ours ms | ours / floor | target | met | bound (b2) / floor | combine() alone | combine(): ops "
+        "| graph freed | combine(): top ops (self CPU) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if r["variant"] != "(c) ours":
@@ -71,7 +71,7 @@ def render_step(rows: list[dict]) -> list[str]:
             f"| {r['model']} | {r['m']} | {fl['ms']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
             f"{'' if target is None else f'<= {target:.2f}'} | {met} | {'n/a' if bound is None else f'{bound:.3f}'} | "
             f"{r['combine_ms']:.2f} ms "
-            f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {'yes' if r['graph_freed'] else 'NO'} | "
+            f"({100 * r['combine_ms'] / fl['ms']:.1f}%) | {r.get('combine_ops', 'n/a')} | {'yes' if r['graph_freed'] else 'NO'} | "
             + ", ".join(f"{name} {100 * share:.0f}%" for name, share in r.get("combine_top_ops", []))
             + " |"
         )

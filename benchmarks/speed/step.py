@@ -192,8 +192,33 @@ def combine_profile(opt: ConflictAverseOptimizer, case: StepCase, top: int = 4) 
     return [(e.key, e.self_cpu_time_total / total) for e in events[:top]]
 
 
+def combine_op_count(opt: ConflictAverseOptimizer, case: StepCase) -> int:
+    """Torch ops one ``combine()`` dispatches (views included), counted by a ``TorchDispatchMode``.
+
+    On small models its cost is this count more than its arithmetic: a few microseconds per op on
+    a CPU, one kernel launch per op on a GPU.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    opt.zero_grad()
+    losses, _ = case.model.losses(case.x, case.y)
+    opt.backward(losses, combine=False)
+    with Count() as count:
+        opt.combine()
+    return count.ops
+
+
 def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> list[dict]:
-    """Rows ``{model, m, variant, ms, ratio, combine_ms, graph_freed, combine_top_ops}``."""
+    """Rows ``{model, m, variant, ms, ratio, combine_ms, graph_freed, combine_top_ops, combine_ops}``."""
     rows = []
     for kind in kinds:
         for m in ms:
@@ -202,6 +227,7 @@ def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> lis
             freed = graph_freed_after_step(opt, case)
             combine_ms = combine_only_ms(opt, case, repeats)
             hot = combine_profile(opt, case)
+            ops = combine_op_count(opt, case)
             floor = times["(b) floor"]
             for name, t in times.items():
                 rows.append(
@@ -214,6 +240,7 @@ def step_section(kinds: list[str], ms: list[int], repeats: int, log: Log) -> lis
                         "combine_ms": combine_ms,
                         "graph_freed": freed,
                         "combine_top_ops": hot,
+                        "combine_ops": ops,
                     }
                 )
             log(f"  step {kind} m={m}: " + ", ".join(f"{k} {v:.1f} ms ({v / floor:.3f}x)" for k, v in times.items()))

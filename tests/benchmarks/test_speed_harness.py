@@ -146,6 +146,8 @@ def test_render_step_puts_the_bound_next_to_ours_and_checks_the_target() -> None
         return {"model": "transformer", "m": 2, "variant": variant, "ms": ms, "ratio": ms / 10.0, "combine_ms": 1.5}
 
     rows = [row("(b) floor", 10.0), row("(b2) floor + contiguous Gram and combination (bound)", 10.4), row("(c) ours", 12.0)]
-    rows[-1].update(graph_freed=True, combine_top_ops=[("aten::mm", 0.5)])
+    rows[-1].update(graph_freed=True, combine_top_ops=[("aten::mm", 0.5)], combine_ops=321)
     summary = [line for line in report.render_step(rows) if line.startswith("| transformer | 2 | 10.00 |")]
-    assert summary == ["| transformer | 2 | 10.00 | 12.00 | 1.200 | <= 1.05 | **no** | 1.040 | 1.50 ms (15.0%) | yes | aten::mm 50% |"]
+    assert summary == [
+        "| transformer | 2 | 10.00 | 12.00 | 1.200 | <= 1.05 | **no** | 1.040 | 1.50 ms (15.0%) | 321 | yes | aten::mm 50% |"
+    ]
