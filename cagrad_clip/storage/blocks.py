@@ -54,9 +54,12 @@ def gram_of_block(rows: Tensor) -> Tensor:
     blocks = n // GRAM_BLOCK
     if blocks < 2:
         return rows @ rows.T
-    tiled = rows[:, : blocks * GRAM_BLOCK].view(m, blocks, GRAM_BLOCK).transpose(0, 1)
+    main = blocks * GRAM_BLOCK
+    tiled = (rows if main == n else rows[:, :main]).view(m, blocks, GRAM_BLOCK).transpose(0, 1)
     gram = torch.bmm(tiled, tiled.transpose(1, 2)).sum(0)
-    rest = rows[:, blocks * GRAM_BLOCK :]
+    if main == n:  # whole tiles (the gathered chunks are): no remainder ops
+        return gram
+    rest = rows[:, main:]
     return gram.addmm_(rest, rest.T)
 
 

@@ -145,27 +145,35 @@ class DirectStore(GradientStore):
             self._zeros = torch.zeros(length, dtype=self.dtype, device=self.device)
         return self._zeros[:length]
 
-    def _gather(self, chunk: Chunk, objectives: Sequence[Sequence[Tensor | None]]) -> Tensor:
-        """The ``(len(objectives), chunk.length)`` block of the chunk in float32 or better (one copy).
+    @staticmethod
+    def _flat_views(objectives: Sequence[Sequence[Tensor | None]]) -> list[list[Tensor | None]]:
+        """Each gradient as a 1-D view in memory order, made once per reduction (not once per chunk
+        a large parameter is split over)."""
+        return [[None if g is None else _flat(g) for g in grads] for grads in objectives]
 
-        The copy goes into one buffer reused by every chunk of the step (freed by :meth:`release`), so
-        a large model pays its page faults once per step instead of once per chunk.
+    def _gather(self, chunk: Chunk, flats: Sequence[Sequence[Tensor | None]]) -> Tensor:
+        """The ``(len(flats), chunk.length)`` block of the chunk in float32 or better (one copy).
+
+        ``flats`` are the objectives' gradients as :meth:`_flat_views`. The copy goes into one
+        buffer reused by every chunk of the step (freed by :meth:`release`), so a large model pays
+        its page faults once per step instead of once per chunk.
         """
         parts = []
-        for grads in objectives:
+        for grads in flats:
             for j, start, stop in chunk.pieces:
                 g = grads[j]
                 if g is None:
                     parts.append(self._zero_piece(stop - start))
                 elif stop - start == self.numels[j]:
-                    parts.append(_flat(g))
+                    parts.append(g)
                 else:
-                    parts.append(_flat(g)[start:stop])
-        size = len(objectives) * chunk.length
+                    parts.append(g[start:stop])
+        size = len(flats) * chunk.length
         if self._buffer is None or self._buffer.numel() < size:
             columns = max(c.length for c in self._plan(range(len(self.params))))
             self._buffer = torch.empty(max(size, self.m * columns), dtype=self.acc, device=self.device)
-        return torch.cat(parts, out=self._buffer[:size]).view(len(objectives), chunk.length)
+        out = self._buffer if self._buffer.numel() == size else self._buffer[:size]
+        return torch.cat(parts, out=out).view(len(flats), chunk.length)
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
@@ -204,9 +212,10 @@ class DirectStore(GradientStore):
                 if grads[j] is None:
                     grads[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.recorder.reached = [True] * len(self.params)  # another rank may have reached it
+        flats = self._flat_views(self.grads)
         for chunk in self._plan(range(len(self.params))):
-            block = average_across_ranks(self._gather(chunk, self.grads), group, world_size)
-            targets = [_flat(grads[j])[start:stop] for grads in self.grads for j, start, stop in chunk.pieces]  # type: ignore[arg-type]
+            block = average_across_ranks(self._gather(chunk, flats), group, world_size)
+            targets = [grads[j][start:stop] for grads in flats for j, start, stop in chunk.pieces]  # type: ignore[index]
             torch._foreach_copy_(targets, list(block.view(-1).split([t.numel() for t in targets])))
         for p, g in zip(self.params, self.home_grads):
             p.grad = g
@@ -215,7 +224,8 @@ class DirectStore(GradientStore):
     # ------------------------------------------------------------------ reductions
     def gram(self) -> Tensor:
         """The ``(m, m)`` Gram over the shared parameters, float32 or better, chunk by chunk."""
-        parts = [gram_of_block(self._gather(chunk, self.grads)) for chunk in self._plan(range(self.shared_count))]
+        flats = self._flat_views(self.grads)
+        parts = [gram_of_block(self._gather(chunk, flats)) for chunk in self._plan(range(self.shared_count))]
         if not parts:
             return torch.zeros((self.m, self.m), dtype=self.acc, device=self.device)
         return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
@@ -256,9 +266,10 @@ class DirectStore(GradientStore):
                     torch._foreach_addcmul_([h for h, _ in pairs], [g for _, g in pairs], [scales[i]] * len(pairs))
             return torch.zeros((0, 2), dtype=self.acc, device=self.device)
         extremes = []
+        flats = self._flat_views(self.grads)
         for chunk in self._plan(indices):
-            combined = coefficients @ self._gather(chunk, self.grads)
-            targets = [_flat(home[j])[start:stop] for j, start, stop in chunk.pieces]  # type: ignore[arg-type]
+            combined = coefficients @ self._gather(chunk, flats)
+            targets = [flats[self.home][j][start:stop] for j, start, stop in chunk.pieces]  # type: ignore[index]
             torch._foreach_copy_(targets, list(combined.split([stop - start for _, start, stop in chunk.pieces])))
             if self.dtype == torch.float16:
                 extremes.append(torch.stack(torch.aminmax(combined)))
