@@ -145,35 +145,53 @@ class DirectStore(GradientStore):
             self._zeros = torch.zeros(length, dtype=self.dtype, device=self.device)
         return self._zeros[:length]
 
-    @staticmethod
-    def _flat_views(objectives: Sequence[Sequence[Tensor | None]]) -> list[list[Tensor | None]]:
-        """Each gradient as a 1-D view in memory order, made once per reduction (not once per chunk
-        a large parameter is split over)."""
-        return [[None if g is None else _flat(g) for g in grads] for grads in objectives]
+    def _pieces(self, plan: Sequence[Chunk], objectives: Sequence[Sequence[Tensor | None]]) -> list[list[list[Tensor | None]]]:
+        """``[c][i][k]``: piece ``k`` of chunk ``c`` of objective ``i``'s gradients, a 1-D view in memory
+        order (``None`` where the objective has no gradient for that parameter).
 
-    def _gather(self, chunk: Chunk, flats: Sequence[Sequence[Tensor | None]]) -> Tensor:
-        """The ``(len(flats), chunk.length)`` block of the chunk in float32 or better (one copy).
-
-        ``flats`` are the objectives' gradients as :meth:`_flat_views`. The copy goes into one
-        buffer reused by every chunk of the step (freed by :meth:`release`), so a large model pays
-        its page faults once per step instead of once per chunk.
+        Each gradient is flattened once and, if the plan spreads it over several chunks, cut by one
+        ``split``: a handful of ops per gradient, not a view and a slice per chunk it spans.
         """
-        parts = []
-        for grads in flats:
+        sizes: dict[int, list[int]] = {}
+        for chunk in plan:
             for j, start, stop in chunk.pieces:
+                sizes.setdefault(j, []).append(stop - start)
+        per_objective = []
+        for grads in objectives:
+            cut: dict[int, Sequence[Tensor] | None] = {}
+            for j, lengths in sizes.items():
                 g = grads[j]
-                if g is None:
-                    parts.append(self._zero_piece(stop - start))
-                elif stop - start == self.numels[j]:
-                    parts.append(g)
-                else:
-                    parts.append(g[start:stop])
-        size = len(flats) * chunk.length
+                cut[j] = None if g is None else (_flat(g),) if len(lengths) == 1 else _flat(g).split(lengths)
+            taken = dict.fromkeys(sizes, 0)
+            chunks = []
+            for chunk in plan:
+                views: list[Tensor | None] = []
+                for j, _, _ in chunk.pieces:
+                    parts = cut[j]
+                    views.append(None if parts is None else parts[taken[j]])
+                    taken[j] += 1
+                chunks.append(views)
+            per_objective.append(chunks)
+        return [[chunks[c] for chunks in per_objective] for c in range(len(plan))]
+
+    def _gather(self, chunk: Chunk, pieces: Sequence[Sequence[Tensor | None]]) -> Tensor:
+        """The ``(len(pieces), chunk.length)`` block of the chunk in float32 or better (one copy).
+
+        ``pieces`` are the chunk's entry of :meth:`_pieces`, one list per objective. The copy goes
+        into one buffer reused by every chunk of the step (freed by :meth:`release`), so a large model
+        pays its page faults once per step instead of once per chunk.
+        """
+        parts = [
+            self._zero_piece(stop - start) if view is None else view
+            for views in pieces
+            for view, (_, start, stop) in zip(views, chunk.pieces)
+        ]
+        size = len(pieces) * chunk.length
         if self._buffer is None or self._buffer.numel() < size:
             columns = max(c.length for c in self._plan(range(len(self.params))))
             self._buffer = torch.empty(max(size, self.m * columns), dtype=self.acc, device=self.device)
         out = self._buffer if self._buffer.numel() == size else self._buffer[:size]
-        return torch.cat(parts, out=out).view(len(flats), chunk.length)
+        return torch.cat(parts, out=out).view(len(pieces), chunk.length)
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
@@ -212,10 +230,10 @@ class DirectStore(GradientStore):
                 if grads[j] is None:
                     grads[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.recorder.reached = [True] * len(self.params)  # another rank may have reached it
-        flats = self._flat_views(self.grads)
-        for chunk in self._plan(range(len(self.params))):
-            block = average_across_ranks(self._gather(chunk, flats), group, world_size)
-            targets = [grads[j][start:stop] for grads in flats for j, start, stop in chunk.pieces]  # type: ignore[index]
+        plan = self._plan(range(len(self.params)))
+        for chunk, pieces in zip(plan, self._pieces(plan, self.grads)):
+            block = average_across_ranks(self._gather(chunk, pieces), group, world_size)
+            targets: list[Tensor] = [view for views in pieces for view in views]  # type: ignore[misc]
             torch._foreach_copy_(targets, list(block.view(-1).split([t.numel() for t in targets])))
         for p, g in zip(self.params, self.home_grads):
             p.grad = g
@@ -224,8 +242,8 @@ class DirectStore(GradientStore):
     # ------------------------------------------------------------------ reductions
     def gram(self) -> Tensor:
         """The ``(m, m)`` Gram over the shared parameters, float32 or better, chunk by chunk."""
-        flats = self._flat_views(self.grads)
-        parts = [gram_of_block(self._gather(chunk, flats)) for chunk in self._plan(range(self.shared_count))]
+        plan = self._plan(range(self.shared_count))
+        parts = [gram_of_block(self._gather(chunk, pieces)) for chunk, pieces in zip(plan, self._pieces(plan, self.grads))]
         if not parts:
             return torch.zeros((self.m, self.m), dtype=self.acc, device=self.device)
         return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
@@ -266,10 +284,10 @@ class DirectStore(GradientStore):
                     torch._foreach_addcmul_([h for h, _ in pairs], [g for _, g in pairs], [scales[i]] * len(pairs))
             return torch.zeros((0, 2), dtype=self.acc, device=self.device)
         extremes = []
-        flats = self._flat_views(self.grads)
-        for chunk in self._plan(indices):
-            combined = coefficients @ self._gather(chunk, flats)
-            targets = [flats[self.home][j][start:stop] for j, start, stop in chunk.pieces]  # type: ignore[index]
+        plan = self._plan(indices)
+        for chunk, pieces in zip(plan, self._pieces(plan, self.grads)):
+            combined = coefficients @ self._gather(chunk, pieces)
+            targets: list[Tensor] = pieces[self.home]  # type: ignore[assignment]
             torch._foreach_copy_(targets, list(combined.split([stop - start for _, start, stop in chunk.pieces])))
             if self.dtype == torch.float16:
                 extremes.append(torch.stack(torch.aminmax(combined)))
