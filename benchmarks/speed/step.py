@@ -75,7 +75,7 @@ def bound_variant(case: StepCase) -> Callable[[], None]:
     """
     floor = floor_variant(case)
     numel = sum(p.numel() for p in case.shared)
-    m = len(case.model.losses(case.x, case.y)[0])
+    m = case.y.shape[1]  # one target column per objective
     block = torch.randn(m, numel)
     direction = torch.empty(numel)
     coefficients = torch.full((m,), 1.0 / m)
@@ -163,13 +163,18 @@ def graph_freed_after_step(opt: ConflictAverseOptimizer, case: StepCase) -> bool
     return freed
 
 
+def accumulate(opt: ConflictAverseOptimizer, case: StepCase) -> None:
+    """A fresh forward and every objective's gradient, accumulated without ``combine()``."""
+    opt.zero_grad()
+    losses, _ = case.model.losses(case.x, case.y)
+    opt.backward(losses, combine=False)
+
+
 def combine_only_ms(opt: ConflictAverseOptimizer, case: StepCase, repeats: int, warmup: int = 2) -> float:
     """Median time of ``opt.combine()`` alone, each time on freshly accumulated gradients."""
     samples = []
     for r in range(warmup + repeats):
-        opt.zero_grad()
-        losses, _ = case.model.losses(case.x, case.y)
-        opt.backward(losses, combine=False)
+        accumulate(opt, case)
         t0 = time.perf_counter()
         opt.combine()
         if r >= warmup:
@@ -181,9 +186,7 @@ def combine_profile(opt: ConflictAverseOptimizer, case: StepCase, top: int = 4) 
     """The ``top`` torch ops by self CPU time in one ``combine()`` (profiled): ``(name, share of the total)``."""
     from torch.profiler import ProfilerActivity, profile
 
-    opt.zero_grad()
-    losses, _ = case.model.losses(case.x, case.y)
-    opt.backward(losses, combine=False)
+    accumulate(opt, case)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         opt.combine()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -209,9 +212,7 @@ def combine_op_count(opt: ConflictAverseOptimizer, case: StepCase) -> int:
             self.ops += 1
             return func(*args, **(kwargs or {}))
 
-    opt.zero_grad()
-    losses, _ = case.model.losses(case.x, case.y)
-    opt.backward(losses, combine=False)
+    accumulate(opt, case)
     with Count() as count:
         opt.combine()
     return count.ops
