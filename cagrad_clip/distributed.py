@@ -36,6 +36,7 @@ __all__ = [
     "average_across_ranks",
     "check_distributed",
     "check_same_count",
+    "reached_on_any_rank",
     "sharded_layout",
     "sum_across_ranks",
 ]
@@ -129,6 +130,15 @@ def sum_across_ranks(tensor: Tensor, group: Any) -> Tensor:
     """Sum ``tensor`` in place over ``group`` (all-reduce SUM); asynchronous on NCCL, no host read."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def reached_on_any_rank(reached: Sequence[bool], group: Any, device: torch.device) -> list[bool]:
+    """Which parameters some rank's backward reached: one all-reduce (MAX) of an int per parameter
+    and a host read (which parameters keep ``.grad = None`` is a host-side decision). Only under
+    ``torch.distributed`` with several ranks."""
+    mask = torch.tensor([1 if r else 0 for r in reached], dtype=torch.int32, device=device)
+    dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in mask.tolist()]
 
 
 class _CountMemory(Protocol):

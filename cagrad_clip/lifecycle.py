@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import Tensor
+
 __all__ = ["Phase", "WindowState"]
 
 Phase = Literal["empty", "accumulating", "combined", "stepped"]
@@ -27,6 +29,9 @@ class WindowState:
     num_objectives: int | None = None
     #: ``m`` last confirmed equal on every rank (a host-side collective runs only when ``m`` changes).
     ranks_agree_on: int | None = None
+    #: 0-d bool on the gradients' device: some ``.grad`` was edited in place while the window held
+    #: gradients a later call reuses (``None``: no such check ran yet). Read once, by ``step``.
+    edited: Tensor | None = None
 
     @property
     def open(self) -> bool:
@@ -36,7 +41,13 @@ class WindowState:
     def begin(self, num_objectives: int) -> None:
         self.phase = "accumulating"
         self.num_objectives = num_objectives
+        self.edited = None
+
+    def note_edited(self, edited: Tensor) -> None:
+        """Fold one device-side edit check into the window's flag (no host sync)."""
+        self.edited = edited if self.edited is None else self.edited | edited
 
     def reset(self) -> None:
         self.phase = "empty"
         self.num_objectives = None
+        self.edited = None

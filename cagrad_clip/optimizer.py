@@ -6,7 +6,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ class StepDiagnostics(NamedTuple):
     """``(m,)`` bool: objective ``i``'s gradient is finite on every parameter (shared and not)."""
     written_finite: Tensor
     """0-d bool: every value written into ``.grad`` is finite in the parameters' dtype."""
+    window_intact: Tensor
+    """0-d bool: no tool edited ``.grad`` in place while this window's gradients waited for a later
+    call (``False``: the coefficients are NaN and :meth:`ConflictAverseOptimizer.step` refuses)."""
 
 
 @dataclass
@@ -366,33 +369,52 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         With ``combine=True`` (default) ``.grad`` then holds the combined direction of everything
         accumulated since the window began, so gradient clipping or ``GradScaler.unscale_`` can
         run before :meth:`step`. With gradient accumulation, pass ``combine=False`` for all but the
-        last micro-batch: it solves once and spares one rounding of the direction. A window
-        continues only while ``.grad`` still holds what this optimizer left there; a step, a
-        ``zero_grad`` (the optimizer's or the model's) or any change to ``.grad`` starts a new one.
-        Everything is validated before anything changes.
+        last micro-batch: it solves once and spares one rounding of the direction.
+
+        The window: it continues while ``.grad`` holds the tensors this optimizer left there; a step,
+        a ``zero_grad`` (the optimizer's or the model's) or an assignment to ``.grad`` starts a new one,
+        and so does an in-place write to a combined direction (clipping it, or zeroing it with
+        ``zero_grad(set_to_none=False)``): the edited direction is kept and the new window's direction
+        is added to it, as torch adds gradients. Between a ``backward(..., combine=False)`` and the
+        next call ``.grad`` holds an intermediate the optimizer owns: an in-place edit of it (or an
+        edit that bypasses the version counter, such as ``GradScaler.unscale_`` or ``.data``, of a
+        combined direction before a further ``backward``) cannot be taken apart from the
+        per-objective gradients, so :meth:`step` refuses it with a ``RuntimeError`` (detected on the
+        device, no host sync). A no-op edit changes nothing. Everything is validated before anything
+        changes.
         """
+        self._backward(losses, combine, seal=True)
+
+    def _backward(self, losses: Sequence[Tensor] | Tensor, combine: bool, seal: bool) -> None:
         losses = check_losses(losses)
         if not isinstance(combine, bool):
             raise TypeError(f"combine must be True or False, got {combine!r}")
         m = len(losses)
         self._state.settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
+        _check_no_step_in_backward(store.params)
         window = self._state.window
         if self.memory == "low":
             self._low_memory_backward(store, losses, combine)
             return
-        continuing = window.open and store.grads_intact()
+        # .grad replaced: a new window. A combined direction written in place (clipped, zeroed by
+        # zero_grad(set_to_none=False)): a new window that keeps it and adds its own direction. Values of
+        # an uncombined window (or a combined one, without a version bump) are checked on the device.
+        continuing = window.open and store.grads_intact() and (window.phase == "accumulating" or store.guard.intact(store.params))
         if continuing and window.num_objectives != m:
             raise ValueError(
                 f"got {m} losses, but {window.num_objectives} objectives were accumulated in this window; pass the same "
                 "objectives in every micro-batch (or call zero_grad() to start over)"
             )
+        # validated: from here on the window changes
         if not continuing:
             store.start_window(m, self._home(m))
             window.begin(m)
-        elif window.phase == "combined":
-            store.unwrite()
-            window.phase = "accumulating"
+        else:
+            window.note_edited(store.guard.edited(store.params, store.device))
+            if window.phase == "combined":
+                store.unwrite()
+                window.phase = "accumulating"
         try:
             store.accumulate(losses)
         except BaseException:
@@ -400,7 +422,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             window.reset()
             raise
         if combine:
-            self.combine()
+            self._combine_window(seal=seal)
+        else:
+            store.guard.seal(store.params)
 
     def _low_memory_backward(self, store: GradientStore, losses: list[Tensor], combine: bool) -> None:
         """``memory="low"``: the direction straight into ``.grad``, no per-objective gradient stored."""
@@ -437,12 +461,16 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         store.guard.record(store.params)
 
     @torch.compiler.disable
-    @torch.no_grad()
     def combine(self) -> StepDiagnostics:
         """Solve the dual on the accumulated gradients and write the direction into ``.grad``.
 
         Idempotent: a second call without new gradients returns :attr:`last`. Sync-free.
         """
+        return self._combine_window(seal=True)
+
+    @torch.no_grad()
+    def _combine_window(self, seal: bool) -> StepDiagnostics:
+        """``seal``: fingerprint the written direction, for a later ``backward`` that continues the window."""
         window = self._state.window
         if window.phase == "combined":
             assert self.last is not None
@@ -454,12 +482,15 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             store.abandon()
             window.reset()
             raise RuntimeError(
-                ".grad was replaced or modified after backward(..., combine=False), so the accumulated gradients are lost; "
-                "run backward(losses) again"
+                ".grad was replaced (zero_grad, set_to_none or an assignment) after backward(..., combine=False), so the "
+                "accumulated gradients are lost; run backward(losses) again"
             )
         assert window.num_objectives is not None
+        window.note_edited(store.guard.edited(store.params, store.device))
         with _no_autocast(store.device):
-            last = self._state.last = self._combine(store, window.num_objectives)
+            last = self._state.last = self._combine(store, window.num_objectives, window.edited)
+        if seal:
+            store.guard.seal(store.params)
         window.phase = "combined"
         return last
 
@@ -474,9 +505,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             store.average(group, world_size)
         return store.gram()
 
-    def _combine(self, store: GradientStore, m: int) -> StepDiagnostics:
+    def _combine(self, store: GradientStore, m: int, edited: Tensor | None) -> StepDiagnostics:
         gram = self._gram(store, m)
         solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
+        intact = torch.ones((), dtype=torch.bool, device=gram.device) if edited is None else ~edited.to(gram.device)
+        if edited is not None:  # an edited window writes NaN, never a mix (step() refuses it with the reason)
+            solution = solution._replace(coefficients=torch.where(intact, solution.coefficients, torch.nan))
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
         written_finite = store.write(solution.coefficients)
@@ -487,10 +521,10 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             # direction unless this bound overflows (float16 rows check what they wrote themselves)
             norms = (diag.clamp_min(0.0) + unshared.to(diag.dtype)).sqrt()
             written_finite = written_finite & torch.isfinite((solution.coefficients.abs() * norms).sum())
-        return self._diagnostics(gram, solution, finite, written_finite)
+        return self._diagnostics(gram, solution, finite, written_finite, intact)
 
     @staticmethod
-    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor) -> StepDiagnostics:
+    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor, intact: Tensor | None = None) -> StepDiagnostics:
         diag = gram.diagonal()
         norms = diag.clamp_min(0.0).sqrt()
         outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
@@ -506,13 +540,24 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             fw_gap=solution.fw_gap,
             finite=finite,
             written_finite=written_finite,
+            window_intact=torch.ones((), dtype=torch.bool, device=gram.device) if intact is None else intact,
         )
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch's protocol for optimizers that handle scaled gradients themselves, on while the window's
+        gradients are accumulated but not combined: ``GradScaler.step`` then hands itself to :meth:`step`,
+        which combines before the scaler unscales and checks ``.grad``. Off otherwise, so ``GradScaler``,
+        Lightning and accelerate unscale (and clip) a combined direction as for any optimizer."""
+        return self._state.window.phase == "accumulating"
 
     @torch.compiler.disable
     def step(
         self,
         losses: Sequence[Tensor] | Tensor | Callable[[], Any] | None = None,
         closure: Callable[[], Any] | None = None,
+        *,
+        grad_scaler: Any = None,
     ) -> Any:
         """Update the parameters along the conflict-averse direction.
 
@@ -521,6 +566,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         ``step(closure=closure)`` calls ``closure`` with grad enabled; it must return the list of
         losses, and ``step`` returns what it returned (as torch optimizers return the closure's
         loss). Otherwise ``step`` returns ``None``.
+
+        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step(opt)`` itself (do not pass it by
+        hand): the window is combined on the scaled gradients (the direction is positively
+        homogeneous, so ``d(s g) = s d(g)``), the scaler unscales the direction (unless
+        ``scaler.unscale_(opt)`` already did) and the step is skipped, silently, when it found an
+        Inf/NaN, so ``scaler.update()`` backs off as usual.
 
         After a step the next :meth:`backward` starts a new window even without ``zero_grad``;
         its direction is then added to ``.grad`` as torch adds gradients.
@@ -537,11 +588,17 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 result = closure()
             losses = result
         if losses is not None:
-            self.backward(losses)
-        diagnostics = self.combine()
+            self._backward(cast("Sequence[Tensor] | Tensor", losses), combine=True, seal=False)
+        diagnostics = self._combine_window(seal=False)
         self._state.window.phase = "stepped"  # whatever happens below, this window is over
         try:
+            if grad_scaler is not None:
+                if self._scaler_allows_step(grad_scaler, diagnostics):
+                    self.optimizer.step()
+                return result
             if self._state.nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
+                if not bool(diagnostics.window_intact):
+                    raise RuntimeError(_EDITED)
                 message = self._explain_nonfinite(diagnostics)
                 if self._state.nonfinite == "raise":
                     raise FloatingPointError(message + "; the parameters were not updated")
@@ -553,6 +610,27 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         finally:
             if self._state.store is not None:  # .grad is the user's now: keep no reference to it
                 self._state.store.release()
+
+    def _scaler_allows_step(self, scaler: Any, diagnostics: StepDiagnostics) -> bool:
+        """Unscale the combined direction through ``scaler`` and read its Inf/NaN verdict (one host read,
+        as ``GradScaler.step`` makes itself); refuse an edited window."""
+        try:
+            scaler.unscale_(self)
+        except RuntimeError as error:  # scaler.unscale_(opt) ran before step(): .grad is unscaled already
+            if "already been called" not in str(error):
+                raise
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if not isinstance(states, dict) or id(self) not in states or "found_inf_per_device" not in states[id(self)]:
+            raise RuntimeError(
+                f"grad_scaler must be the torch.amp.GradScaler stepping this optimizer (scaler.step(opt)); got {type(scaler).__name__}"
+            )
+        device = diagnostics.coefficients.device
+        found = [t.to(device) for t in states[id(self)]["found_inf_per_device"].values()]
+        found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
+        skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
+        if edited:
+            raise RuntimeError(_EDITED)
+        return not skip
 
     @staticmethod
     def _all_finite(d: StepDiagnostics) -> bool:
@@ -584,6 +662,27 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             f"the combined direction overflows the parameters' dtype ({', '.join(dtypes)}) although every objective's "
             "gradient is finite; scale the losses down"
         )
+
+
+_EDITED = (
+    ".grad was changed in place while this window's per-objective gradients waited for a later call (after "
+    "backward(..., combine=False), or after a combination that a further backward continued): the edit cannot be "
+    "taken apart from the objectives' gradients, so the step is refused and the parameters were not updated. Edit "
+    ".grad (clip_grad_norm_, GradScaler.unscale_, ...) only after the window's last backward with combine=True (or "
+    "opt.combine()) and before step(); call zero_grad() to start over"
+)
+
+
+def _check_no_step_in_backward(params: Sequence[Tensor]) -> None:
+    """Refuse optimizer-in-backward hooks: they consume each gradient as it is accumulated, before the
+    other objectives' gradients exist (host-side attribute reads; nothing changes)."""
+    for j, p in enumerate(params):
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            raise RuntimeError(
+                f"parameter {j} (shape {tuple(p.shape)}) has a post-accumulate-grad hook (register_post_accumulate_grad_hook, "
+                "e.g. an optimizer step in backward): it would consume each objective's gradient as it is accumulated, "
+                "before the conflict-averse direction exists. Remove the hook and step this optimizer after backward"
+            )
 
 
 def _read_only(name: str) -> None:

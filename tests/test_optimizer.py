@@ -397,9 +397,6 @@ def test_bad_losses_raise_clear_errors():
         opt.step(losses + [losses[0]])
     with pytest.raises(TypeError, match="not a torch.Tensor"):
         opt.step([losses[0], 1.0])
-    stray = torch.nn.Parameter(torch.ones(1))
-    with pytest.raises(ValueError, match="loss 1 does not depend on any trainable parameter"):
-        opt.step([losses[0], (stray * 2).sum()])
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="no per-objective gradients are accumulated"):
         opt.step()

@@ -7,11 +7,12 @@ flattened row per objective (shared parameters first, so the Gram is taken over 
 (:mod:`.dense`: straight into the row, or through ``.grad`` into a wider accumulator;
 :mod:`.sharded`: FSDP2 shards) and in how the combination reaches ``.grad``.
 
-The guard: after every mutation the store remembers which tensor each ``.grad`` is and its
-version counter (``Tensor._version``, bumped by every in-place write). Whether ``.grad`` still
-holds what the store left there is then checked against reality (:meth:`GradientStore.grads_intact`),
-never assumed: ``model.zero_grad()``, ``zero_grad(set_to_none=False)`` or any in-place edit between
-two ``backward`` calls starts a new window instead of corrupting the old one.
+The guard: after every mutation the store remembers which tensor each ``.grad`` is; whether
+``.grad`` still holds those tensors is checked against reality (:meth:`GradientStore.grads_intact`),
+never assumed: ``model.zero_grad()`` or any assignment to ``.grad`` between two ``backward`` calls
+starts a new window. In-place edits of the values (clipping, ``GradScaler.unscale_``, writes through
+``.data``, some without a version bump) are caught by a device-side fingerprint
+(:meth:`GradGuard.edited`) that the optimizer checks when it reuses the window.
 """
 
 from __future__ import annotations
@@ -26,35 +27,83 @@ from torch import Tensor
 from ..distributed import average_across_ranks
 from .blocks import blocked_gram, row_sumsq
 
-__all__ = ["GradientStore", "GradGuard"]
+__all__ = ["GradientStore", "GradGuard", "fingerprint"]
+
+
+def _local(grad: Tensor) -> Tensor:
+    """A gradient's local values (a DTensor shard's local tensor; a plain tensor itself)."""
+    to_local = getattr(grad, "to_local", None)
+    return grad if to_local is None else to_local()
+
+
+def fingerprint(grads: Sequence[Tensor]) -> Tensor:
+    """Each tensor's 2-norm (float32 or better), one fused reduction per dtype: a device-side
+    summary that changes when a tool edits the values in place, even without bumping the version
+    counter (``GradScaler.unscale_``, edits through ``.data``); no host sync."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    parts = []
+    for dtype, group in by_dtype.items():
+        acc = torch.promote_types(dtype, torch.float32)
+        norms = torch._foreach_norm(group, 2, dtype=acc) if acc != dtype else torch._foreach_norm(group, 2)
+        parts.append(torch.stack(norms).to(torch.float64))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 class GradGuard:
-    """Which tensor each parameter's ``.grad`` was, and its version, when last recorded (weakly held)."""
+    """What ``.grad`` held when the store last left it: which tensors (host side) and, once
+    :meth:`seal` ed, a device-side fingerprint of their values.
+
+    Replacing ``.grad`` (``zero_grad``, ``set_to_none``, an assignment) is seen on the host and
+    starts a new window; an in-place edit of the values is seen by comparing fingerprints on the
+    device (:meth:`edited`), so that the optimizer can refuse the step without a host sync here.
+    """
 
     def __init__(self) -> None:
         self._refs: list[weakref.ref[Tensor] | None] = []
         self._versions: list[int] = []
+        self._print: Tensor | None = None
 
     def record(self, params: Sequence[Tensor]) -> None:
         self._refs = [None if p.grad is None else weakref.ref(p.grad) for p in params]
         self._versions = [-1 if p.grad is None else p.grad._version for p in params]
+        self._print = None
 
     def clear(self) -> None:
-        self._refs, self._versions = [], []
+        self._refs, self._versions, self._print = [], [], None
 
-    def intact(self, params: Sequence[Tensor]) -> bool:
-        """``.grad`` of every parameter is the very tensor recorded, unmodified (host-side check)."""
+    def same_tensors(self, params: Sequence[Tensor]) -> bool:
+        """``.grad`` of every parameter is the very tensor recorded (values may have changed)."""
         if len(self._refs) != len(params):
             return False
-        for p, ref, version in zip(params, self._refs, self._versions):
+        for p, ref in zip(params, self._refs):
             grad = p.grad
             if ref is None:
                 if grad is not None:
                     return False
-            elif grad is None or grad is not ref() or grad._version != version:
+            elif grad is None or grad is not ref():
                 return False
         return True
+
+    def intact(self, params: Sequence[Tensor]) -> bool:
+        """The very tensors recorded, none written in place since (version counters; host side)."""
+        return self.same_tensors(params) and all(p.grad is None or p.grad._version == version for p, version in zip(params, self._versions))
+
+    def seal(self, params: Sequence[Tensor]) -> None:
+        """Remember the values' fingerprint (one fused norm per dtype over ``.grad``; no sync)."""
+        self._print = fingerprint([_local(p.grad) for p in params if p.grad is not None])
+
+    def edited(self, params: Sequence[Tensor], device: torch.device) -> Tensor:
+        """0-d bool on ``device``: some ``.grad`` value changed since :meth:`seal` (``False`` if not sealed)."""
+        if self._print is None:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        now = fingerprint([_local(p.grad) for p in params if p.grad is not None])
+        before = self._print.to(now.device)
+        if now.shape != before.shape:
+            return torch.ones((), dtype=torch.bool, device=device)
+        differs = (now != before) & ~(now.isnan() & before.isnan())
+        return differs.any().to(device)
 
 
 class GradientStore:
@@ -125,8 +174,9 @@ class GradientStore:
         return bool(torch.isfinite(self.rows[i]).all())
 
     def grads_intact(self) -> bool:
-        """``.grad`` holds exactly what this store left there (checked, not remembered)."""
-        return self.guard.intact(self.params)
+        """``.grad`` holds the very tensors this store left there (checked, not remembered; their values
+        are checked on the device by :meth:`GradGuard.edited`)."""
+        return self.guard.same_tensors(self.params)
 
     # ------------------------------------------------------------------ the window (subclasses)
     def start_window(self, m: int, home: int) -> None:

@@ -12,11 +12,13 @@ parameter by parameter in the parameters' dtype. Parameters that no objective re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import GradGuard, GradientStore
+from ..distributed import reached_on_any_rank
+from .base import GradientStore
 from .blocks import accumulation_dtype
 
 __all__ = ["DenseStore", "ReachRecorder"]
@@ -40,8 +42,8 @@ class ReachRecorder:
         """Nothing to remove (no hooks); kept so that stores can close it."""
 
     def backward(self, loss: Tensor, i: int, retain_graph: bool) -> None:
-        """``loss.backward()`` for objective ``i``, recording what it reaches; clear errors for a loss
-        that reaches no parameter and for DDP's reducer firing inside the passes."""
+        """``loss.backward()`` for objective ``i``, recording what it reaches; a clear error for DDP's
+        reducer firing inside the passes."""
         before = [p.grad for p in self.params]
         versions = [-1 if g is None else g._version for g in before]
         try:
@@ -54,16 +56,12 @@ class ReachRecorder:
                     "ranks itself; see docs/distributed.md)"
                 ) from error
             raise
-        reached_now = False
+        # a loss that reaches no parameter (an objective constant on this batch) has a zero gradient,
+        # as it has in sum(losses).backward()
         for j, (p, g, version) in enumerate(zip(self.params, before, versions)):
             grad = p.grad
             if grad is not g or (grad is not None and grad._version != version):
-                self.reached[j] = reached_now = True
-        if not reached_now:
-            raise ValueError(
-                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed "
-                "from the model the optimizer updates"
-            )
+                self.reached[j] = True
 
 
 class DenseStore(GradientStore):
@@ -79,26 +77,17 @@ class DenseStore(GradientStore):
         self.recorder = ReachRecorder(self.params)
         self.external: list[Tensor | None] = [None] * len(self.params)
         self.coefficients: Tensor | None = None
-        self._zeroed = GradGuard()
-
-    def mark_zeroed(self) -> None:
-        """``zero_grad(set_to_none=False)`` just zeroed ``.grad`` in place: a new window may drop those zeros."""
-        self._zeroed.record(self.params)
 
     def release(self) -> None:
         super().release()
         self.external = [None] * len(self.params)
         self.coefficients = None
 
-    def close(self) -> None:
-        """Remove the hooks (the layout is being rebuilt)."""
-        self.recorder.remove()
-
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
-        zeros = self._zeroed.intact(self.params)  # .grad holds the zeros our zero_grad() left: nothing to keep
-        self._zeroed.clear()
-        self.external = [None if zeros else p.grad for p in self.params]
+        # what .grad holds (zeros of zero_grad(set_to_none=False) included) is kept and receives the
+        # combination in place: views of a flat buffer stay the user's .grad
+        self.external = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         rows = self.allocate(m, reusable=True)  # the rows are never handed out as .grad
@@ -113,39 +102,50 @@ class DenseStore(GradientStore):
         order = [i for i in range(m) if i != self.home] + [self.home]
         try:
             for n, i in enumerate(order):
-                self._backward_into_row(losses[i], i, retain_graph=n < m - 1)
+                self._backward_into_row(losses[i], i, retain_graph=n < m - 1, keep=n == m - 1)
         except BaseException:
             self._restore_external()
             raise
         self._settle()
 
-    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool) -> None:
+    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool, keep: bool) -> None:
         assert self.rows is not None
         for p in self.params:
             p.grad = None
         self.recorder.backward(loss, i, retain_graph)
-        self._fold_grads_into_row(i)
+        self._fold_grads_into_row(i, keep)
 
-    def _fold_grads_into_row(self, i: int) -> None:
-        """Accumulator mode: add each fresh ``.grad`` into the wider row ``i`` and drop it."""
+    def _fold_grads_into_row(self, i: int, keep: bool) -> None:
+        """Add each fresh ``.grad`` into the wider row ``i`` and drop it (``keep``: leave it in ``.grad``)."""
         assert self.rows is not None
         views, grads = [], []
         for p, view in zip(self.params, self.views(self.rows[i])):
             if p.grad is not None:
                 views.append(view)
                 grads.append(p.grad.to(self.dtype))
-                p.grad = None
+                if not keep:
+                    p.grad = None
         if views:
             torch._foreach_add_(views, grads)
 
     def _settle(self) -> None:
-        """After the passes: ``.grad`` is what it was when the window began."""
-        self._restore_external()
+        """After the passes: ``.grad`` is what it held when the window began where it held something,
+        else the last pass's gradient (an intermediate the guard fingerprints, so that a tool editing
+        ``.grad`` before the combination, e.g. ``GradScaler.unscale_``, is caught rather than ignored;
+        it is dropped by the next pass)."""
+        for p, e in zip(self.params, self.external):
+            if e is not None:
+                p.grad = e
         self.guard.record(self.params)
 
     def _restore_external(self) -> None:
         for p, e in zip(self.params, self.external):
             p.grad = e
+
+    def average(self, group: Any, world_size: int) -> None:
+        """Average the rows over the ranks; a parameter some rank reached gets a gradient on every rank."""
+        self.recorder.reached = reached_on_any_rank(self.recorder.reached, group, self.device)
+        super().average(group, world_size)
 
     # ------------------------------------------------------------------ combination
     def write(self, coefficients: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import average_across_ranks
+from ..distributed import average_across_ranks, reached_on_any_rank
 from .base import GradGuard, GradientStore
 from .blocks import accumulation_dtype, gather_columns, gram_of_block
 from .dense import ReachRecorder
@@ -195,13 +195,17 @@ class DirectStore(GradientStore):
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:
-        zeros = self._zeroed.intact(self.params)  # .grad holds the zeros our zero_grad() left
+        # .grad holds the zeros our zero_grad(set_to_none=False) left: the home objective accumulates
+        # into those very tensors (views of a flat buffer stay the user's .grad), nothing is kept aside
+        zeros = self._zeroed.intact(self.params)
         self._zeroed.clear()
         self.external = [None if zeros else p.grad for p in self.params]
+        home_start: list[Tensor | None] = [p.grad for p in self.params] if zeros else [None] * len(self.params)
         for p in self.params:
             p.grad = None
         self.m, self.home = m, home
         self.grads = [[None] * len(self.params) for _ in range(m)]
+        self.grads[home] = home_start
         self.fresh = [False] * len(self.params)
         self.coefficients = None
         self.recorder.reached = [False] * len(self.params)
@@ -224,13 +228,19 @@ class DirectStore(GradientStore):
         self.guard.record(self.params)
 
     def average(self, group: Any, world_size: int) -> None:
-        """Average every objective's gradient over the ranks, one all-reduce per chunk."""
+        """Average every objective's gradient over the ranks, one all-reduce per chunk.
+
+        Only the parameters some rank reached take part (:func:`~..distributed.reached_on_any_rank`);
+        one no rank reached keeps ``.grad = None`` on every rank, as in one process.
+        """
+        reached = reached_on_any_rank(self.recorder.reached, group, self.device)
         for grads in self.grads:  # every rank must join every all-reduce with the same shapes
             for j, p in enumerate(self.params):
-                if grads[j] is None:
+                if reached[j] and grads[j] is None:
                     grads[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self.recorder.reached = [True] * len(self.params)  # another rank may have reached it
-        plan = self._plan(range(len(self.params)))
+        self.recorder.reached = reached
+        indices: Sequence[int] = range(len(self.params)) if all(reached) else [j for j, r in enumerate(reached) if r]
+        plan = self._plan(indices)
         for chunk, pieces in zip(plan, self._pieces(plan, self.grads)):
             block = average_across_ranks(self._gather(chunk, pieces), group, world_size)
             targets: list[Tensor] = [view for views in pieces for view in views]  # type: ignore[misc]

@@ -55,23 +55,31 @@ class ShardedStore(GradientStore):
 
     def accumulate(self, losses: Sequence[Tensor]) -> None:
         assert self.rows is not None
-        for p in self.params:
-            p.grad = None
+        last = len(losses) - 1
         try:
             for i, loss in enumerate(losses):
-                self._backward_into_row(loss, i, retain_graph=i < len(losses) - 1)
-        finally:
+                self._backward_into_row(loss, i, retain_graph=i < last, keep=i == last)
+        except BaseException:
             for p, e in zip(self.params, self.external):
+                p.grad = e
+            raise
+        # .grad: what it held when the window began, else the last pass's shard (an intermediate the
+        # guard fingerprints, so a tool editing .grad before the combination is caught; see base.py)
+        for p, e in zip(self.params, self.external):
+            if e is not None:
                 p.grad = e
         self.guard.record(self.params)
 
-    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool) -> None:
+    def _backward_into_row(self, loss: Tensor, i: int, retain_graph: bool, keep: bool) -> None:
         assert self.rows is not None
+        for p in self.params:
+            p.grad = None
         loss.backward(retain_graph=retain_graph)
         views, grads = [], []
         for j, (p, view) in enumerate(zip(self.params, self.views(self.rows[i]))):
             g = p.grad
-            p.grad = None
+            if not keep:
+                p.grad = None
             if g is None:
                 continue
             if getattr(g, "placements", None) != p.placements:  # type: ignore[attr-defined]
@@ -83,12 +91,8 @@ class ShardedStore(GradientStore):
             views.append(view)
             grads.append(g.to_local().to(self.dtype))  # type: ignore[attr-defined]
             self.reached[j] = True
-        if not views:
-            raise ValueError(
-                f"loss {i} does not depend on any trainable parameter of the optimizer; check that it is computed from "
-                "the model the optimizer updates (and, under FSDP, that gradient sync is on: set_requires_gradient_sync(True))"
-            )
-        torch._foreach_add_(views, grads)
+        if views:  # a loss that reaches no parameter has a zero gradient
+            torch._foreach_add_(views, grads)
 
     def _combination(self, coefficients: Tensor) -> list[Tensor]:
         """``sum_i a_i g_i`` of each local shard in the rows' dtype (float32 accumulation for half rows)."""
