@@ -20,7 +20,9 @@ What it handles: the ``m`` backward passes through :class:`~cagrad_clip.Conflict
 does), clipping of the combined direction (``gradient_clip_val``; after the precision plugin unscaled
 it), autocast (Lightning's precision plugin runs ``training_step`` under it), fp16 loss scaling (each
 objective's loss is scaled by the plugin's ``GradScaler``; the plugin unscales and skips steps with
-Inf/NaN), LR schedulers (stepped once per optimizer step), and logging of ``loss/<objective>``,
+Inf/NaN), non-finite steps in fp32/bf16 (skipped and counted in ``skipped_steps`` by the library's
+default ``nonfinite="skip"``; with fp16 the ``GradScaler`` checks: see :func:`default_nonfinite`),
+LR schedulers (stepped once per optimizer step), and logging of ``loss/<objective>``,
 ``coef/<objective>`` and ``cos/<a>|<b>`` (the coefficient and cosine tensors are handed to ``self.log``
 as tensors: no host sync in the step).
 """
@@ -40,10 +42,29 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from ..settings import CAGradSettings
+from ..settings import CAGradSettings, NonfinitePolicy, check_nonfinite
 from . import check_weights, objective_names, require_conflict_averse
 
-__all__ = ["MultiObjectiveModule"]
+__all__ = ["MultiObjectiveModule", "default_nonfinite"]
+
+#: Precision strings whose plugin scales the loss and checks for Inf/NaN itself (DeepSpeed's plugin
+#: does it inside its engine, without a ``scaler`` attribute). "16" is Lightning's old name of "16-mixed".
+_SELF_CHECKING_PRECISIONS = ("16-mixed", "16")
+
+
+def default_nonfinite(precision_plugin: Any) -> NonfinitePolicy:
+    """The ``nonfinite`` policy :meth:`MultiObjectiveModule.wrap_optimizer` uses when the user gives none.
+
+    ``"ignore"`` when the precision plugin checks for Inf/NaN itself (fp16 mixed precision: a
+    ``GradScaler`` in ``plugin.scaler``, or the precision string ``"16-mixed"`` / ``"16"``), so the wrapper
+    does not add a second, host-syncing check; otherwise the library's default ``"skip"`` (fp32, bf16,
+    true fp16, no trainer attached), so a step with an Inf/NaN is not applied. Mirrors the HF mixin.
+    """
+    if precision_plugin is None:
+        return "skip"
+    if getattr(precision_plugin, "scaler", None) is not None:
+        return "ignore"
+    return "ignore" if str(getattr(precision_plugin, "precision", "")) in _SELF_CHECKING_PRECISIONS else "skip"
 
 
 class MultiObjectiveModule(pl.LightningModule):
@@ -53,6 +74,8 @@ class MultiObjectiveModule(pl.LightningModule):
         objective_weights: user weights ``w`` (default uniform), used by :meth:`wrap_optimizer`.
         objective_names: names for the logs (default ``objective_0``, ...).
         c, clip, rescale: settings :meth:`wrap_optimizer` gives the wrapper.
+        nonfinite: the wrapper's policy for a step with an Inf/NaN (``"skip"``, ``"raise"`` or ``"ignore"``);
+            ``None`` (default): :func:`default_nonfinite` of the trainer's precision plugin.
         accumulate_grad_batches: micro-batches per optimizer step (use this, not the ``Trainer``'s argument,
             which manual optimisation ignores).
         gradient_clip_val: max-norm clipping of the combined direction (``None``: none). Lightning's
@@ -68,12 +91,15 @@ class MultiObjectiveModule(pl.LightningModule):
         rescale: str | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
+        nonfinite: NonfinitePolicy | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
         checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
+        if nonfinite is not None:  # the user's choice wins over the precision-dependent default
+            self.conflict_averse_kwargs["nonfinite"] = check_nonfinite(nonfinite)
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
@@ -88,9 +114,15 @@ class MultiObjectiveModule(pl.LightningModule):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> ConflictAverseOptimizer:
         """Wrap a base optimizer with this module's settings; call it in ``configure_optimizers``.
 
-        ``nonfinite="ignore"``: with fp16 the precision plugin's ``GradScaler`` checks for Inf/NaN itself.
+        ``nonfinite``: the user's (the constructor's argument, or ``conflict_averse_kwargs["nonfinite"]``),
+        else :func:`default_nonfinite` of the trainer's precision plugin: ``"ignore"`` with fp16 (the
+        ``GradScaler`` checks for Inf/NaN itself), ``"skip"`` otherwise.
         """
-        return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, nonfinite="ignore", **self.conflict_averse_kwargs)
+        kwargs = dict(self.conflict_averse_kwargs)
+        if "nonfinite" not in kwargs:
+            trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
+            kwargs["nonfinite"] = default_nonfinite(getattr(trainer, "precision_plugin", None))
+        return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, **kwargs)
 
     def conflict_averse_optimizer(self) -> Any:
         """The :class:`~cagrad_clip.ConflictAverseOptimizer` behind ``self.optimizers()``."""

@@ -98,53 +98,89 @@ class MultiObjectiveDPOConfig(DPOConfig):
             self.gradient_checkpointing_kwargs = kwargs
 
 
-def _signs_tensor(rows: Sequence[Any], column: str, m: int | None) -> Tensor:
-    """Validate a batch (or dataset) of sign rows: a ``(n, m)`` float tensor with entries in {-1, 0, 1}."""
+def _expected_objectives(args: MultiObjectiveDPOConfig) -> tuple[int | None, str]:
+    """How many objectives the config implies, and which field says so (``None``: only the data knows).
+
+    ``check_weights`` already made the two fields agree when both are given.
+    """
+    if args.objective_weights is not None:
+        return len(args.objective_weights), "objective_weights"
+    if args.objective_names is not None:
+        return len(args.objective_names), "objective_names"
+    return None, ""
+
+
+def _signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = "objective_weights", where: str = "") -> Tensor:
+    """Validate a batch (or dataset) of sign rows: a ``(n, m)`` float tensor with entries in {-1, 0, 1}.
+
+    ``source`` names the config field that fixed ``m``; ``where`` (e.g. ``"train_dataset: "``) prefixes the messages.
+    """
     try:
         signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"column {column!r} must hold one list of numbers per example, all of the same length") from exc
+        raise ValueError(f"{where}column {column!r} must hold one list of numbers per example, all of the same length") from exc
     if signs.dim() != 2 or signs.shape[1] == 0:
-        raise ValueError(f"column {column!r} must hold one non-empty list of signs per example; got shape {tuple(signs.shape)}")
+        raise ValueError(f"{where}column {column!r} must hold one non-empty list of signs per example; got shape {tuple(signs.shape)}")
     if m is not None and signs.shape[1] != m:
-        raise ValueError(f"column {column!r} has {signs.shape[1]} signs per example but there are {m} objective_weights")
+        if source == "objective_names":
+            fix = "give one name per objective (one per sign, in the same order), or leave objective_names unset (objective_0, ...)"
+        else:
+            fix = "give one weight per objective (one per sign, in the same order)"
+        raise ValueError(f"{where}column {column!r} has {signs.shape[1]} signs per example but there are {m} {source}; {fix}")
     bad = ~((signs == 1) | (signs == 0) | (signs == -1))
     if bool(bad.any()):
-        raise ValueError(f"column {column!r} holds {sorted(set(signs[bad].tolist()))}; signs must be +1, -1 or 0")
+        raise ValueError(f"{where}column {column!r} holds {sorted(set(signs[bad].tolist()))}; signs must be +1, -1 or 0")
     return signs
 
 
 class SignsCollator:
     """Wraps a preference collator: takes ``column`` out of the examples, collates the rest, and adds
-    the validated signs as a ``(batch, m)`` float tensor (TRL's collator would drop them)."""
+    the validated signs as a ``(batch, m)`` float tensor (TRL's collator would drop them).
 
-    def __init__(self, collator: Any, column: str, num_objectives: int | None) -> None:
-        self.collator, self.column, self.num_objectives = collator, column, num_objectives
+    ``num_objectives`` (if known) is checked on every batch; ``source`` names the setting it comes from.
+    """
+
+    def __init__(self, collator: Any, column: str, num_objectives: int | None, source: str = "objective_weights") -> None:
+        self.collator, self.column, self.num_objectives, self.source = collator, column, num_objectives, source
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         missing = [i for i, ex in enumerate(examples) if self.column not in ex]
         if missing:
             raise KeyError(f"examples {missing} have no {self.column!r} (per-objective signs); keys: {sorted(examples[missing[0]])}")
-        signs = _signs_tensor([ex[self.column] for ex in examples], self.column, self.num_objectives)
+        signs = _signs_tensor([ex[self.column] for ex in examples], self.column, self.num_objectives, self.source, "a batch's ")
         batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
         batch[self.column] = signs
         return batch
 
 
-def _check_dataset(dataset: Any, column: str, m: int | None, name: str) -> None:
-    """Fail early on a map-style dataset without (valid) signs; streamed data is checked per batch."""
+def _check_dataset(dataset: Any, column: str, m: int | None, name: str, source: str = "objective_weights") -> None:
+    """Fail at construction on data without (valid) signs, or with a number of signs other than ``m``.
+
+    A map-style dataset is checked whole. A streamed one (no ``__len__``, e.g. an ``IterableDataset``)
+    can only tell its number of signs by iterating, so its *first example* is checked here: TRL's
+    ``DPOTrainer`` itself reads ``next(iter(dataset))`` of every dataset it prepares while it is built,
+    so this reads one example and assumes nothing about the stream that TRL does not (re-iterable).
+    The rest of a stream is checked batch by batch by :class:`SignsCollator` (``m`` included), which
+    runs before the batch's forward pass, so before any optimizer step or checkpoint.
+    """
     column_names = getattr(dataset, "column_names", None)
-    if column_names is None or isinstance(column_names, dict):
+    if isinstance(column_names, dict):
         return
-    if column not in column_names:
-        raise ValueError(
-            f"{name} has no {column!r} column (one sign per objective: +1 chosen better, -1 rejected better, 0 tie); "
-            f"its columns are {column_names}. Set signs_column= to use another column."
-        )
-    if not hasattr(dataset, "__len__"):  # streamed: the collator checks every batch
+    missing = (
+        f"{name} has no {column!r} column (one sign per objective: +1 chosen better, -1 rejected better, 0 tie); "
+        f"its columns are {{}}. Set signs_column= to use another column."
+    )
+    if column_names is not None and column not in column_names:
+        raise ValueError(missing.format(column_names))
+    if hasattr(dataset, "__len__"):
+        if column_names is not None and len(dataset):
+            _signs_tensor(dataset[column], column, m, source, f"{name}: ")
         return
-    if len(dataset):
-        _signs_tensor(dataset[column], column, m)
+    first = next(iter(dataset), None)
+    if isinstance(first, dict):
+        if column not in first:
+            raise ValueError(missing.format(sorted(first)))
+        _signs_tensor([first[column]], column, m, source, f"{name}: ")
 
 
 class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
@@ -172,13 +208,15 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
     ) -> None:
         if not isinstance(args, MultiObjectiveDPOConfig):
             raise TypeError(f"args must be a MultiObjectiveDPOConfig, got {type(args).__name__}")
-        m = None if args.objective_weights is None else len(args.objective_weights)
+        # The number of objectives: from the weights, else from the names (with objective_weights=None the
+        # signs' length sets it, so mismatched names must be refused against the data, not at the first log).
+        m, source = _expected_objectives(args)
         if train_dataset is not None:
-            _check_dataset(train_dataset, args.signs_column, m, "train_dataset")
+            _check_dataset(train_dataset, args.signs_column, m, "train_dataset", source)
         evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
         for name, ds in evals:
             if ds is not None:
-                _check_dataset(ds, args.signs_column, m, str(name))
+                _check_dataset(ds, args.signs_column, m, str(name), source)
         super().__init__(
             model,
             ref_model=ref_model,
@@ -198,7 +236,7 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("MultiObjectiveDPOTrainer does not support an MoE auxiliary loss; set router_aux_loss_coef=0.0")
         self.signs_column = args.signs_column
-        self.data_collator = SignsCollator(self.data_collator, args.signs_column, m)
+        self.data_collator = SignsCollator(self.data_collator, args.signs_column, m, source)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -138,3 +138,115 @@ def test_user_wrapper_is_used_as_is():
     fit(module, data(2))
     torch.testing.assert_close(module.conflict_averse_optimizer().last.coefficients, torch.tensor([0.1, 0.9]))
     assert copy.deepcopy(module.conflict_averse_optimizer().weights).tolist() == pytest.approx([0.1, 0.9])
+
+
+# ------------------------------------------------------------------ non-finite losses (issue 15, item 9)
+BAD = 2  # the batch whose second objective is NaN
+
+
+class NaNAt(Module):
+    """Objective ``tie`` is NaN on batch ``BAD``; the parameters are recorded before every batch."""
+
+    def __init__(self, model: nn.Module, **kw) -> None:
+        super().__init__(model, **kw)
+        self.snapshots: list[list[torch.Tensor]] = []
+
+    def objective_losses(self, batch, batch_idx):
+        losses = losses_of(self.model, batch)
+        if batch_idx == BAD:
+            losses[1] = losses[1] * float("nan")
+        return losses
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.snapshots.append([p.detach().clone() for p in self.model.parameters()])
+
+    def on_train_end(self):
+        self.snapshots.append([p.detach().clone() for p in self.model.parameters()])
+
+
+def hand_loop_skipping(model: nn.Module, batches, skip: int) -> None:
+    """``hand_loop`` (accumulation 1, no clipping) where batch ``skip`` takes no step but the LR still decays."""
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), weights=WEIGHTS)
+    lr = LR
+    for i, batch in enumerate(batches):
+        if i != skip:
+            opt.zero_grad()
+            opt.backward(losses_of(model, batch))
+            opt.step()
+        lr *= 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_nonfinite_loss_skips_the_step_in_fp32_and_bf16(precision):
+    batches = data(5)
+    module = NaNAt(net())
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        fit(module, batches, precision=precision)
+    opt = module.conflict_averse_optimizer()
+    assert opt.nonfinite == "skip"
+    assert opt.skipped_steps == 1
+    snaps = module.snapshots
+    assert len(snaps) == len(batches) + 1
+    for i in range(len(batches)):
+        same = all(torch.equal(a, b) for a, b in zip(snaps[i], snaps[i + 1]))
+        assert same == (i == BAD), f"step {i}: parameters {'unchanged' if same else 'changed'}"
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    if precision == "32-true":  # the other steps are the hand-written loop's
+        mine = net()
+        hand_loop_skipping(mine, batches, BAD)
+        assert max_diff(module.model, mine) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["argument", "kwargs"])
+def test_users_nonfinite_wins(how):
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    if how == "argument":
+        module = NaNAt(net(), nonfinite="raise")
+    else:  # set on the module's conflict-averse kwargs before configure_optimizers runs
+        module = NaNAt(net())
+        module.conflict_averse_kwargs["nonfinite"] = "raise"
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit(module, data(4))
+    assert module.conflict_averse_optimizer().nonfinite == "raise"
+    assert len(module.snapshots) == BAD + 1  # it stopped at the bad batch
+    # the user's choice wins over the fp16 default too
+    module = Module(net(), nonfinite="skip")
+    fit(module, data(1), plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    assert module.conflict_averse_optimizer().nonfinite == "skip"
+    with pytest.raises(ValueError, match="nonfinite"):
+        Module(net(), nonfinite="sometimes")
+
+
+def test_fp16_with_a_scaler_leaves_the_check_to_the_scaler():
+    """16-mixed on CPU (a real Lightning run): "ignore", and the GradScaler skips the NaN step itself."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = NaNAt(net())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    fit(module, data(4), plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    opt = module.conflict_averse_optimizer()
+    assert opt.nonfinite == "ignore" and opt.skipped_steps == 0
+    snaps = module.snapshots
+    assert all(torch.equal(a, b) for a, b in zip(snaps[BAD], snaps[BAD + 1]))  # the scaler skipped it
+    assert scaler.get_scale() == 2.0**11  # and backed off once
+
+
+def test_nonfinite_policy_decision():
+    from pytorch_lightning.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+
+    from cagrad_clip.integrations.lightning import default_nonfinite
+
+    assert default_nonfinite(None) == "skip"  # no trainer attached
+    assert default_nonfinite(Precision()) == "skip"
+    assert default_nonfinite(DoublePrecision()) == "skip"
+    assert default_nonfinite(HalfPrecision("16-true")) == "skip"  # no scaler checks true fp16
+    assert default_nonfinite(MixedPrecision("bf16-mixed", "cpu")) == "skip"
+    assert default_nonfinite(MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))) == "ignore"
+
+    class ScalesItself(Precision):  # e.g. DeepSpeed's plugin: "16-mixed" and no `scaler` attribute
+        precision = "16-mixed"
+
+    assert default_nonfinite(ScalesItself()) == "ignore"

@@ -197,20 +197,12 @@ def test_fp16_loss_scaling_scales_every_objective(tok, tmp_path):
         optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
     )
     trainer.accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    scaled_norms = []
-    combine = opt.combine
-
-    def spy():
-        out = combine()
-        scaled_norms.append(out.anchor_norm.item())
-        return out
-
-    opt.combine = spy
     trainer.train()
     assert scaler.get_scale() == 2.0**12  # no overflow, no skipped step
     assert max_diff(model, mine) < TOL
     hand_norm = hand_loop(tiny.no_dropout_gpt2(tok), ref, tok, [rows], 2, max_norm=0).last.anchor_norm.item()
-    assert scaled_norms[0] > 1000 * hand_norm  # the objectives' gradients were scaled before the combination
+    assert opt.last is not None  # the one step's combination saw the scaled gradients
+    assert opt.last.anchor_norm.item() > 1000 * hand_norm
 
 
 def test_bf16_runs_close_to_fp32(tok, tmp_path):
@@ -344,10 +336,50 @@ def test_streamed_data_is_checked_per_batch(tok, tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 1
-    rows[0]["objective_signs"] = [1, 2]
+    rows[1]["objective_signs"] = [1, 2]  # not the first example (checked at construction): its batch refuses it
     bad = datasets.Dataset.from_list(rows).to_iterable_dataset()
     trainer = MultiObjectiveDPOTrainer(
         model=model, ref_model=ref, args=config(tmp_path, max_steps=1), train_dataset=bad, processing_class=tok
     )
-    with pytest.raises(ValueError, match="signs must be"):
+    with pytest.raises(ValueError, match="a batch's column 'objective_signs' holds \\[2.0\\]; signs must be"):
         trainer.train()
+    assert trainer.state.global_step == 0
+    rows[0]["objective_signs"] = [1, 2]
+    with pytest.raises(ValueError, match="train_dataset: column 'objective_signs' holds \\[2.0\\]"):
+        MultiObjectiveDPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=config(tmp_path, max_steps=1),
+            train_dataset=datasets.Dataset.from_list(rows).to_iterable_dataset(),
+            processing_class=tok,
+        )
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_objective_names_must_match_the_number_of_signs(tok, tmp_path, streamed):
+    """objective_weights=None: the number of objectives is the signs' length, known only from the data. A
+    mismatched objective_names used to pass construction and crash at the first log (after a checkpoint)."""
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    rows = tiny.preference_rows(8, 3, seed=13)
+
+    def make(names, eval_rows=None):
+        ds = datasets.Dataset.from_list(rows)
+        args = config(tmp_path, objective_weights=None, objective_names=names, max_steps=1, logging_strategy="steps", logging_steps=1)
+        return MultiObjectiveDPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=ds.to_iterable_dataset() if streamed else ds,
+            eval_dataset=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
+            processing_class=tok,
+        )
+
+    for names in (["a", "b"], ["a", "b", "c", "d"]):  # shorter and longer than the 3 signs
+        with pytest.raises(ValueError, match=rf"3 signs per example but there are {len(names)} objective_names") as err:
+            make(names)
+        assert "give one name per objective" in str(err.value)
+    with pytest.raises(ValueError, match="eval_dataset.* 2 signs per example but there are 3 objective_names"):
+        make(["a", "b", "c"], eval_rows=tiny.preference_rows(4, 2))
+    trainer = make(["a", "b", "c"])  # a matching length constructs and trains
+    trainer.train()
+    assert {"loss/a", "coef/c", "cos/a|b"} <= set(trainer.state.log_history[0])
