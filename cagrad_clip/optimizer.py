@@ -22,6 +22,11 @@ from .storage import GradientStore, make_store
 
 __all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
 
+# While a window's gradients are uncombined, GradScaler.step passes itself to step() (torch's protocol
+# for optimizers that handle scaled gradients, see _step_supports_amp_scaling) and warns that it will
+# one day pass tensors instead; the warning is about that protocol, not about the user's code.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
+
 
 class StepDiagnostics(NamedTuple):
     """What the last combination computed; all on-device tensors, read them without a sync cost."""
@@ -92,7 +97,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None`` (default, as in the paper), ``"1+c"`` (official CAGrad toy script) or
             ``"1+c^2"`` (official CAGrad code, LibMTL): divide the direction by that factor.
-        shared: parameters on which the Gram (the conflict) is measured; default all of the base
+        shared: parameters on which the Gram (the conflict) is measured (a module, meaning its
+            parameters, one parameter, or an iterable of them); default all of the base
             optimizer's parameters. The same coefficients combine every parameter's gradients.
         max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks ``default_max_iter(m)``.
         solver: ``"auto"``, ``"exact"`` or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
@@ -135,7 +141,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         c: float = 0.4,
         clip: bool = True,
         rescale: Rescale = None,
-        shared: Iterable[Tensor] | None = None,
+        shared: torch.nn.Module | Tensor | Iterable[Tensor] | None = None,
         max_iter: int | None = None,
         nonfinite: NonfinitePolicy = "skip",
         distributed: bool = True,
@@ -164,7 +170,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             raise ValueError("engine= is an AutogramEngine for memory='low'; pass it with memory='low' only")
         if memory == "low" and accumulate_dtype is not None:
             raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
-        shared_request = None if shared is None else _check_shared(list(shared), optimizer)
+        shared_request = None if shared is None else _check_shared(_shared_list(shared), optimizer)
         super().__init__(optimizer)
         #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
         #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
@@ -212,10 +218,19 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             changes["weights"] = changes["weights"].detach().cpu().tolist()
         settings = self._state.settings.replace(**changes)
         m = self._state.window.num_objectives
-        if self._state.window.open and settings.num_objectives not in (None, m):
-            raise ValueError(
-                f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
-            )
+        store = self._state.store
+        if self._state.window.open and store is not None and store.grads_intact():
+            if settings.num_objectives not in (None, m):
+                raise ValueError(
+                    f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
+                )
+            assert m is not None
+            if settings.weights_tensor(m)[store.home] == 0:  # host values: the settings live on the CPU
+                raise ValueError(
+                    f"weight 0 for objective {store.home} while this window accumulates: its gradient is the one kept in "
+                    ".grad and scaled by its coefficient, which weight 0 can make 0, so the accumulated gradients could not "
+                    "be taken back out of a combination; change the weights after step() or zero_grad()"
+                )
         self._state.settings = settings
         self._state.nonfinite = nonfinite
         self._state.device_weights.clear()
@@ -706,6 +721,18 @@ def _check_base_optimizer(optimizer: Any) -> None:
             "SparseAdam needs sparse gradients, but the combined direction is dense; wrap Adam/AdamW, or keep the sparse "
             "embedding in its own SparseAdam outside this optimizer"
         )
+
+
+def _shared_list(shared: Any) -> list[Any]:
+    """``shared`` as a list: a module's parameters, a single parameter, or an iterable of parameters."""
+    if isinstance(shared, torch.nn.Module):
+        return list(shared.parameters())
+    if isinstance(shared, Tensor):
+        return [shared]
+    try:
+        return list(shared)
+    except TypeError:
+        raise TypeError(f"shared must be a module, a parameter or an iterable of parameters, got {type(shared).__name__}") from None
 
 
 def _check_shared(shared: list[Any], optimizer: torch.optim.Optimizer) -> list[Tensor]:

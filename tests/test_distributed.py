@@ -143,9 +143,37 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             losses[1] = losses[1] + (extra * x.mean()) ** 2
         opt.step(losses)
         results["reached_on_one_rank"] = [p.detach().clone() for p in [*model.parameters(), extra]]
+        for store, options in STORES.items():
+            results[f"partly_reached_{store}"] = partly_reached(options, x, ya, yb, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+STORES = {"default": {}, "accumulator": {"accumulate_dtype": torch.float64}}
+
+
+def partly_reached(options, x, ya, yb, rank: int | None):
+    """Two AdamW steps where ``extra`` only rank 1's micro-batch reaches (``rank=None``: one process on
+    the concatenated batch, the same objective) and ``unused`` no loss reaches; returns the
+    parameters and whether ``unused.grad`` is None after each step."""
+    model = make_model()
+    extra = nn.Parameter(torch.ones((), dtype=torch.float64))
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = [*model.parameters(), extra, unused]
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4, **options)
+    per = BATCH // WORLD
+    unused_none = []
+    for _ in range(2):
+        opt.zero_grad()
+        losses = losses_of(model, x, ya, yb)
+        if rank is None:  # one process: rank 1's term, averaged over the two ranks
+            losses[1] = losses[1] + 0.5 * (extra * x[per:].mean()) ** 2
+        elif rank == 1:
+            losses[1] = losses[1] + (extra * x.mean()) ** 2
+        opt.step(losses)
+        unused_none.append(unused.grad is None)
+    return [p.detach().clone() for p in params], unused_none
 
 
 @pytest.fixture(scope="module")
@@ -236,4 +264,23 @@ def test_not_initialised_is_a_no_op():
     model2 = make_model()
     params2, coefs2 = train(model2, list(model2.parameters()), make_data(), distributed=False)
     for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_a_parameter_reached_on_some_ranks_equals_one_process_and_one_no_rank_reaches_stays_none(runs, store):
+    """Conditional computation under ``torch.distributed``, every store: ``extra`` (rank 1 only) is
+    combined identically on both ranks and equals one process on the full batch; ``unused`` (no rank)
+    keeps ``.grad = None`` so AdamW leaves it alone, as in one process."""
+    ranks, _, _ = runs
+    x, ya, yb = make_data()[0]
+    single, single_none = partly_reached(STORES[store], x, ya, yb, rank=None)
+    assert single_none == [True, True]
+    for rank in ranks:
+        params, unused_none = rank[f"partly_reached_{store}"]
+        assert unused_none == [True, True]
+        for p, q in zip(params, single):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-9)
+        assert torch.equal(params[-1], torch.ones(3, dtype=torch.float64))
+    for p, q in zip(ranks[0][f"partly_reached_{store}"][0], ranks[1][f"partly_reached_{store}"][0]):
         assert torch.equal(p, q)
