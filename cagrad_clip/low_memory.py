@@ -13,7 +13,15 @@ storing any, by one of two routes (``docs/low_memory.md`` has the measurements):
 ``"autogram"`` (any ``m``, models without tied weights across modules)
     TorchJD's autogram ``Engine`` gives the Gramian of the losses without the Jacobian (its
     per-module Jacobians are reduced to float32 Grams one module at a time); solve; one backward of
-    ``sum_i a_i L_i``. TorchJD is an optional dependency (``pip install torchjd``).
+    ``sum_i a_i L_i``. A module that TorchJD's forward hooks cannot account for exactly (called
+    more than once, or with a parameter used outside its own call) gets its Jacobian from a
+    backward vmapped over the ``m`` losses instead. TorchJD is an optional dependency
+    (``pip install torchjd``).
+
+Before anything changes, a host-side walk of the losses' autograd graph (no sync) finds the
+trainable leaves outside ``params`` (they get ``sum_i dL_i/dx``, as in the default mode) and refuses
+what neither route computes as the default mode does: user hooks on a reached leaf, sparse
+gradients, reentrant activation checkpointing.
 
 Everything on the step path is sync-free (no ``.item()``, no Python branch on a tensor value) and the
 reductions run in float32 or better, outside any autocast region of the caller.
@@ -29,6 +37,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dual as _dual
 from .dual import CAGradSolution
@@ -40,7 +49,7 @@ Route = Literal["auto", "hooks", "autogram"]
 
 #: Accepted values of ``route`` and where each applies.
 ROUTES: dict[str, str] = {
-    "auto": "'hooks' for m <= 2, 'autogram' for m >= 3 (needs an AutogramEngine)",
+    "auto": "'autogram' for every m when an AutogramEngine is given (it recorded the forward), else 'hooks' for m <= 2",
     "hooks": "per-parameter hooks during a second backward, then a third weighted backward; m <= 2, any model",
     "autogram": "TorchJD autogram Gramian, then one weighted backward; any m, no weights tied across modules",
 }
@@ -55,6 +64,15 @@ _REACHES_NONE = (
     "checkpointing (use_reentrant=True) hides the parameters from backward(inputs=...): use use_reentrant=False"
 )
 _INSTALL_HINT = "route='autogram' needs TorchJD's autogram engine: pip install torchjd  (version 0.18 or later)"
+_REENTRANT = (
+    "the losses' graph contains reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True), "
+    "which hides the parameters inside it from the graph and from backward(inputs=...), so their gradients could be "
+    "missed or accumulated twice: use use_reentrant=False, or the default memory mode"
+)
+_SPARSE = (
+    "gets a sparse gradient (nn.Embedding(sparse=True) or nn.EmbeddingBag(sparse=True)): the low-memory routes reduce and "
+    "combine dense gradients only. Use sparse=False, or the default memory mode, which handles sparse gradients densely"
+)
 
 
 class LowMemoryResult(NamedTuple):
@@ -119,6 +137,129 @@ def gram_of_rows(rows: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         return torch.stack([torch.stack([total[where[min(i, j), max(i, j)]] for j in range(k)]) for i in range(k)])
 
 
+# --------------------------------------------------------------------------- the graph walk
+class _Graph(NamedTuple):
+    """What one host-side walk of the losses' autograd graph found (nodes and Python attributes only: no sync)."""
+
+    leaves: dict[int, Tensor]
+    """Every trainable leaf the losses reach (``id`` -> tensor): the variables of the AccumulateGrad nodes."""
+    sparse: set[int]
+    """``id`` of the leaves below an embedding with ``sparse=True`` (they get a sparse gradient)."""
+    reentrant: bool
+    """Whether reentrant activation checkpointing (``CheckpointFunctionBackward``) hides part of the graph."""
+    gates: dict[Any, list[Any]]
+    """The engine's AutogramNode nodes (one per recorded call of a hooked module), by their Gram computer."""
+    regions: list[tuple[Any, frozenset[int]]]
+    """For the losses (computer ``None``) and for each gate: the ``id`` of the tracked parameters that the
+    graph reaches from there without crossing another gate."""
+
+
+_EMPTY: frozenset[int] = frozenset()
+
+
+def _walk_graph(roots: Sequence[Any], computers: Any = (), tracked: frozenset[int] = _EMPTY) -> _Graph:
+    """Walk the autograd graph below ``roots`` once, host-side (no tensor is read).
+
+    ``computers`` are the Gram computers of an :class:`AutogramEngine`: their AutogramNode nodes are
+    the gates that split the graph into regions, and ``tracked`` the ``id`` of the parameters whose
+    regions are wanted. Iterative (deep graphs), each node visited once.
+    """
+    children: dict[Any, list[Any]] = {}
+    order: list[Any] = []  # post-order: every node after the nodes it leads to
+    leaves: dict[int, Tensor] = {}
+    gates: dict[Any, list[Any]] = {}
+    gate_nodes: set[Any] = set()
+    sparse_nodes: list[Any] = []
+    reentrant = False
+    stack: list[tuple[Any, bool]] = [(root, False) for root in roots if root is not None]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in children:
+            continue
+        kids = [child for child, _ in node.next_functions if child is not None]
+        children[node] = kids
+        stack.append((node, True))
+        stack.extend((child, False) for child in kids if child not in children)
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            leaves[id(node.variable)] = node.variable
+        elif name == "AutogramNodeBackward":
+            computer = getattr(node, "gramian_computer", None)
+            if computer is not None and computer in computers:
+                gates.setdefault(computer, []).append(node)
+                gate_nodes.add(node)
+        elif name.startswith("Embedding") and getattr(node, "_saved_sparse", False) is True:
+            sparse_nodes.append(node)
+        elif name == "CheckpointFunctionBackward":
+            reentrant = True
+    sparse: set[int] = set()
+    below = [child for node in sparse_nodes for child in children[node]]
+    seen: set[Any] = set()
+    while below:
+        node = below.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            sparse.add(id(node.variable))
+        below.extend(children[node])
+    regions: list[tuple[Any, frozenset[int]]] = []
+    if tracked:
+        reach: dict[Any, frozenset[int]] = {}
+        for node in order:
+            if type(node).__name__ == "AccumulateGrad":
+                reach[node] = frozenset((id(node.variable),)) if id(node.variable) in tracked else _EMPTY
+                continue
+            found = _EMPTY
+            for child in children[node]:
+                if reach[child]:
+                    found = found | reach[child]
+            if node in gate_nodes:
+                regions.append((node.gramian_computer, found))
+                found = _EMPTY  # what lies below a gate is that gate's region
+            reach[node] = found
+        root_found = _EMPTY
+        for root in roots:
+            if root is not None and reach[root]:
+                root_found = root_found | reach[root]
+        regions.append((None, root_found))
+    return _Graph(leaves, sparse, reentrant, gates, regions)
+
+
+def _loss_roots(losses: Sequence[Tensor]) -> list[Any]:
+    return [get_gradient_edge(loss).node for loss in losses]
+
+
+def _describe(leaf: Tensor, index: dict[int, int]) -> str:
+    i = index.get(id(leaf))
+    where = f"params[{i}]" if i is not None else "a trainable leaf tensor outside params"
+    return f"{where} (shape {tuple(leaf.shape)})"
+
+
+def _refuse_graph(graph: _Graph, params: Sequence[Tensor]) -> None:
+    """Refuse, before anything changes, what neither route computes as the default mode does."""
+    if graph.reentrant:
+        raise ValueError(_REENTRANT)
+    index = {id(p): i for i, p in enumerate(params)}
+    for leaf_id in graph.sparse:
+        if leaf_id in index:
+            raise ValueError(f"{_describe(params[index[leaf_id]], index)} {_SPARSE}")
+    for leaf in graph.leaves.values():
+        registered = (("tensor", leaf._backward_hooks), ("post-accumulate-grad", leaf._post_accumulate_grad_hooks))
+        kinds = [kind for kind, hooks in registered if hooks]
+        if kinds:
+            raise ValueError(
+                f"{_describe(leaf, index)} has a {' and a '.join(kinds)} hook registered (register_hook / "
+                "register_post_accumulate_grad_hook): the low-memory routes run their backward passes on other combinations "
+                "of the objectives than the default mode (the hooks route on L_2 twice and on a_2 L_2, the autogram route on "
+                "sum_i a_i L_i), so the hook would see other gradients, and .grad would differ. Remove the hook, or use the "
+                "default memory mode (memory='default'), which runs one backward per objective"
+            )
+
+
 # --------------------------------------------------------------------------- route "autogram"
 def _hooked_modules(module: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
     """The modules TorchJD's Engine hooks: the outermost ones with a direct trainable parameter."""
@@ -153,8 +294,16 @@ def _engine_class() -> Any:
             super().__init__(jacobian_computer)
             self.dtype = dtype
             self.summed_jacobian: Tensor | None = None
+            #: set for one compute_gramian when this module's Jacobian is taken by another pass (see AutogramEngine._plan)
+            self.skip = False
+            #: the calls that computed a Jacobian since AutogramEngine._gram set it to 0 (TorchJD's reset leaves it)
+            self.calls = 0
 
         def __call__(self, rg_outputs: Any, grad_outputs: Any, args: Any, kwargs: Any) -> Tensor | None:
+            if self.skip:
+                self.remaining_counter -= 1
+                return None
+            self.calls += 1
             jacobian: Tensor = self.jacobian_computer(rg_outputs, grad_outputs, args, kwargs)  # (m, module numel)
             summed = jacobian if self.summed_jacobian is None else self.summed_jacobian + jacobian
             self.remaining_counter -= 1
@@ -177,6 +326,17 @@ def _engine_class() -> Any:
     return _Float32Engine
 
 
+class _Plan(NamedTuple):
+    """How one step takes the Gram on an engine's modules (host-side ints and references only)."""
+
+    counts: dict[Any, int]
+    """Recorded calls of each module in this step's graph (TorchJD's counters are set to these)."""
+    regular: set[Any]
+    """The modules whose Jacobian TorchJD's hooks give exactly: one call, parameters reached from that call only."""
+    exact: list[list[Tensor]]
+    """The parameters of the other modules, in groups: one backward vmapped over the losses per group."""
+
+
 class AutogramEngine:
     """TorchJD's autogram ``Engine`` on the modules that hold the shared parameters.
 
@@ -184,13 +344,19 @@ class AutogramEngine:
     pass it to :func:`low_memory_backward` as ``engine=``. Its Gram covers every trainable
     parameter of ``modules`` (which must be exactly the ``shared`` parameters of the step).
 
+    TorchJD's hooks see module calls only. Each step therefore walks the losses' graph (host-side,
+    no sync) and gives the Jacobian of a module that they cannot account for exactly (one called
+    several times, as an RNN cell over time steps; or one whose parameter is used outside its own
+    call, as in an L2 penalty ``(layer.weight ** 2).sum()`` added to a loss) by one backward vmapped
+    over the ``m`` losses, grouped so that each such pass holds at most ``m`` times the largest
+    hooked module's parameters. Forwards recorded but not part of the step's graph (an evaluation
+    forward with grad enabled) are ignored.
+
     Refused, with a ``ValueError``: a parameter held by two modules the engine hooks, i.e. tied
     weights such as tied input/output embeddings (``tie_word_embeddings=True``, the default of GPT-2,
     Gemma and small Qwen3), which TorchJD cannot differentiate; nested or repeated ``modules``.
-
-    Every grad-enabled forward of the hooked modules must be followed by :func:`low_memory_backward`
-    (or :meth:`reset`): run evaluation forwards under ``torch.no_grad()``. Activation checkpointing
-    (a second forward during backward) is not supported. :meth:`close` removes the hooks.
+    Activation checkpointing (a second forward during backward) is not supported. :meth:`close`
+    removes the hooks.
     """
 
     def __init__(self, *modules: nn.Module) -> None:
@@ -203,8 +369,10 @@ class AutogramEngine:
                     raise ValueError(f"modules[{j}] is modules[{i}] or one of its submodules; pass each module once, none inside another")
         owner: dict[int, str] = {}
         params: list[Tensor] = []
+        hooked: list[tuple[str, nn.Module, list[Tensor]]] = []
         for k, root in enumerate(modules):
             for name, module in _hooked_modules(root, f"modules[{k}]" if len(modules) > 1 else ""):
+                held: list[Tensor] = []
                 for p in module.parameters():
                     if not p.requires_grad:
                         continue
@@ -217,6 +385,8 @@ class AutogramEngine:
                         )
                     owner[id(p)] = name
                     params.append(p)
+                    held.append(p)
+                hooked.append((name, module, held))
         if not params:
             raise ValueError("modules hold no parameter with requires_grad=True; the Gram would be empty")
         #: the parameters the Gram covers, in the engine's order.
@@ -232,22 +402,109 @@ class AutogramEngine:
             self._engine = engine_class(*modules, batch_dim=None)
         else:
             self._engine = engine_class(*modules, gram_dtype=self.dtype)
+        by_module: dict[Any, Any] = getattr(self._engine, "_gramian_computers", {})
+        if not all(module in by_module for _, module, _ in hooked):
+            raise ValueError(
+                "this TorchJD version's internals differ from torchjd 0.18 (no per-module Gram computers), so the checks that "
+                "keep the autogram route exact cannot run: use torchjd 0.18, route='hooks' (m <= 2), or the default memory mode"
+            )
+        #: each hooked module's Gram computer -> (its name, its trainable parameters)
+        self._computers: dict[Any, tuple[str, list[Tensor]]] = {by_module[module]: (name, held) for name, module, held in hooked}
+        self._owner: dict[int, Any] = {id(p): computer for computer, (_, held) in self._computers.items() for p in held}
+        #: parameters per exact pass: the largest hooked module's (TorchJD's own transient is one module's Jacobian)
+        self._group_numel = max(sum(p.numel() for p in held) for _, _, held in hooked)
+
+    def _plan(self, graph: _Graph) -> _Plan:
+        """Which modules TorchJD's hooks account for exactly in ``graph``; the others' parameters, grouped."""
+        counts = {computer: len(nodes) for computer, nodes in graph.gates.items()}
+        irregular = {computer for computer, n in counts.items() if n > 1}  # a module called more than once
+        for region, found in graph.regions:  # a parameter reached from outside its module's one call
+            irregular.update(self._owner[i] for i in found if self._owner[i] is not region)
+        registered: set[GradientEdge] = getattr(getattr(self._engine, "_target_edges", None), "_edges", set())
+        for computer, nodes in graph.gates.items():
+            # TorchJD reaches a call through the edge its hook registered, compared as it compares them: not after
+            # engine.reset(), nor when the module's output comes straight from a custom autograd.Function (whose edge
+            # carries an ownership token under torch >= 2.6, so that TorchJD 0.18 never finds it)
+            if not any(GradientEdge(child, nr) in registered for child, nr in nodes[0].next_functions if child is not None):
+                irregular.add(computer)
+        can_skip = all(hasattr(computer, "skip") for computer in irregular)
+        if irregular and not can_skip:
+            names = sorted(self._computers[c][0] or "(root)" for c in irregular if c in self._computers)
+            raise ValueError(
+                f"module(s) {names} are called more than once or have a parameter used outside their own call (e.g. an L2 "
+                "penalty on a weight added to a loss), which TorchJD's hooks do not see, and this TorchJD version's internals "
+                "differ from torchjd 0.18, whose engine this module extends to take those exactly: use torchjd 0.18, "
+                "route='hooks' (m <= 2), or the default memory mode"
+            )
+        groups: list[list[Tensor]] = []
+        sizes: list[int] = []
+        position = {computer: k for k, computer in enumerate(self._computers)}  # a deterministic order (no id())
+        for computer in sorted(irregular, key=lambda c: (-sum(p.numel() for p in self._computers[c][1]), position[c])):
+            held = self._computers[computer][1]
+            numel = sum(p.numel() for p in held)
+            for g, size in enumerate(sizes):
+                if size + numel <= self._group_numel:
+                    groups[g].extend(held)
+                    sizes[g] += numel
+                    break
+            else:
+                groups.append(list(held))
+                sizes.append(numel)
+        return _Plan(counts, set(counts) - irregular, groups)
+
+    def _gram(self, losses: Tensor, plan: _Plan) -> Tensor:
+        """The ``(m, m)`` Gram of the 1-D ``losses`` over :attr:`params` as ``plan`` says (retains the graph)."""
+        m = losses.shape[0]
+        gram = torch.zeros((m, m), dtype=self.dtype, device=losses.device)
+        exact = list(plan.exact)
+        if plan.regular:
+            for computer in self._computers:  # forwards not in this graph (e.g. an evaluation forward) do not count
+                computer.remaining_counter = plan.counts.get(computer, 0)
+                if hasattr(computer, "skip"):
+                    computer.skip = computer not in plan.regular
+                    computer.calls = 0
+            try:
+                part = self._engine.compute_gramian(losses)
+            except ValueError as error:
+                if "without an associated backward pass" not in str(error):
+                    raise
+                raise ValueError(
+                    "TorchJD's autogram engine saw a recorded call of a hooked module that its backward did not reach, "
+                    "which the graph walk did not foresee (activation checkpointing, which recomputes the forward during "
+                    "backward, is not supported by this route): use route='hooks' (m <= 2) or the default memory mode"
+                ) from error
+            finally:
+                for computer in self._computers:
+                    if hasattr(computer, "skip"):
+                        computer.skip = False
+            gram = gram + part.to(self.dtype)
+            for computer in plan.regular:  # what the plan expected of TorchJD's pass (host-side ints)
+                calls = getattr(computer, "calls", 1)
+                if calls > 1:  # a Jacobian counted twice: the Gram cannot be repaired
+                    raise RuntimeError(
+                        f"TorchJD's autogram pass computed the Jacobian of module {self._computers[computer][0] or '(root)'!r} "
+                        f"{calls} times for one recorded call (a case the graph walk did not foresee; please report it): use "
+                        "route='hooks' (m <= 2) or the default memory mode"
+                    )
+                if calls == 0:  # never reached: its Jacobian comes from an exact pass instead
+                    exact.append(list(self._computers[computer][1]))
+        else:
+            self.reset()  # nothing for TorchJD's pass: forget the recorded forwards
+        if exact:
+            eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+            for group in exact:
+                jacobians = torch.autograd.grad(
+                    losses, group, eye, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
+                )  # each (m, *shape): what the default mode's m backward passes give these parameters
+                for jacobian in jacobians:
+                    gram = gram + gram_of_rows(list(jacobian.unbind(0)), self.dtype)
+                del jacobians
+        return gram
 
     def gramian(self, losses: Tensor) -> Tensor:
         """The ``(m, m)`` Gramian of the 1-D tensor ``losses`` over :attr:`params` (retains the graph)."""
-        try:
-            gram = self._engine.compute_gramian(losses)
-        except ValueError as error:
-            if "without an associated backward pass" not in str(error):
-                raise
-            self.reset()
-            raise ValueError(
-                "TorchJD's autogram engine saw a forward of a hooked module that this backward does not reach. Causes: a "
-                "grad-enabled forward not followed by low_memory_backward (run other forwards under torch.no_grad() or call "
-                "engine.reset() before the step's forward), activation checkpointing, a module whose output was detached, "
-                "or weights tied across modules (use route='hooks' for m <= 2)"
-            ) from error
-        return gram.to(self.dtype)
+        graph = _walk_graph(_loss_roots([losses]), self._computers, frozenset(self._owner))
+        return self._gram(losses, self._plan(graph))
 
     def reset(self) -> None:
         """Forget forwards recorded since the last step (and the graph nodes they hold)."""
@@ -283,19 +540,44 @@ def _graph_reaches(loss: Tensor, params: Sequence[Tensor]) -> bool:
     return False
 
 
-def _hooks_gram(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, dtype: torch.dtype) -> Tensor:
-    """Passes 1 and 2 of the hooks route: ``.grad = g_1`` and the Gram, with no copy of ``g_2`` kept."""
+def _accumulate(leaves: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``leaf.grad += grad`` as autograd's AccumulateGrad does it (for the leaves outside ``params``)."""
+    with torch.no_grad():
+        for leaf, grad in zip(leaves, grads):
+            if grad is None:
+                continue
+            if leaf.grad is None:
+                leaf.grad = grad
+            elif leaf.grad.layout == torch.strided and not leaf.grad.requires_grad:
+                leaf.grad.add_(grad)
+            else:
+                leaf.grad = leaf.grad + grad
+
+
+def _hooks_gram(
+    losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, dtype: torch.dtype, outside: Sequence[Tensor]
+) -> Tensor:
+    """Passes 1 and 2 of the hooks route: ``.grad = g_1`` and the Gram, with no copy of ``g_2`` kept.
+
+    The trainable leaves ``outside`` params get ``g_1`` in pass 1 and ``g_2`` from pass 2 (as the
+    default mode's two backward passes give them), and nothing from pass 3.
+    """
     m = len(losses)
     shared = list(params[:shared_count])
-    torch.autograd.backward(losses[0], inputs=list(params), retain_graph=m > 1)
+    torch.autograd.backward(losses[0], inputs=[*params, *outside], retain_graph=m > 1)
     if all(p.grad is None for p in params):
         raise ValueError(f"loss 0 {_REACHES_NONE}")
+    for i, p in enumerate(params):
+        if p.grad is not None and p.grad.layout != torch.strided:  # a sparse gradient the graph walk did not foresee
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) {_SPARSE}")
     gram = torch.zeros((m, m), dtype=dtype, device=shared[0].device)
     fired: set[int] = set()
     if m == 2:
 
         def make_hook(i: int, p: Tensor) -> Any:
             def hook(g2: Tensor) -> Tensor:
+                if g2.layout != torch.strided:
+                    raise ValueError(f"shared parameter {i} (shape {tuple(p.shape)}) {_SPARSE}")
                 g1 = p.grad
                 if g1 is None:  # loss 0 does not reach p: only <g2, g2>
                     gram[1:, 1:] += gram_of_rows([g2], dtype)
@@ -310,12 +592,13 @@ def _hooks_gram(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count
         try:
             for i, p in enumerate(shared):
                 handles.append(p.register_hook(make_hook(i, p)))
-            reached = torch.autograd.grad(losses[1], shared, retain_graph=True, allow_unused=True)
+            reached = torch.autograd.grad(losses[1], [*shared, *outside], retain_graph=True, allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
-        if all(g is None for g in reached) and not _graph_reaches(losses[1], params[shared_count:]):
+        if all(g is None for g in reached[: len(shared)]) and not _graph_reaches(losses[1], [*params[shared_count:], *outside]):
             raise ValueError(f"loss 1 {_REACHES_NONE}")
+        _accumulate(outside, reached[len(shared) :])
         del reached
     rest = [p.grad for i, p in enumerate(shared) if i not in fired and p.grad is not None]
     for g1 in rest:  # parameters loss 1 did not reach (or m = 1): <g1, g1> only
@@ -335,6 +618,7 @@ def _check_inputs(
             raise ValueError(f"loss {i} must be a floating-point scalar tensor, got {loss!r:.80}")
         if not loss.requires_grad:
             raise ValueError(f"loss {i} does not require grad (computed under torch.no_grad(), detached, or from frozen parameters)")
+    losses = [loss.reshape(()) if loss.dim() else loss for loss in losses]  # one-element losses of any shape, as the default mode
     params = list(params)
     if not params or not all(isinstance(p, Tensor) for p in params):
         raise TypeError("params must be a non-empty sequence of parameter tensors")
@@ -394,8 +678,8 @@ def low_memory_backward(
     """One CAGrad-Clip direction (RACO Algorithm 1) written into ``.grad`` without storing any gradient.
 
     Args:
-        losses: one scalar loss per objective, from one forward pass (the graph is retained
-            between the backward passes and freed by the last one).
+        losses: one scalar (or one-element) loss per objective, from one forward pass (the graph
+            is retained between the backward passes and freed by the last one).
         params: the trainable parameters, the ``shared_count`` shared ones first. Every ``.grad``
             must be ``None`` on entry (``ValueError`` otherwise; so gradient accumulation over
             several calls is refused).
@@ -404,7 +688,8 @@ def low_memory_backward(
             (from the CPU, the copy to the device would wait for it).
         settings: ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter`` of the solve.
         route: ``"hooks"`` (``m <= 2``), ``"autogram"`` (needs ``engine``) or ``"auto"``:
-            hooks for ``m <= 2``, autogram above. See :data:`ROUTES`.
+            autogram for every ``m`` when ``engine`` is given (it recorded the forward), else hooks
+            for ``m <= 2``. See :data:`ROUTES`.
         engine: an :class:`AutogramEngine` on the modules holding exactly the shared parameters,
             created before the forward pass; needed by the autogram route.
         per_rank: under ``torch.distributed`` with several ranks, accept that each rank combines
@@ -414,15 +699,23 @@ def low_memory_backward(
     Returns:
         A :class:`LowMemoryResult`. Afterwards every parameter an objective reaches has
         ``.grad = sum_i a_i g_i`` (in the parameter's dtype); the others keep ``.grad = None``.
-        Nothing is checked for Inf/NaN (no sync): a non-finite ``gram`` diagonal entry says which
-        objective's gradient was not finite. On an exception ``.grad`` may hold a partial result.
+        A trainable leaf outside ``params`` that the losses reach gets ``sum_i dL_i/dx`` added to
+        its ``.grad``, as the default mode's ``m`` backward passes give it. Nothing is checked for
+        Inf/NaN (no sync): a non-finite ``gram`` diagonal entry says which objective's gradient
+        was not finite.
+
+    Raises:
+        ValueError: before anything changes, for what neither route computes as the default mode
+            does: a tensor or post-accumulate-grad hook on a leaf the losses reach, a sparse
+            gradient into ``params``, reentrant activation checkpointing (and the misuses checked
+            above). On any exception every ``.grad`` of ``params`` is ``None`` again, as on entry.
     """
     losses, params = _check_inputs(losses, params, shared_count, weights, settings)
     m = len(losses)
     if route not in ROUTES:
         raise ValueError(f"unknown route={route!r}; choose one of {list(ROUTES)}")
-    if route == "auto":
-        route = "hooks" if m <= 2 else "autogram"
+    if route == "auto":  # with an engine, the step's forward was recorded: take it whatever m is
+        route = "autogram" if engine is not None or m > 2 else "hooks"
     if route == "hooks" and m > 2:
         raise ValueError(
             f"route='hooks' keeps one gradient in .grad and measures one more while it is produced, so it applies to m <= 2 "
@@ -447,23 +740,48 @@ def low_memory_backward(
                 "the low-memory mode stores no per-objective gradient, so it cannot average them across ranks before the Gram; "
                 "pass per_rank=True to let each rank combine its own gradients, or use the default memory mode"
             )
-    dtype = _accumulation_dtype(params)
-    if route == "hooks":
-        gram = _hooks_gram(losses, params, shared_count, dtype)
-    else:
+    if route == "autogram":
         assert engine is not None
-        stacked = torch.stack([loss.reshape(()).to(_accumulation_dtype(losses)) for loss in losses])
-        gram = engine.gramian(stacked).to(dtype)
-    solution = _solve(gram, weights, settings)
-    a = solution.coefficients
-    if route == "hooks":
-        with torch.no_grad():
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, a[0])
-        if m == 2:
-            torch.autograd.backward(losses[1], grad_tensors=a[1].to(losses[1].dtype), inputs=params)
+        graph = _walk_graph(_loss_roots(losses), engine._computers, frozenset(engine._owner))
     else:
-        torch.autograd.backward(stacked, grad_tensors=a.to(stacked.dtype), inputs=params)
-        if all(p.grad is None for p in params):
-            raise ValueError(f"the losses {_REACHES_NONE}")
+        graph = _walk_graph(_loss_roots(losses))
+    try:
+        _refuse_graph(graph, params)
+        plan = engine._plan(graph) if route == "autogram" and engine is not None else None
+    except BaseException:
+        if isinstance(engine, AutogramEngine):
+            engine.reset()  # this step's forward is abandoned
+        raise
+    param_ids = {id(p) for p in params}
+    outside = [leaf for i, leaf in graph.leaves.items() if i not in param_ids]  # trainable leaves outside params
+    del graph
+    dtype = _accumulation_dtype(params)
+    try:
+        if route == "hooks":
+            gram = _hooks_gram(losses, params, shared_count, dtype, outside)
+        else:
+            assert engine is not None and plan is not None
+            stacked = torch.stack([loss.to(_accumulation_dtype(losses)) for loss in losses])
+            gram = engine._gram(stacked, plan).to(dtype)
+        solution = _solve(gram, weights, settings)
+        a = solution.coefficients
+        if route == "hooks":
+            with torch.no_grad():
+                grads = [p.grad for p in params if p.grad is not None]
+                torch._foreach_mul_(grads, a[0])
+            if m == 2:
+                torch.autograd.backward(losses[1], grad_tensors=a[1].to(losses[1].dtype), inputs=params)
+        else:
+            if outside:  # the default mode gives them sum_i dL_i/dx: one more backward, to them only
+                torch.autograd.backward(stacked, grad_tensors=torch.ones_like(stacked), inputs=outside, retain_graph=True)
+            torch.autograd.backward(stacked, grad_tensors=a.to(stacked.dtype), inputs=params)
+            if all(p.grad is None for p in params):
+                raise ValueError(f"the losses {_REACHES_NONE}")
+    except BaseException:
+        for p in params:  # as on entry
+            p.grad = None
+        raise
+    finally:
+        if isinstance(engine, AutogramEngine):
+            engine.reset()  # the route consumed the forward the engine recorded (the autogram pass already reset it)
     return LowMemoryResult(gram=gram, solution=solution, route=route)

@@ -115,9 +115,10 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             gradients' own dtype, as torch keeps ``.grad``; ``torch.float32`` (or ``float64``) sums
             low-precision gradients in a wider buffer instead (more memory: see ``docs/guide.md``).
         memory: ``"default"`` stores ``m - 1`` gradients (the floor for ``m`` separate gradients);
-            ``"low"`` stores none (``docs/low_memory.md``): for ``m <= 2`` three backward passes with
-            per-parameter hooks, for any ``m`` TorchJD's autogram Gramian (pass ``engine``) and one
-            weighted backward. No gradient accumulation, one process (or ``distributed=False``).
+            ``"low"`` stores none (``docs/low_memory.md``): with an ``engine``, every step (any ``m``)
+            takes TorchJD's autogram Gramian and one weighted backward; without one, ``m <= 2`` takes
+            three backward passes with per-parameter hooks. No gradient accumulation, one process
+            (or ``distributed=False``).
         engine: an :class:`~cagrad_clip.low_memory.AutogramEngine` on the modules that hold the
             shared parameters, built before the first forward; needed by ``memory="low"`` for
             ``m >= 3``.
