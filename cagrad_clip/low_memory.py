@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -43,7 +43,7 @@ from . import dual as _dual
 from .dual import CAGradSolution
 from .settings import CAGradSettings
 
-__all__ = ["ROUTES", "AutogramEngine", "LowMemoryResult", "Route", "gram_of_rows", "low_memory_backward"]
+__all__ = ["ROUTES", "AutogramEngine", "LowMemoryResult", "Route", "gram_of_rows", "low_memory_backward", "low_memory_passes"]
 
 Route = Literal["auto", "hooks", "autogram"]
 
@@ -607,9 +607,7 @@ def _hooks_gram(
 
 
 # --------------------------------------------------------------------------- the entry point
-def _check_inputs(
-    losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int, weights: Tensor, settings: CAGradSettings
-) -> tuple[list[Tensor], list[Tensor]]:
+def _check_inputs(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int) -> tuple[list[Tensor], list[Tensor]]:
     if isinstance(losses, Tensor) or not isinstance(losses, Sequence) or len(losses) == 0:
         raise TypeError("losses must be a non-empty sequence of scalar tensors, one per objective")
     losses = list(losses)
@@ -640,15 +638,17 @@ def _check_inputs(
         raise ValueError(f"all parameters must be on one device, found {sorted({str(p.device) for p in params})}")
     if isinstance(shared_count, bool) or not isinstance(shared_count, int) or not 1 <= shared_count <= len(params):
         raise ValueError(f"shared_count must be an int in [1, {len(params)}] (the shared parameters come first), got {shared_count!r}")
+    return losses, params
+
+
+def _check_solve_inputs(m: int, weights: Tensor, settings: CAGradSettings) -> None:
     if not isinstance(settings, CAGradSettings):
         raise TypeError(f"settings must be a CAGradSettings, got {type(settings).__name__}")
-    m = len(losses)
     if settings.num_objectives is not None and settings.num_objectives != m:
         raise ValueError(f"got {m} losses but settings has {settings.num_objectives} weights")
     if not isinstance(weights, Tensor) or tuple(weights.shape) != (m,):
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(f"weights must be a tensor of shape ({m},), the normalised user weights, got {shape}")
-    return losses, params
 
 
 def _solve(gram: Tensor, weights: Tensor, settings: CAGradSettings) -> CAGradSolution:
@@ -710,7 +710,36 @@ def low_memory_backward(
             gradient into ``params``, reentrant activation checkpointing (and the misuses checked
             above). On any exception every ``.grad`` of ``params`` is ``None`` again, as on entry.
     """
-    losses, params = _check_inputs(losses, params, shared_count, weights, settings)
+    losses, params = _check_inputs(losses, params, shared_count)
+    _check_solve_inputs(len(losses), weights, settings)
+    passes = low_memory_passes(losses, params, shared_count, route=route, engine=engine, per_rank=per_rank)
+    gram = next(passes)
+    solution = _solve(gram, weights, settings)
+    try:
+        passes.send(solution.coefficients)
+    except StopIteration as done:
+        return LowMemoryResult(gram=gram, solution=solution, route=done.value)
+    raise AssertionError("low_memory_passes yields once")  # pragma: no cover
+
+
+def low_memory_passes(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_count: int,
+    *,
+    route: Route = "auto",
+    engine: AutogramEngine | None = None,
+    per_rank: bool = False,
+) -> Generator[Tensor, Tensor, str]:
+    """The backward passes of :func:`low_memory_backward`, in two phases around the solve.
+
+    ``gram = next(passes)`` validates everything, runs the passes that give the ``(m, m)`` Gram and
+    yields it; ``passes.send(coefficients)`` runs the passes that write ``sum_i a_i g_i`` into
+    ``.grad`` and ends (``StopIteration.value`` is the route taken). Closing the generator in
+    between (or any error) leaves every ``.grad`` of ``params`` ``None``, as on entry. The
+    arguments are those of :func:`low_memory_backward`.
+    """
+    losses, params = _check_inputs(losses, params, shared_count)
     m = len(losses)
     if route not in ROUTES:
         raise ValueError(f"unknown route={route!r}; choose one of {list(ROUTES)}")
@@ -763,8 +792,7 @@ def low_memory_backward(
             assert engine is not None and plan is not None
             stacked = torch.stack([loss.to(_accumulation_dtype(losses)) for loss in losses])
             gram = engine._gram(stacked, plan).to(dtype)
-        solution = _solve(gram, weights, settings)
-        a = solution.coefficients
+        a = yield gram  # the caller solves the dual on the Gram and sends the coefficients
         if route == "hooks":
             with torch.no_grad():
                 grads = [p.grad for p in params if p.grad is not None]
@@ -784,4 +812,4 @@ def low_memory_backward(
     finally:
         if isinstance(engine, AutogramEngine):
             engine.reset()  # the route consumed the forward the engine recorded (the autogram pass already reset it)
-    return LowMemoryResult(gram=gram, solution=solution, route=route)
+    return route

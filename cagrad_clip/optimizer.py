@@ -11,11 +11,11 @@ from typing import Any, Literal, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from .distributed import active_group, check_distributed, check_same_count, sum_across_ranks
+from .distributed import active_group, check_distributed
 from .dual import solve_with_settings
 from .lifecycle import WindowState
 from .losses import check_losses
-from .low_memory import AutogramEngine, low_memory_backward
+from .low_memory import AutogramEngine
 from .optim_base import WrappedOptimizer
 from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
 from .storage import GradientStore, make_store
@@ -345,19 +345,15 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             if not shared_ids:
                 raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
         ordered = [p for p in trainable if id(p) in shared_ids] + [p for p in trainable if id(p) not in shared_ids]
-        store = make_store(ordered, sum(id(p) in shared_ids for p in trainable), self.accumulate_dtype)
-        if store.sharded and self.memory == "low":
-            raise ValueError("memory='low' does not support FSDP2 (DTensor) parameters; use the default memory mode")
-        if store.sharded and not self.distributed:
-            raise ValueError(
-                "the parameters are DTensor shards (FSDP2 fully_shard) but distributed=False: each rank would solve "
-                "on the Gram of its own shard only; keep distributed=True"
-            )
-        if store.sharded and self.process_group is not None:
-            raise ValueError(
-                "process_group was given but the parameters are DTensor shards (FSDP2 fully_shard): the Gram is "
-                "summed over their device mesh's group; drop process_group"
-            )
+        store = make_store(
+            ordered,
+            sum(id(p) in shared_ids for p in trainable),
+            accumulate_dtype=self.accumulate_dtype,
+            memory=self.memory,
+            engine=self.engine,
+            distributed=self.distributed,
+            process_group=self.process_group,
+        )
         if self._state.store is not None:
             self._state.store.close()
         self._state.store, self._state.layout_key = store, key
@@ -410,9 +406,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         store = self._current_store()
         _check_no_step_in_backward(store.params)
         window = self._state.window
-        if self.memory == "low":
-            self._low_memory_backward(store, losses, combine)
-            return
         # .grad replaced: a new window. A combined direction written in place (clipped, zeroed by
         # zero_grad(set_to_none=False)): a new window that keeps it and adds its own direction. Values of
         # an uncombined window (or a combined one, without a version bump) are checked on the device.
@@ -422,6 +415,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 f"got {m} losses, but {window.num_objectives} objectives were accumulated in this window; pass the same "
                 "objectives in every micro-batch (or call zero_grad() to start over)"
             )
+        store.check_backward(combine, continuing, active_group(self.distributed, self.process_group)[1])
         # validated: from here on the window changes
         if not continuing:
             store.start_window(m, self._home(m))
@@ -441,40 +435,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             self._combine_window(seal=seal)
         else:
             store.guard.seal(store.params)
-
-    def _low_memory_backward(self, store: GradientStore, losses: list[Tensor], combine: bool) -> None:
-        """``memory="low"``: the direction straight into ``.grad``, no per-objective gradient stored."""
-        if not combine:
-            raise ValueError("memory='low' keeps no per-objective gradients, so it cannot accumulate: use combine=True")
-        if self._state.window.open and store.grads_intact():
-            raise RuntimeError("memory='low' cannot add another backward to this step's direction: call step() or zero_grad() first")
-        if any(p.grad is not None for p in store.params):
-            raise ValueError("memory='low' needs .grad = None on every parameter before backward: call zero_grad() first")
-        m = len(losses)
-        group, world_size = active_group(self.distributed, self.process_group)
-        if world_size > 1:
-            raise NotImplementedError(
-                "memory='low' cannot average the objectives' gradients across ranks (it stores none); use the default "
-                "memory mode, or distributed=False to combine each rank's own gradients"
-            )
-        weights = self._weights_on(m, store.device, torch.promote_types(store.dtype, torch.float32))
-        try:
-            result = low_memory_backward(
-                losses, store.params, store.shared_count, weights, self._state.settings, engine=self.engine, per_rank=not self.distributed
-            )
-        except BaseException:
-            self._state.window.reset()
-            raise
-        gram, solution = result.gram, result.solution
-        grads = [p.grad for p in store.params if p.grad is not None]
-        written_finite = torch.ones((), dtype=torch.bool, device=store.device)
-        if self._state.nonfinite != "ignore" and grads:
-            norms = torch._foreach_norm(grads)
-            written_finite = torch.isfinite(torch.stack([n.float() for n in norms])).all()
-        self._state.last = self._diagnostics(gram, solution, torch.isfinite(gram.diagonal()), written_finite)
-        self._state.window.begin(m)
-        self._state.window.phase = "combined"
-        store.guard.record(store.params)
 
     @torch.compiler.disable
     def combine(self) -> StepDiagnostics:
@@ -510,19 +470,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         window.phase = "combined"
         return last
 
-    def _gram(self, store: GradientStore, m: int) -> Tensor:
-        """The Gram of the full-batch gradients: averaged over ranks, or summed over shards."""
-        if store.sharded:
-            check_same_count(self._state.window, m, store.shard_group, store.device)
-            return sum_across_ranks(store.gram(), store.shard_group)
-        group, world_size = active_group(self.distributed, self.process_group)
-        if world_size > 1:  # host-side check; the all-reduce itself never syncs
-            check_same_count(self._state.window, m, group, store.device)
-            store.average(group, world_size)
-        return store.gram()
-
     def _combine(self, store: GradientStore, m: int, edited: Tensor | None) -> StepDiagnostics:
-        gram = self._gram(store, m)
+        group, world_size = active_group(self.distributed, self.process_group)
+        gram = store.gram_over_ranks(self._state.window, group, world_size)
         solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
         intact = torch.ones((), dtype=torch.bool, device=gram.device) if edited is None else ~edited.to(gram.device)
         if edited is not None:  # an edited window writes NaN, never a mix (step() refuses it with the reason)
@@ -656,21 +606,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         """Name what is not finite (host reads: only on the error path)."""
         store = self._state.store
         bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
-        if bad:
-            overflowed = [
-                i for i in bad if store is not None and not store.sharded and (i != store.home or not store.direct) and store.row_finite(i)
-            ]
-            if overflowed:
-                return (
-                    f"objective(s) {overflowed} have finite gradients whose squared norm overflows "
-                    f"{d.gram.dtype} (|g| is about 1e19 or more): scale those losses down"
-                    + (
-                        f"; objective(s) {sorted(set(bad) - set(overflowed))} have a non-finite gradient (Inf/NaN)"
-                        if len(overflowed) < len(bad)
-                        else ""
-                    )
-                )
-            return f"objective(s) {bad} have a non-finite gradient (Inf/NaN) or one too large to square"
+        if bad and store is not None:
+            return store.explain_nonfinite(bad, d.gram)
         if not bool(torch.isfinite(d.coefficients).all()):
             return "the combination overflowed (the Gram of finite gradients is not finite)"
         dtypes = sorted({str(p.dtype) for p in (store.params if store is not None else [])})

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import average_across_ranks
+from ..distributed import average_across_ranks, check_same_count
 from .blocks import blocked_gram, row_sumsq
 
 __all__ = ["GradientStore", "GradGuard", "fingerprint"]
@@ -112,13 +112,6 @@ class GradientStore:
     Subclasses implement :meth:`start_window`, :meth:`accumulate`, :meth:`write`, :meth:`unwrite`.
     """
 
-    #: Whether the parameters are FSDP2 shards (the Gram must then be summed over ranks).
-    sharded = False
-    #: Whether the home objective's own gradient is overwritten by the combination (its row is then gone).
-    direct = False
-    #: The process group to sum shard Grams over (sharded stores only).
-    shard_group: object | None = None
-
     def __init__(self, params: Sequence[Tensor], shared_count: int, shapes: Sequence[torch.Size], dtype: torch.dtype) -> None:
         self.params = list(params)
         self.device = self.params[0].device
@@ -177,6 +170,35 @@ class GradientStore:
         """``.grad`` holds the very tensors this store left there (checked, not remembered; their values
         are checked on the device by :meth:`GradGuard.edited`)."""
         return self.guard.same_tensors(self.params)
+
+    # ------------------------------------------------------------------ what differs between stores
+    def check_backward(self, combine: bool, continuing: bool, world_size: int) -> None:
+        """Refuse, before anything changes, a ``backward`` this store cannot take (default: none)."""
+
+    def gram_over_ranks(self, counter: Any, group: Any, world_size: int) -> Tensor:
+        """The Gram of the full-batch gradients: each objective's gradient averaged over the ranks
+        first when ``world_size > 1`` (``counter`` remembers the objective count the ranks agreed on)."""
+        if world_size > 1:  # host-side check; the all-reduce itself never syncs
+            m = self.num_objectives
+            assert m is not None
+            check_same_count(counter, m, group, self.device)
+            self.average(group, world_size)
+        return self.gram()
+
+    def kept_row(self, i: int) -> bool:
+        """Whether objective ``i``'s own gradient is still held after the combination was written."""
+        return True
+
+    def explain_nonfinite(self, bad: list[int], gram: Tensor) -> str:
+        """Name what is not finite among the objectives ``bad`` (host reads: only on the error path)."""
+        overflowed = [i for i in bad if self.kept_row(i) and self.row_finite(i)]
+        if overflowed:
+            rest = sorted(set(bad) - set(overflowed))
+            return (
+                f"objective(s) {overflowed} have finite gradients whose squared norm overflows {gram.dtype} (|g| is about 1e19 "
+                "or more): scale those losses down" + (f"; objective(s) {rest} have a non-finite gradient (Inf/NaN)" if rest else "")
+            )
+        return f"objective(s) {bad} have a non-finite gradient (Inf/NaN) or one too large to square"
 
     # ------------------------------------------------------------------ the window (subclasses)
     def start_window(self, m: int, home: int) -> None:

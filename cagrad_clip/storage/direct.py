@@ -86,8 +86,6 @@ def plan_chunks(numels: Sequence[int], indices: Sequence[int], columns: int) -> 
 class DirectStore(GradientStore):
     """Every objective's gradients as autograd allocated them; the home objective's in ``.grad``."""
 
-    direct = True
-
     def __init__(self, params: Sequence[Tensor], shared_count: int) -> None:
         super().__init__(params, shared_count, [p.shape for p in params], params[0].dtype)
         self.acc = accumulation_dtype(self.dtype)
@@ -268,6 +266,9 @@ class DirectStore(GradientStore):
             else:
                 sums.append(torch.zeros((), dtype=self.acc, device=self.device))
         return torch.stack(sums)
+
+    def kept_row(self, i: int) -> bool:
+        return i != self.home  # the home objective's gradients became the direction
 
     def row_finite(self, i: int) -> bool:
         return all(bool(torch.isfinite(g).all()) for g in self.grads[i] if g is not None)

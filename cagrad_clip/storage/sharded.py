@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import check_same_count, sum_across_ranks
 from .base import GradientStore
 from .blocks import accumulation_dtype
 
@@ -25,8 +26,6 @@ __all__ = ["ShardedStore"]
 
 class ShardedStore(GradientStore):
     """Rows of this rank's local shards, in the shards' dtype; ``shard_group`` is the mesh's group."""
-
-    sharded = True
 
     def __init__(self, params: Sequence[Tensor], shared_count: int, group: Any, dtype: torch.dtype | None = None) -> None:
         local = [p.to_local() for p in params]  # type: ignore[attr-defined]
@@ -40,6 +39,16 @@ class ShardedStore(GradientStore):
         self.external: list[Tensor | None] = [None] * len(self.params)
         self.reached = [False] * len(self.params)
         self.coefficients: Tensor | None = None
+
+    def gram_over_ranks(self, counter: Any, group: Any, world_size: int) -> Tensor:
+        """The shard Grams summed over the mesh's group (FSDP already averaged the gradients)."""
+        m = self.num_objectives
+        assert m is not None
+        check_same_count(counter, m, self.shard_group, self.device)
+        return sum_across_ranks(self.gram(), self.shard_group)
+
+    def kept_row(self, i: int) -> bool:
+        return False  # a shard's row says nothing about the other ranks' shards
 
     def release(self) -> None:
         super().release()
