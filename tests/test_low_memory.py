@@ -856,3 +856,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.parametrize("route", ["hooks", "autogram"])
+def test_a_nonfinite_head_gradient_with_shared_is_reported_as_nonfinite_not_as_an_overflow(route: str) -> None:
+    """``memory="low"`` with ``shared=`` the trunk: a NaN in one head's gradient (outside the Gram)
+    shows in the written direction; the step is refused as non-finite, and ``last.finite`` says so."""
+    from cagrad_clip import ConflictAverseOptimizer
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+    m = 2 if route == "hooks" else 3
+    params = [*trunk.parameters(), *heads[:m].parameters()]
+    engine = AutogramEngine(trunk) if route == "autogram" else None
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), memory="low", engine=engine, shared=list(trunk.parameters()), nonfinite="raise")
+    before = [p.detach().clone() for p in params]
+    h = trunk(torch.randn(6, 4))
+    losses = [heads[i](h).pow(2).mean() for i in range(m)]
+    losses[1] = losses[1] + (heads[1].bias * float("nan")).sum()  # NaN in head 1's gradient only
+    with pytest.raises(FloatingPointError, match="not finite on the parameters outside shared=") as error:
+        opt.step(losses)
+    assert "overflow" not in str(error.value)
+    assert opt.last is not None and not bool(opt.last.finite.all())
+    assert bool(torch.isfinite(opt.last.gram).all())  # the trunk's Gram is finite: only the head is not
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
