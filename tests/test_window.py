@@ -343,3 +343,22 @@ def test_a_micro_batch_with_a_constant_objective_keeps_every_earlier_micro_batch
     a = opt.last.coefficients
     for j, p in enumerate(params):
         torch.testing.assert_close(p.grad, a[0] * sums[0][j] + a[1] * sums[1][j], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_sparse_embedding_gradients_accumulate_over_uncombined_micro_batches_like_dense_ones(store):
+    """``nn.Embedding(sparse=True)``: the intermediate left in ``.grad`` between micro-batches may be
+    sparse; the window still accumulates and gives the step of a dense embedding."""
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        emb, head = nn.Embedding(10, 4, sparse=sparse), nn.Linear(4, 2)
+        params = [*emb.parameters(), *head.parameters()]
+        opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.5), weights=[0.7, 0.3], **STORES[store])
+        for idx in (torch.tensor([1, 2, 3]), torch.tensor([3, 4])):
+            out = head(emb(idx))
+            opt.backward([out[:, 0].pow(2).mean() / 2, (out[:, 1] - 1).pow(2).mean() / 2], combine=False)
+        opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

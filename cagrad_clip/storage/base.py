@@ -31,9 +31,12 @@ __all__ = ["GradientStore", "GradGuard", "fingerprint"]
 
 
 def _local(grad: Tensor) -> Tensor:
-    """A gradient's local values (a DTensor shard's local tensor; a plain tensor itself)."""
+    """A gradient's local values: a DTensor shard's local tensor, a sparse gradient's values, a dense
+    tensor itself."""
     to_local = getattr(grad, "to_local", None)
-    return grad if to_local is None else to_local()
+    if to_local is not None:
+        return to_local()
+    return grad._values() if grad.is_sparse else grad
 
 
 def fingerprint(grads: Sequence[Tensor]) -> Tensor:
