@@ -256,6 +256,25 @@ def test_distributed_arguments_are_validated():
         ConflictAverseOptimizer(base, process_group=object())
 
 
+def test_active_group_is_the_users_process_group_with_its_world_size(monkeypatch):
+    """A user's ``process_group`` is the group every collective of the step runs over: with a faked
+    initialised world, ``active_group`` returns that very group and *its* size (4 ranks), and the
+    default group (``None``) with the default world's size (8 ranks); nothing with one rank."""
+    from cagrad_clip.distributed import active_group
+
+    group = object()  # stands for a ProcessGroup of 4 of the 8 ranks
+    sizes = {id(group): 4, id(None): 8}
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: sizes[id(group)])
+    chosen, world = active_group(True, group)
+    assert chosen is group and world == 4
+    assert active_group(True, None) == (None, 8)
+    assert active_group(False, None) == (None, 1)
+    sizes[id(group)] = 1
+    assert active_group(True, group) == (None, 1)
+
+
 def test_not_initialised_is_a_no_op():
     """Without an initialised process group the optimizer behaves exactly as on one process."""
     assert not dist.is_initialized()

@@ -47,19 +47,25 @@ def make_model() -> TwoHeads:
     return TwoHeads()
 
 
-def train(model: nn.Module, batches, *, micro: int = 1):
-    """3 AdamW steps with max-norm clipping; returns (full parameters, coefficients, Grams)."""
+def train(model: nn.Module, batches, *, micro: int = 1, combine_each: bool = False, keep_grad: bool = False):
+    """3 AdamW steps with max-norm clipping; returns (full parameters, coefficients, Grams).
+
+    ``combine_each``: every micro-batch's ``backward`` combines (each further one takes the direction
+    back out of ``.grad`` first). ``keep_grad``: no ``zero_grad`` between steps, so every window after
+    the first starts with ``.grad`` holding the last step's clipped direction, which it keeps and adds to.
+    """
     params = list(model.parameters())
     opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.05), weights=WEIGHTS, c=0.4)
     coefs, grams = [], []
     for x, ya, yb in batches:
-        opt.zero_grad()
+        if not keep_grad:
+            opt.zero_grad()
         n = x.shape[0] // micro
         for k in range(micro):
             sl = slice(k * n, (k + 1) * n)
             a, b = model(x[sl])
             losses = [((a - ya[sl]) ** 2).mean() / micro, ((b - yb[sl]) ** 2).mean() / micro]
-            opt.backward(losses, combine=k == micro - 1)
+            opt.backward(losses, combine=combine_each or k == micro - 1)
         torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
         opt.step()
         coefs.append(opt.last.coefficients.clone())
@@ -68,7 +74,13 @@ def train(model: nn.Module, batches, *, micro: int = 1):
     return [p.detach().clone() for p in full], torch.stack(coefs), torch.stack(grams)
 
 
-SCENARIOS = {"fsdp": dict(), "fsdp_accumulate": dict(micro=2)}
+SCENARIOS = {
+    "fsdp": dict(),
+    "fsdp_accumulate": dict(micro=2),
+    "fsdp_keep_grad_combine_each": dict(micro=2, combine_each=True, keep_grad=True),
+}
+#: The one-process reference of each scenario: the full batch, one backward per step.
+SINGLE = {name: dict(keep_grad=cfg.get("keep_grad", False)) for name, cfg in SCENARIOS.items()}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -107,7 +119,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs():
-    single = train(make_model(), make_data())
+    single = {name: train(make_model(), make_data(), **cfg) for name, cfg in SINGLE.items()}
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
@@ -117,7 +129,10 @@ def runs():
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_fsdp_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
-    ranks, (single_params, single_coefs, single_grams) = runs
+    """Also with ``.grad`` kept from the last step and a combination after every micro-batch: each
+    further micro-batch takes the direction back out of the kept shards before adding its gradients."""
+    ranks, single = runs
+    single_params, single_coefs, single_grams = single[scenario]
     # Both ranks solved the same all-reduced Gram: bit-identical coefficients and parameters.
     assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
     for rank in ranks:
@@ -137,9 +152,9 @@ if __name__ == "__main__":  # python -m tests.test_fsdp: print the measured diff
     (ranks, single) = runs.__wrapped__()
     for name in SCENARIOS:
         diffs = [
-            max((p - q).abs().max().item() for r in ranks for p, q in zip(r[name][k], single[k]))
+            max((p - q).abs().max().item() for r in ranks for p, q in zip(r[name][k], single[name][k]))
             if k == 0
-            else max((r[name][k] - single[k]).abs().max().item() for r in ranks)
+            else max((r[name][k] - single[name][k]).abs().max().item() for r in ranks)
             for k in range(3)
         ]
         same = torch.equal(ranks[0][name][1], ranks[1][name][1])

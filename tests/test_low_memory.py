@@ -369,6 +369,28 @@ def test_gram_of_rows_reduces_half_precision_in_float32() -> None:
     assert gram.dtype == torch.float32 and rel(gram, exact @ exact.T) < 3e-5  # a bf16 reduction: ~1e-3
 
 
+def nonzero_integer_rows(k: int, n: int, seed: int = 0) -> Tensor:
+    """``k`` rows of ``n`` non-zero integers in ``[-3, 3]``: every column adds to every Gram entry, and
+    every dot product (at most ``9 n < 2**24``) is exact in float32 in any order."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = torch.randint(1, 4, (k, n), generator=g)
+    sign = torch.randint(0, 2, (k, n), generator=g) * 2 - 1
+    return magnitude * sign
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks, extra", [(2, 5), (3, 1), (2, 0), (1, 3)])
+def test_gram_of_rows_is_exact_on_integer_rows_across_block_boundaries(blocks: int, extra: int, dtype: torch.dtype) -> None:
+    """Integer rows of ``blocks * GRAM_BLOCK + extra`` columns: the Gram equals the int64 Gram exactly,
+    so no product is lost or counted twice at a block boundary or in the remainder (float32 rows are
+    reduced in place, bf16 rows upcast)."""
+    ints = nonzero_integer_rows(3, blocks * low_memory.GRAM_BLOCK + extra)
+    expected = ints @ ints.T
+    gram = low_memory.gram_of_rows(list(ints.to(dtype)), torch.float32)
+    assert gram.dtype == torch.float32
+    assert torch.equal(gram.to(torch.int64), expected) and torch.equal(gram, expected.to(torch.float32))
+
+
 # --------------------------------------------------------------------------- equal to the default mode, or refused up front
 def mlp_case(m: int, seed: int = 0, dtype: torch.dtype = torch.float64):
     """A 2-layer tanh trunk (shared) and one linear head per objective."""
@@ -870,7 +892,9 @@ def test_a_nonfinite_head_gradient_with_shared_is_reported_as_nonfinite_not_as_a
     m = 2 if route == "hooks" else 3
     params = [*trunk.parameters(), *heads[:m].parameters()]
     engine = AutogramEngine(trunk) if route == "autogram" else None
-    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), memory="low", engine=engine, shared=list(trunk.parameters()), nonfinite="raise")
+    opt = ConflictAverseOptimizer(
+        torch.optim.SGD(params, lr=0.1), memory="low", engine=engine, shared=list(trunk.parameters()), nonfinite="raise"
+    )
     before = [p.detach().clone() for p in params]
     h = trunk(torch.randn(6, 4))
     losses = [heads[i](h).pow(2).mean() for i in range(m)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -80,6 +81,45 @@ def test_state_dict_and_load_state_dict_hooks_fire():
     assert state["extra"] == 1
     opt.load_state_dict(state)
     assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_a_state_dict_post_hook_may_return_a_new_dict():
+    """As in ``torch.optim``: a post-hook that returns a dict replaces the state dict (the argument is
+    left as it was), and later hooks receive the replacement."""
+    model, losses, opt = trained()
+    seen = []
+
+    def replace(o, sd):
+        return {**sd, "extra": 1}
+
+    def observe(o, sd):
+        seen.append(sd.get("extra"))
+
+    opt.register_state_dict_post_hook(replace)
+    opt.register_state_dict_post_hook(observe)
+    state = opt.state_dict()
+    assert state["extra"] == 1 and seen == [1]
+    assert state["conflict_averse"]["c"] == 0.3 and set(state) == {"state", "param_groups", "conflict_averse", "extra"}
+
+
+def test_a_base_load_that_fails_leaves_the_wrappers_settings_unchanged():
+    """The wrapper's settings are applied only once the base optimizer has loaded: a state dict with
+    the wrong number of parameter groups is refused by the base optimizer and changes nothing."""
+    model, losses, opt = trained()
+    state = opt.state_dict()
+    other_model, _ = model_and_losses(1)
+    params = list(other_model.parameters())
+    two_groups = ConflictAverseOptimizer(
+        torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.5), weights=[0.5, 0.5], c=0.1
+    )
+    settings = two_groups.settings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="parameter groups"):
+            two_groups.load_state_dict(state)
+    assert two_groups.settings == settings and two_groups.c == 0.1
+    assert [g["lr"] for g in two_groups.param_groups] == [0.5, 0.5]
+    assert not caught  # no "settings replaced" warning for a load that did not happen
 
 
 def test_the_wrappers_state_dict_loads_into_a_plain_optimizer_and_back():

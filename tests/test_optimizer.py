@@ -106,15 +106,16 @@ def head_losses(trunk, heads, x, y):
     return [((heads[0](z) - y) ** 2).mean(), ((heads[1](z) + y) ** 2).mean() + 0.1 * (heads[0](z) ** 2).mean()]
 
 
+@pytest.mark.parametrize("store", [{}, {"accumulate_dtype": torch.float64}], ids=["direct", "accumulator"])
 @pytest.mark.parametrize("combine_each", [True, False])
-def test_accumulating_two_halves_equals_one_full_batch(combine_each):
+def test_accumulating_two_halves_equals_one_full_batch(combine_each, store):
     trunk, heads = mlp_with_heads()
     twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
 
     def make(t, h):
         params = list(t.parameters()) + list(h.parameters())
-        return ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9), weights=[0.7, 0.3], c=0.5)
+        return ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9), weights=[0.7, 0.3], c=0.5, **store)
 
     full, halves = make(trunk, heads), make(twin_trunk, twin_heads)
     for _ in range(3):
@@ -457,12 +458,28 @@ def test_a_held_grad_is_never_overwritten():
     assert torch.equal(held, snapshot) and not torch.equal(params[0].grad, snapshot)
 
 
+@pytest.mark.parametrize("store", [{}, {"accumulate_dtype": torch.float64}], ids=["direct", "accumulator"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_blocked_gram_matches_float64_reference(dtype):
-    """Above 2 x GRAM_BLOCK shared entries the Gram is summed block by block (plus a remainder):
-    it must equal the float64 Gram of independently computed gradients, to float32 accuracy."""
-    from cagrad_clip.storage import GRAM_BLOCK
+def test_blocked_gram_matches_float64_reference(dtype, store, monkeypatch):
+    """The Gram summed tile by tile (``bmm`` over whole ``GRAM_BLOCK`` tiles, plus a remainder)
+    equals the float64 Gram of independently computed gradients, to float32 accuracy.
 
+    The store gathers at most 1/16 of the parameters' bytes per chunk, so at this size a chunk is
+    one tile and would take the plain ``rows @ rows.T`` path: the tile is shrunk to 256 columns so
+    that some chunk holds at least two tiles and a remainder (checked, not assumed)."""
+    from cagrad_clip.storage import GRAM_BLOCK, blocks, direct
+
+    tiled_with_remainder = []
+    gram_of_block = blocks.gram_of_block
+
+    def spy(rows):
+        n = rows.shape[1]
+        tiled_with_remainder.append(n // blocks.GRAM_BLOCK >= 2 and n % blocks.GRAM_BLOCK != 0)
+        return gram_of_block(rows)
+
+    monkeypatch.setattr(blocks, "GRAM_BLOCK", 256)
+    monkeypatch.setattr(blocks, "gram_of_block", spy)
+    monkeypatch.setattr(direct, "gram_of_block", spy)
     torch.manual_seed(0)
     layer = torch.nn.Linear(300, 3 * GRAM_BLOCK // 300 + 7, dtype=dtype)  # ~3.1 blocks: bmm + remainder
     x = torch.randn(16, 300, dtype=dtype)
@@ -479,8 +496,9 @@ def test_blocked_gram_matches_float64_reference(dtype):
     G = torch.stack(rows)
     assert G.shape[1] > 2 * GRAM_BLOCK and G.shape[1] % GRAM_BLOCK != 0
     expected = G @ G.T
-    opt = ConflictAverseOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), weights=[0.2, 0.3, 0.5])
+    opt = ConflictAverseOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), weights=[0.2, 0.3, 0.5], **store)
     opt.step(losses(layer))
+    assert any(tiled_with_remainder), "no Gram was reduced over two tiles and a remainder"
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(opt.last.gram.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
@@ -585,6 +603,69 @@ def test_settings_change_only_through_configure_and_take_effect():
     np.testing.assert_allclose(opt.last.coefficients.numpy(), expected, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="3 weights given while 2 objectives are accumulated"):
         opt.configure(weights=[0.2, 0.3, 0.5])
+
+
+def test_weights_configured_between_steps_are_the_next_steps_coefficients():
+    """``configure(weights=B)`` after a step: at ``c = 0`` the next step's coefficients are exactly B
+    (``a = w``), not the weights of the first step (kept on the device between steps)."""
+    trunk, heads = mlp_with_heads()
+    opt = sgd_on(trunk, heads, weights=[0.7, 0.3], c=0.0)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.zero_grad()
+    opt.step(head_losses(trunk, heads, x, y))
+    assert torch.equal(opt.last.coefficients, torch.tensor([0.7, 0.3]))
+    opt.configure(weights=[0.25, 0.75])
+    opt.zero_grad()
+    opt.step(head_losses(trunk, heads, x, y))
+    assert torch.equal(opt.last.coefficients, torch.tensor([0.25, 0.75]))
+
+
+def test_configure_after_backward_leaves_the_direction_in_grad_and_last_as_computed():
+    """Settings apply from the next combination: ``configure(c=...)`` between ``backward`` and ``step``
+    changes neither ``.grad`` nor ``opt.last``, and the step applies the direction already written."""
+    trunk, heads = mlp_with_heads()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = sgd_on(trunk, heads, lr=0.1, weights=[0.7, 0.3], c=0.4)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.backward(head_losses(trunk, heads, x, y))
+    last = opt.last
+    written = [p.grad.clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    opt.configure(c=0.9)
+    assert opt.last is last
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, written))
+    opt.step()
+    for p, b, g in zip(params, before, written):
+        assert torch.equal(p.detach(), b.add(g, alpha=-0.1))
+    assert opt.c == 0.9
+
+
+def test_load_state_dict_restores_the_nonfinite_policy_and_the_skipped_steps():
+    """A checkpoint saved under ``nonfinite="raise"`` after two skipped steps, loaded into an optimizer
+    with the defaults: the policy (and its behaviour) and ``skipped_steps`` come back."""
+    trunk, heads = mlp_with_heads()
+    opt = sgd_on(trunk, heads)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    def nan_losses():
+        losses = head_losses(trunk, heads, x, y)
+        return [losses[0], losses[1] * float("nan")]
+
+    for _ in range(2):
+        opt.zero_grad()
+        with pytest.warns(RuntimeWarning, match="step skipped"):
+            opt.step(nan_losses())
+    opt.configure(nonfinite="raise")
+    state = opt.state_dict()
+    fresh = sgd_on(trunk, heads)
+    assert (fresh.nonfinite, fresh.skipped_steps) == ("skip", 0)
+    with pytest.warns(UserWarning, match="nonfinite: 'skip' -> 'raise'"):
+        fresh.load_state_dict(state)
+    assert (fresh.nonfinite, fresh.skipped_steps) == ("raise", 2)
+    fresh.zero_grad()
+    with pytest.raises(FloatingPointError):
+        fresh.step(nan_losses())
+    assert fresh.skipped_steps == 2
 
 
 def test_construction_refuses_what_cannot_work_naming_the_cause():

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.blocks import CHUNK, blocked_gram
+from cagrad_clip.storage.blocks import CHUNK, GRAM_BLOCK, blocked_gram, gram_of_block
 from tests.policies import step_refused
 
 
@@ -55,6 +55,27 @@ def test_blocked_gram_of_half_rows_accumulates_in_float32(dtype):
     gram = blocked_gram(rows, rows.shape[1])
     assert gram.dtype == torch.float32
     torch.testing.assert_close(gram.double(), expected, rtol=2e-6, atol=2e-6 * expected.abs().max().item())
+
+
+def nonzero_integer_rows(k, n, seed=0):
+    """``k`` rows of ``n`` non-zero integers in ``[-3, 3]``: every column adds to every Gram entry, and
+    every dot product (at most ``9 n < 2**24``) is exact in float32 (and the values in bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 4, (k, n), generator=g) * (torch.randint(0, 2, (k, n), generator=g) * 2 - 1)
+
+
+@pytest.mark.parametrize("tiles, extra", [(2, 5), (3, 1), (2, 0), (1, 3)])
+def test_gram_of_integer_rows_is_exact_past_two_tiles_and_in_the_remainder(tiles, extra):
+    """``tiles * GRAM_BLOCK + extra`` columns of integers: the tiled Gram (``bmm`` over whole tiles plus
+    the remainder) equals the int64 Gram exactly, so no column is lost or counted twice; so does the
+    Gram over the first ``columns`` columns of float32 rows (in place) and of bf16 rows (upcast)."""
+    n = tiles * GRAM_BLOCK + extra
+    ints = nonzero_integer_rows(3, n)
+    expected = (ints @ ints.T).float()
+    assert torch.equal(gram_of_block(ints.float()), expected)
+    assert torch.equal(blocked_gram(ints.to(torch.bfloat16), n), expected)
+    head = ints[:, : n - 7]
+    assert torch.equal(blocked_gram(ints.float(), n - 7), (head @ head.T).float())
 
 
 def test_bf16_combination_is_accumulated_in_float32_and_rounded_once():
@@ -142,12 +163,13 @@ def test_accumulate_dtype_float32_sums_bf16_gradients_in_float32():
 
 
 # ------------------------------------------------------------------------------------------ case 7
-def test_a_parameter_no_objective_reaches_keeps_grad_none():
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
+def test_a_parameter_no_objective_reaches_keeps_grad_none(options):
     """Case 7: as loss.backward() leaves it (AdamW would otherwise decay it, momentum move it)."""
     trunk, heads = trunk_and_heads()
     unused = nn.Linear(3, 3)
     params = params_of(trunk, heads, unused)
-    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.1, weight_decay=0.5))
+    opt = ConflictAverseOptimizer(torch.optim.AdamW(params, lr=0.1, weight_decay=0.5), **options)
     before = [p.detach().clone() for p in unused.parameters()]
     opt.step(two_losses(trunk, heads, torch.randn(8, 4), torch.randn(8, 1)))
     assert all(p.grad is None for p in unused.parameters())
@@ -172,6 +194,30 @@ def test_nonfinite_gradient_in_a_head_outside_shared_is_caught(policy):
     assert len(opt.state) == 0  # Adam's state untouched
 
 
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_nan_only_in_the_first_head_parameter_refuses_the_step_naming_that_objective_only(policy, options):
+    """Objective 0's gradient is NaN on ``heads[0].weight`` only (the first parameter outside ``shared=``)
+    and finite everywhere else; objective 1's is finite. The step is refused, parameters and Adam's
+    state untouched, and the report names objective 0 alone: ``last.finite == [False, True]``, although
+    objective 1 (uniform weights: the last of ties, the one whose gradient the default store turns into
+    the direction) received that NaN through the combination."""
+    trunk, heads = trunk_and_heads()
+    params = params_of(trunk, heads)
+    opt = ConflictAverseOptimizer(torch.optim.Adam(params, lr=0.1), shared=trunk.parameters(), nonfinite=policy, **options)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    z = trunk(x)
+    nan_on_first_head_weight = (heads[0].weight * float("nan")).sum()  # reaches heads[0].weight and nothing else
+    losses = [((heads[0](z) - y) ** 2).mean() + nan_on_first_head_weight, ((heads[1](z) + y) ** 2).mean()]
+    grads = torch.autograd.grad(losses[0], params, retain_graph=True, allow_unused=True)
+    assert [g is not None and not bool(torch.isfinite(g).all()) for g in grads] == [False, False, True, False, False, False]
+    before = [p.detach().clone() for p in params]
+    step_refused(opt, losses, policy, r"objective\(s\) \[0\] have a non-finite gradient")
+    assert opt.last.finite.tolist() == [False, True]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert len(opt.state) == 0
+
+
 # ------------------------------------------------------------------------------------------ case 2
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_combination_that_overflows_float16_is_not_applied(policy):
@@ -184,6 +230,20 @@ def test_combination_that_overflows_float16_is_not_applied(policy):
     step_refused(opt, losses, policy, "overflows the parameters' dtype")
     assert torch.equal(w.detach(), torch.zeros(2, dtype=torch.float16))
     torch.testing.assert_close(opt.last.coefficients, torch.tensor([1.5, 1.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_finite_gradients_whose_combination_overflows_float32_or_bf16_are_not_applied(policy, dtype):
+    """Gradients 1e4 e_1 and 1e4 e_2 (finite, their Gram too) and ``c = 1e36``: the coefficients are
+    ``0.5 + 0.5 c`` (finite: 5e35) but the direction, 5e39 per entry, exceeds the largest float32 and bf16
+    (3.4e38). The step must be refused with the overflow named, not take an Inf step."""
+    w = nn.Parameter(torch.zeros(2, dtype=dtype))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=1.0), weights=[0.5, 0.5], c=1e36, nonfinite=policy)
+    step_refused(opt, [w[0] * 1.0e4, w[1] * 1.0e4], policy, "overflows the parameters' dtype")
+    assert torch.equal(w.detach(), torch.zeros(2, dtype=dtype))
+    assert torch.isfinite(opt.last.gram).all() and opt.last.finite.tolist() == [True, True]
+    torch.testing.assert_close(opt.last.coefficients, torch.tensor([5e35, 5e35]))
 
 
 # ------------------------------------------------------------------------------------------ case 14

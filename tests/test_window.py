@@ -232,6 +232,33 @@ def test_grad_views_of_one_flat_buffer_receive_the_direction_in_place(store):
 
 
 # ----------------------------------------------------------------------------------- failed calls
+@pytest.mark.parametrize("store", list(STORES))
+def test_grad_replaced_by_equal_clones_between_backwards_starts_a_new_window(store):
+    """Every ``.grad`` replaced by a clone (the same values, other tensors) after ``backward(...,
+    combine=False)``: a new window begins. Its Gram is the second batch's alone, and the clones are
+    kept as the user's ``.grad`` with the new direction added to them, as torch adds gradients."""
+    net = model()
+    params = list(net.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=1.0), weights=[0.7, 0.3], **STORES[store])
+    (x1, y1), (x2, y2) = batches()
+    opt.backward(losses_of(net, x1, y1), combine=False)
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+    kept = [None if p.grad is None else p.grad.clone() for p in params]
+    assert any(k is not None for k in kept)
+    opt.backward(losses_of(net, x2, y2))
+    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses_of(net, x2, y2)]
+    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]) for gs in grads])
+    gram = (G.double() @ G.double().T).float()
+    torch.testing.assert_close(opt.last.gram.float(), gram, rtol=1e-5, atol=1e-6 * gram.abs().max().item())
+    a = opt.last.coefficients
+    for j, p in enumerate(params):
+        added = sum(a[i].to(p.dtype) * g[j] for i, g in enumerate(grads) if g[j] is not None)
+        expected = added if kept[j] is None else kept[j] + added
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_rejected_micro_batch_changes_nothing():
     """A call refused after validation-worthy input (three losses in a two-objective window, a loss
     that does not require grad) leaves the window as it was: the step equals the run without it."""

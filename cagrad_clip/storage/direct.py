@@ -94,6 +94,9 @@ class DirectStore(GradientStore):
         self.grads: list[list[Tensor | None]] = []  # grads[i][j]: objective i, parameter j (grads[home] is .grad)
         self.fresh = [False] * len(self.params)  # home gradient allocated by write() (home did not reach it)
         self.coefficients: Tensor | None = None
+        #: The home objective's squared norm over the non-shared parameters, taken by :meth:`write` before
+        #: its gradients became the direction (``None``: not written, read them from ``grads``).
+        self._home_unshared: Tensor | None = None
         self.m = 0
         self._zeroed = GradGuard()
         self._plans: dict[tuple[int, int, int], list[Chunk]] = {}
@@ -112,6 +115,7 @@ class DirectStore(GradientStore):
         self.grads = []
         self.fresh = [False] * len(self.params)
         self.coefficients = None
+        self._home_unshared = None
         self._zeros = None
         self._buffer = None
 
@@ -206,6 +210,7 @@ class DirectStore(GradientStore):
         self.grads[home] = home_start
         self.fresh = [False] * len(self.params)
         self.coefficients = None
+        self._home_unshared = None
         self.recorder.reached = [False] * len(self.params)
 
     def accumulate(self, losses: Sequence[Tensor]) -> None:
@@ -256,16 +261,25 @@ class DirectStore(GradientStore):
             return torch.zeros((self.m, self.m), dtype=self.acc, device=self.device)
         return torch.stack(parts).sum(0)  # the chunk sums added pairwise, not in one float32 chain
 
+    def _unshared_sumsq_of(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """One objective's squared norm over the non-shared parameters (0-d, float32 or better; no sync)."""
+        present = [g for g in grads[self.shared_count :] if g is not None]
+        if not present:
+            return torch.zeros((), dtype=self.acc, device=self.device)
+        return torch.stack(torch._foreach_norm(present, 2, dtype=self.acc)).square().sum()
+
     def unshared_sumsq(self) -> Tensor:
-        """Each objective's squared norm over the non-shared parameters (heads): their finiteness check."""
-        sums = []
-        for grads in self.grads:
-            present = [g for g in grads[self.shared_count :] if g is not None]
-            if present:
-                sums.append(torch.stack(torch._foreach_norm(present, 2, dtype=self.acc)).square().sum())
-            else:
-                sums.append(torch.zeros((), dtype=self.acc, device=self.device))
-        return torch.stack(sums)
+        """Each objective's squared norm over the non-shared parameters (heads): their finiteness check.
+
+        The home objective's own gradients, not the direction written into them: a NaN in another
+        objective's head reaches the direction and must not mark the home objective as well.
+        """
+        return torch.stack(
+            [
+                self._home_unshared if i == self.home and self._home_unshared is not None else self._unshared_sumsq_of(grads)
+                for i, grads in enumerate(self.grads)
+            ]
+        )
 
     def kept_row(self, i: int) -> bool:
         return i != self.home  # the home objective's gradients became the direction
@@ -309,6 +323,9 @@ class DirectStore(GradientStore):
     def write(self, coefficients: Tensor) -> Tensor:
         self.coefficients = coefficients
         home = self.home_grads
+        # the home gradients become the direction in place: their unshared norm is taken first (one fused
+        # norm on the device; with every parameter shared there is nothing to take)
+        self._home_unshared = self._unshared_sumsq_of(home) if self.shared_count < len(self.params) else None
         reached = self.recorder.reached
         written: Sequence[int] = range(len(self.params)) if all(reached) else [j for j, r in enumerate(reached) if r]
         for j in written:
@@ -355,3 +372,4 @@ class DirectStore(GradientStore):
         for p, g in zip(self.params, home):
             p.grad = g
         self.coefficients = None
+        self._home_unshared = None

@@ -86,6 +86,57 @@ def test_accumulation_with_a_short_last_window_equals_the_hand_written_loop(tmp_
     assert metrics["eval_loss"] == pytest.approx(0.8 * metrics["eval_loss/head"] + 0.2 * metrics["eval_loss/tail"], rel=1e-5)
 
 
+def test_a_window_of_unequal_micro_batches_equals_one_step_on_all_its_examples(tmp_path):
+    """Micro-batches of 2 and 1 examples in one accumulation window: each is weighted by its share of
+    the window's examples (2/3, 1/3), so the update is one step on all 3 examples (no clipping)."""
+    tok = tiny.tokenizer()
+    data = rows(3)
+    model = tiny.no_dropout_gpt2(tok)
+    mine = copy.deepcopy(model)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(mine.parameters(), lr=LR), weights=WEIGHTS)
+    opt.step(halves(mine, torch.stack([r["input_ids"] for r in data])))
+    trainer = HalvesTrainer(
+        model=model,
+        args=args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, max_grad_norm=0.0),
+        train_dataset=data,
+        objective_weights=WEIGHTS,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), mine.parameters())) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), tiny.no_dropout_gpt2(tok).parameters())) > 1e-2
+
+
+def test_training_step_returns_the_weighted_loss_detached_from_the_graph(tmp_path):
+    """What ``training_step`` returns is summed into the ``Trainer``'s running loss: it must not hold the
+    graph. It is the ``w``-weighted loss of the micro-batch, scaled by its share of the window."""
+    tok = tiny.tokenizer()
+    data = rows(4)
+    returned = []
+
+    class Recording(HalvesTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            returned.append((loss, inputs["input_ids"].clone()))
+            return loss
+
+    trainer = Recording(
+        model=tiny.no_dropout_gpt2(tok),
+        args=args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1),
+        train_dataset=data,
+        objective_weights=WEIGHTS,
+    )
+    trainer.train()
+    assert len(returned) == 2
+    for k, (loss, _) in enumerate(returned):
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+        assert not loss.requires_grad and loss.grad_fn is None, f"micro-batch {k}"
+    # the first micro-batch ran before any step: its loss is the initial model's, halved (2 of 4 examples)
+    with torch.no_grad():
+        first = halves(tiny.no_dropout_gpt2(tok), returned[0][1])
+    assert returned[0][0].item() == pytest.approx(0.5 * (WEIGHTS[0] * first[0].item() + WEIGHTS[1] * first[1].item()), rel=1e-6)
+
+
 def test_a_missing_hook_or_optimizer_is_reported(tmp_path):
     tok = tiny.tokenizer()
 

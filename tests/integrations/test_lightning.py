@@ -82,8 +82,10 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("accumulate, clip_val", [(1, None), (2, 0.5)])
+@pytest.mark.parametrize("accumulate, clip_val", [(1, None), (2, None), (2, 0.5)])
 def test_module_equals_hand_written_loop(accumulate, clip_val):
+    """Also with accumulation and no clipping, where the step's size shows that each micro-batch's
+    losses are divided by the window's length (clipping to a norm would hide that scale)."""
     batches = data()
     mine = net()
     hand_loop(mine, batches, accumulate, clip_val)

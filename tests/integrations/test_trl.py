@@ -292,6 +292,30 @@ def test_logs_and_evaluation(tok, tmp_path):
     assert per_objective == pytest.approx([h.item() for h in hand], abs=1e-5)
 
 
+def test_logged_margins_and_accuracies_average_over_each_objectives_decided_pairs(tok, tmp_path):
+    """``rewards/<objective>/margins`` is the mean of ``s_i beta Delta`` over the pairs objective ``i``
+    decides (a tie prefers neither side and is left out), ``accuracies`` the share of them with
+    ``s_i beta Delta > 0``: against a hand computation with the initial policy (the first step logs
+    what its forward saw, before the update). Every objective has ties here (2, 1 and 3 of 8)."""
+    rows = tiny.preference_rows(8, 3, seed=12)
+    signs = torch.tensor([r["objective_signs"] for r in rows], dtype=torch.float32)
+    decided = signs != 0
+    assert (~decided).sum(0).tolist() == [2, 1, 3]
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    ids, attn, comp = tiny.encode_pairs(tok, rows)
+    with torch.no_grad():
+        ratio = tiny.sequence_logps(model, ids, attn, comp) - tiny.sequence_logps(ref, ids, attn, comp)
+    delta = BETA * (ratio[:8] - ratio[8:])
+    names = ["coverage", "brevity", "politeness"]
+    args = config(tmp_path, 3, per_device_train_batch_size=8, max_steps=1, logging_strategy="steps", logging_steps=1, objective_names=names)
+    logged = run_trainer(tok, rows, args, model, copy.deepcopy(ref)).state.log_history[0]
+    for i, name in enumerate(names):
+        margins = signs[decided[:, i], i] * delta[decided[:, i]]
+        assert logged[f"rewards/{name}/margins"] == pytest.approx(margins.mean().item(), abs=1e-5), name
+        assert logged[f"rewards/{name}/accuracies"] == pytest.approx((margins > 0).float().mean().item(), abs=1e-6), name
+    assert logged["rewards/margins"] == pytest.approx(delta.mean().item(), abs=1e-5)
+
+
 def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
     model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
 
