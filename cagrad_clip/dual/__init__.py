@@ -6,9 +6,13 @@ gradients themselves never enter. With user weights ``w`` on the simplex: anchor
 ``p = argmin_{p in simplex} b^T p + s sqrt(p^T H p)``; clip ``p~ = min(p, w)``; coefficients
 ``a = w + (s / ||G p~||) p~``, direction ``d = sum_i a_i g_i``.
 
+At a Pareto-stationary optimum (``min F = 0`` at ``G p = 0``, a conflict-free direction within the
+trust region) ``a = w + lambda`` instead: the solution of CAGrad's primal nearest ``g0``.
+
 Modules: :mod:`.api` (checks and the public functions), :mod:`.kernel` (the solve proper),
 :mod:`.exact` (support enumeration), :mod:`.frank_wolfe` (pairwise Frank-Wolfe + face Newton),
-:mod:`.line_search` (the exact line search), :mod:`.objective` (``F`` and its gradient).
+:mod:`.line_search` (the exact line search), :mod:`.stationary` (the min-norm point and the least
+squares of Pareto-stationary inputs), :mod:`.objective` (``F`` and its gradient).
 ``docs/algorithm.md`` explains the mathematics.
 """
 

@@ -43,8 +43,11 @@ def default_max_iter(m: int) -> int:
 
     ``m = 1`` needs no iteration and ``m = 2`` is solved exactly by one exact line search. Each
     further iteration is a pairwise Frank-Wolfe step (finds the face) and a Newton step on the face
-    (converges on it). ``python -m benchmarks.solver_accuracy`` (table (b)) measures the accuracy
-    per budget; ``docs/solver_accuracy.md`` has the numbers.
+    (converges on it), plus two steps of Wolfe's min-norm-point and Lawson-Hanson's algorithms for
+    optima at a kink (Pareto-stationary inputs, :mod:`.stationary`: they reach those within ``m``
+    iterations where Frank-Wolfe alone stopped ``1e-4 max_i H_ii`` short).
+    ``python -m benchmarks.solver_accuracy`` (table (b)) measures the accuracy per budget;
+    ``docs/solver_accuracy.md`` has the numbers.
     """
     if m <= 1:
         return 0

@@ -10,6 +10,12 @@ Every candidate is clipped to the simplex, so each is feasible and ``F`` at it i
 ``min F``; the minimiser (or an equally good point) is a candidate, so the smallest ``F`` over
 all ``2^m - 1`` candidates is ``min F``. Kinks (``G p = 0`` inside a face) need no care: there
 ``F = 0`` exactly and that face's ``p0`` (``sigma = 0``) represents them.
+
+The same solves give every face's candidate for the non-negative least squares of
+:mod:`.stationary` (the conflict-free direction nearest ``g0``): ``H_SS lambda_S = -b_S`` is solved by
+``lambda_S = p1 - (b_S^T p0 / p0^T H p0) p0`` (``H p0 = -t0 1``, ``H p1 = -b - t1 1`` with
+``t1 = -b^T p0``). Its optimum lies on a face of linearly independent gradients (Caratheodory), where
+the candidate is exact and non-negative; the smallest ``b^T lambda`` (twice its objective there) wins.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ __all__ = ["face_frame", "solve_by_supports", "solve_exact"]
 
 # Linear systems per chunk of the support enumeration: bounds its memory to a few MiB per chunk.
 _SYSTEMS_PER_CHUNK = 1 << 15
+# A face of k gradients counts as independent where p0^T H p0 > TOL k eps (sum_i |p0_i| ||g_i||)^2 (the zero rule of .kernel).
+_INDEPENDENT_TOL_EPS = 100.0
 
 
 class FaceFrame(NamedTuple):
@@ -80,28 +88,30 @@ def _build_frame(m: int, k: int, device: torch.device, dtype: torch.dtype) -> Fa
 
 def solve_by_supports(
     Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None = None, kink_tol: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Best point of the faces of at most ``max_support`` vertices (all faces: the exact dual solution).
 
-    ``Hn`` is ``(..., m, m)``, ``b`` ``(..., m)`` and ``s`` ``(...)``. Returns ``(p, F(p), p_off)``:
-    the best candidate, its value, and the best candidate off the kink (``p^T H p > kink_tol``;
-    where there is none, the first candidate), a start for Frank-Wolfe. Ties go to the first
-    (smallest) face. The chunk loop runs over shapes only: no host sync.
+    ``Hn`` is ``(..., m, m)``, ``b`` ``(..., m)`` and ``s`` ``(...)``. Returns ``(p, F(p), p_off, lam)``:
+    the best candidate, its value, the best candidate off the kink (``p^T H p > kink_tol``; where
+    there is none, the first candidate), a start for Frank-Wolfe, and the best non-negative least
+    squares candidate ``lam`` of those faces (0 where none decreases it; optimal on its face).
+    Ties go to the first (smallest) face. The chunk loop runs over shapes only: no host sync.
     """
-    p, value, p_off = _solve(Hn, b, s, max_support, kink_tol)
-    return p, value.reshape(Hn.shape[:-2]), p_off
+    p, value, lam, p_off = _solve(Hn, b, s, max_support, kink_tol)
+    return p, value.reshape(Hn.shape[:-2]), p_off, lam
 
 
-def solve_exact(Hn: Tensor, b: Tensor, s: Tensor) -> Tensor:
-    """The exact dual solution ``p`` ``(..., m)``: :func:`solve_by_supports` over all faces, without the start point.
+def solve_exact(Hn: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact dual solution ``p`` ``(..., m)`` and the exact non-negative least squares ``lam`` (:mod:`.stationary`).
 
-    ``s`` may be ``(...)`` or ``(..., 1)``.
+    :func:`solve_by_supports` over all faces, without the start point. ``s`` may be ``(...)`` or ``(..., 1)``.
     """
-    return _solve(Hn, b, s, None, None)[0]
+    p, _, lam = _solve(Hn, b, s, None, None)
+    return p, lam
 
 
 def _solve(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None, kink_tol: float | None) -> list[Tensor]:
-    """``[p, F(p)]`` (``F(p)`` flat) and, unless ``kink_tol`` is ``None``, the best point off the kink."""
+    """``[p, F(p), lam]`` (``F(p)`` flat) and, unless ``kink_tol`` is ``None``, the best point off the kink."""
     m = Hn.shape[-1]
     batch = Hn.shape[:-2]
     frame = face_frame(m, m if max_support is None else max_support, Hn.device, Hn.dtype)
@@ -116,13 +126,16 @@ def _solve(Hn: Tensor, b: Tensor, s: Tensor, max_support: int | None, kink_tol: 
             for start in range(0, n, chunk)
         ]
         p, value, *p_off = (torch.cat(list(part), 0) for part in zip(*parts))
-    return [p.reshape(*batch, m), value] + [x.reshape(*batch, m) for x in p_off]
+    return [p.reshape(*batch, m), value] + [x.reshape(*batch, m) for x in p_off]  # p_off = [lam] (+ [p_off])
 
 
-def _face_candidates(frame: FaceFrame, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Every face's KKT candidate ``(n, K, k)`` (clipped to the simplex), its ``F`` and ``p^T H p`` ``(n, K, 1)``.
+def _face_candidates(frame: FaceFrame, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every face's KKT candidate ``(n, K, k)`` (clipped to the simplex), its ``F`` and ``p^T H p`` ``(n, K, 1)``;
+    every face's least-squares candidate ``lam`` ``(n, K, k)`` and ``b^T lam`` ``(n, K, 1)``, twice its objective.
 
-    ``s_chunk`` is ``(n, 1, 1)``. Invalid candidates (singular system, empty or non-finite) get ``F = inf``.
+    ``s_chunk`` is ``(n, 1, 1)``. Invalid candidates (singular system, empty or non-finite) get ``F = inf``;
+    least-squares candidates are valid on faces of independent gradients only (``p0^T H p0`` above
+    rounding, relative to ``(sum_i |p0_i| ||g_i||)^2``) and where non-negative, else ``inf``.
     """
     n = H_chunk.shape[0]
     n_faces, k = frame.vertices.shape
@@ -144,12 +157,18 @@ def _face_candidates(frame: FaceFrame, H_chunk: Tensor, b_chunk: Tensor, s_chunk
     sigma = torch.where((room > num.zero) & (c0 > num.zero) & (ratio < num.inf), ratio, num.zero).sqrt()
     p = (p0 + sigma * p1).clamp_min(0.0)
     total = p.sum(-1, keepdim=True)  # >= 0, inf or NaN
-    valid = (info.unsqueeze(-1) == 0) & (total > num.zero) & (total < num.inf)
+    solved = info.unsqueeze(-1) == 0
+    valid = solved & (total > num.zero) & (total < num.inf)
     p = p / torch.where(valid, total, num.one)
     quad = _face_quad_form(H_faces, p).clamp_min(0.0)
     value = (b_c * p).sum(-1, keepdim=True) + s_chunk * quad.sqrt()
     value = torch.where(valid & (value.abs() < num.inf), value, num.inf)
-    return p, value, quad
+    # least squares on the face: H_SS lam = -b_S, from the same two solves (c0 = p0^T H p0 > 0: independent gradients)
+    own_scale = (p0.abs() * H_c.diagonal(dim1=-2, dim2=-1).sqrt()).sum(-1, keepdim=True)  # a negative diagonal: NaN, rejected
+    independent = solved & (c0 > (_INDEPENDENT_TOL_EPS * k * torch.finfo(p.dtype).eps) * own_scale.square())
+    lam = p1 - ((b_c * p0).sum(-1, keepdim=True) / c0) * p0  # the masked-out candidates are discarded
+    b_lam = (b_c * lam).sum(-1, keepdim=True)  # twice the objective b^T lam + lam^T H lam / 2 at the face's solution
+    return p, value, quad, lam, torch.where(independent & (lam.amin(-1, keepdim=True) >= num.zero), b_lam, num.inf)
 
 
 def _face_quad_form(H_faces: Tensor, x: Tensor) -> Tensor:
@@ -163,15 +182,19 @@ def _face_quad_form(H_faces: Tensor, x: Tensor) -> Tensor:
 
 
 def _solve_chunk(frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_chunk: Tensor, kink_tol: float | None) -> list[Tensor]:
-    """:func:`_solve` for one chunk of flattened problems ``(n, m m)``: ``[p, F(p)]`` (``(n, 1, m)``, ``(n, 1)``) [+ ``p_off``]."""
-    p, value, quad = _face_candidates(frame, H_chunk, b_chunk, s_chunk)
+    """:func:`_solve` for one chunk of flattened problems ``(n, m m)``: ``[p, F(p), lam]`` (``(n, 1, m)``, ``(n, 1)``,
+    ``(n, 1, m)``) [+ ``p_off``]."""
+    p, value, quad, lam, b_lam = _face_candidates(frame, H_chunk, b_chunk, s_chunk)
+    n, n_faces, k = p.shape
     best_value, faces = value.min(-2)
+    # the least-squares candidates follow the dual's, 0 where none decreases the objective (then the best is >= 0)
+    candidates = torch.cat([p, torch.where(b_lam < numbers(p).zero, lam, numbers(p).zero)], -2)
+    faces = torch.cat([faces, b_lam.argmin(-2) + n_faces], -1)
     if kink_tol is not None:  # also the best face off the kink (a Python option, not a tensor value)
         faces = torch.cat([faces, torch.where(quad > kink_tol, value, torch.inf).argmin(-2)], -1)
-    n, _, k = p.shape
-    p_faces = p.gather(-2, faces.unsqueeze(-1).expand(n, faces.shape[-1], k))  # (n, F, k)
-    where = frame.vertices[faces]  # (n, F, k): vertices of the chosen faces
+    p_faces = candidates.gather(-2, faces.unsqueeze(-1).expand(n, faces.shape[-1], k))  # (n, F, k)
+    where = frame.vertices[faces % n_faces]  # (n, F, k): vertices of the chosen faces
     chosen = torch.zeros(n, faces.shape[-1], m, device=p.device, dtype=p.dtype).scatter_add(-1, where, p_faces)
     if kink_tol is None:
-        return [chosen, best_value]
-    return [chosen[:, 0], best_value, chosen[:, 1]]
+        return [chosen[:, :1], best_value, chosen[:, 1:2]]
+    return [chosen[:, 0], best_value, chosen[:, 1], chosen[:, 2]]

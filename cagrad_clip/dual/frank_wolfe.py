@@ -10,6 +10,14 @@ uphill while a mix of several is downhill, so Frank-Wolfe would stall there. Des
 ``F = 0`` from ``F < 0``, so it starts at the best point *off* the kink of the small faces (solved
 exactly, :mod:`.exact`), never aims at a zero vertex, and at the end keeps the best small-face
 candidate (a kink point with ``F = 0`` included) if that beats the iterate.
+
+Kink optima: where the optimum *is* a kink (Pareto-stationary gradients with ``F >= 0`` elsewhere,
+e.g. any ``c >= 1``), Frank-Wolfe closes in on it one vertex per iteration and the budget can run
+out far from it (``1e-4 max_i H_ii`` at ``m = 16``). Every kink is then optimal, and so is the
+min-norm point of the convex hull: two Wolfe iterations per iteration (:mod:`.stationary`) track it
+as a third candidate, which reaches it within the default budget (Wolfe needs up to ~1.5 m). The
+non-negative least squares of :mod:`.stationary` (the direction at such optima) runs alongside,
+stacked with it, from the best small-face solution.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from torch import Tensor
 from .exact import solve_by_supports
 from .line_search import exact_line_search
 from .objective import dual_gradient, dual_value
+from .stationary import stationary_problems, stationary_step
 
 __all__ = ["solve_frank_wolfe", "start_support_size"]
 
@@ -29,23 +38,37 @@ def start_support_size(m: int) -> int:
     return 3 if m <= 12 else 2 if m <= 32 else 1
 
 
-def solve_frank_wolfe(Hn: Tensor, b: Tensor, s: Tensor, diag_n: Tensor, max_iter: int, kink_tol: float) -> Tensor:
+def solve_frank_wolfe(
+    Hn: Tensor, b: Tensor, s: Tensor, diag_n: Tensor, max_iter: int, kink_tol: float, add_tol: Tensor
+) -> tuple[Tensor, Tensor]:
     """``max_iter`` pairwise FW + face-Newton iterations from the best small-face point off the kink.
 
     ``Hn`` ``(..., m, m)`` is normalised (largest diagonal 1), ``diag_n`` its diagonal clamped at
     0, ``b = Hn w`` and ``s`` the normalised radius. ``p^T H p <= kink_tol`` counts as the kink.
-    Returns ``p`` ``(..., m)`` on the simplex.
+    Each iteration also takes two steps of Wolfe's algorithm towards the min-norm point (a kink
+    candidate) and of Lawson-Hanson's for the least squares (:mod:`.stationary`; ``add_tol``
+    ``(..., m)``: gradients above ``-add_tol`` do not enter). Returns ``p`` ``(..., m)`` on the
+    simplex, the best of the iterate, the min-norm candidate and the small-face start, and the
+    least-squares ``lam``.
     """
     m = Hn.shape[-1]
-    p_small, value_small, p = solve_by_supports(Hn, b, s, start_support_size(m), kink_tol)
+    p_small, value_small, p, lam = solve_by_supports(Hn, b, s, start_support_size(m), kink_tol)
     zero_vertex = diag_n <= kink_tol
     zero_vertex = zero_vertex & ~zero_vertex.all(-1, keepdim=True)  # all zero: nothing to exclude
     idx = torch.arange(m, device=Hn.device)
+    # Wolfe's start, the shortest gradient, and the best small-face least squares: both optimal on their faces
+    x = torch.stack([(idx == diag_n.argmin(-1, keepdim=True)).to(Hn.dtype), lam], -2)
+    optimal = torch.ones_like(x[..., :1], dtype=torch.bool)
+    problems = stationary_problems(b, add_tol)
     for _ in range(max_iter):  # a loop over a Python int: no sync
         p = pairwise_fw_step(Hn, b, s, p, kink_tol, idx, zero_vertex)
         p = face_newton_step(Hn, b, s, p, kink_tol)
-    value = dual_value(Hn, b, s, p)
-    return torch.where((value_small < value).unsqueeze(-1), p_small, p)
+        for _ in range(2):  # Wolfe's iterations need up to ~1.5 m (measured): two per iteration
+            x, optimal = stationary_step(Hn, x, optimal, problems, idx)
+    q, lam = x.unbind(-2)
+    value, value_q = dual_value(Hn, b, s, p), dual_value(Hn, b, s, q)
+    p = torch.where((value_q < value).unsqueeze(-1), q, p)
+    return torch.where((value_small < torch.minimum(value, value_q)).unsqueeze(-1), p_small, p), lam
 
 
 def move(

@@ -6,7 +6,9 @@ One step of RACO's Algorithm 1 (CAGrad-Clip, arXiv 2602.02495) on Gram matrices
 * anchor ``g0 = sum_i w_i g_i``, ``b = H w`` and radius ``s = c ||g0||``;
 * dual (the CAGrad dual of RACO Algorithm 1) ``p = argmin_{p in simplex} F(p) = b^T p + s sqrt(p^T H p)``;
 * clip ``p~ = min(p, w)`` (``clip=True``) or ``p~ = p`` (``clip=False``, CAGrad);
-* coefficients ``a = w + (s / ||G p~||) p~`` (``a = w`` if ``G p~`` is zero), direction ``sum_i a_i g_i``.
+* coefficients ``a = w + (s / ||G p~||) p~`` (``a = w`` if ``G p~`` is zero), direction ``sum_i a_i g_i``;
+* except at a Pareto-stationary optimum (``min F = 0`` and a conflict-free direction within the
+  trust region): there ``a = w + lambda``, the primal solution nearest ``g0`` (:mod:`.stationary`).
 
 No ``.item()``, ``.cpu()``, ``.tolist()`` or Python branch on a tensor value: the kernel can be
 captured by ``torch.compile(fullgraph=True)`` or a CUDA graph and runs on the input's device.
@@ -14,6 +16,7 @@ captured by ``torch.compile(fullgraph=True)`` or a CUDA graph and runs on the in
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -23,6 +26,7 @@ from .exact import solve_exact
 from .frank_wolfe import solve_frank_wolfe
 from .line_search import solve_edge
 from .objective import dual_gradient, matvec, numbers, quad_form
+from .stationary import vertex_conflict_free
 
 __all__ = ["CAGradSolution", "share_ties", "solve_kernel"]
 
@@ -63,6 +67,7 @@ class _Problem(NamedTuple):
     H: Tensor  # (*B, m, m) symmetrised, not normalised (for the non-finite check)
     Hn: Tensor  # H / scale
     diag_n: Tensor  # diagonal of Hn, clamped at 0
+    norms_n: Tensor  # sqrt(diag_n): ||g_i|| / sqrt(scale)
     scale: Tensor  # (*B, 1) max_i H_ii clamped at 0 (the division uses 1 where it is 0)
     w: Tensor  # (*B, m)
     b: Tensor  # Hn w
@@ -84,18 +89,24 @@ def _normalise(gram: Tensor, weights: Tensor, c: float) -> _Problem:
     Hn = H / safe_scale.unsqueeze(-1)
     b = matvec(Hn, w)
     anchor_n = (w * b).sum(-1, keepdim=True).clamp_min(0.0).sqrt()
-    return _Problem(H, Hn, diag / safe_scale, scale, w, b, anchor_n, c * anchor_n)
+    diag_n = diag / safe_scale
+    return _Problem(H, Hn, diag_n, diag_n.sqrt(), scale, w, b, anchor_n, c * anchor_n)
 
 
-def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: float) -> Tensor:
-    """``p``: the exact edge search for ``m = 2``, else the chosen solver (``m = 1`` and ``max_iter = 0``: the FW start)."""
+def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: float, zero_tol: float) -> tuple[Tensor, Tensor]:
+    """``(p, lam)``: the dual solution and the least squares of :mod:`.stationary`.
+
+    ``m = 2``: the exact edge search and the best one-vertex least squares (exact for two
+    objectives); else the chosen solver (``m = 1`` and ``max_iter = 0``: the FW start).
+    """
     Hn, b, s = problem.Hn, problem.b, problem.s
     m = Hn.shape[-1]
     if m == 2 and max_iter > 0:
-        return solve_edge(Hn, b, s, problem.diag_n)
+        return solve_edge(Hn, b, s, problem.diag_n), vertex_conflict_free(b, problem.diag_n)
     if m > 2 and solver == "exact":
         return solve_exact(Hn, b, s)
-    return solve_frank_wolfe(Hn, b, s.squeeze(-1), problem.diag_n, max_iter, kink_tol)
+    add_tol = zero_tol * problem.norms_n * problem.anchor_n  # |<g_i, d>| <= ||g_i|| ||g0||: gradients above -add_tol are 0
+    return solve_frank_wolfe(Hn, b, s.squeeze(-1), problem.diag_n, max_iter, kink_tol, add_tol)
 
 
 def closure_steps(m: int) -> int:
@@ -144,10 +155,36 @@ def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tens
     positive = mass > num.zero
     direction = p_clipped / torch.where(positive, mass, num.one)
     n2 = quad_form(problem.Hn, direction, keepdim=True).clamp_min(0.0)
-    own_scale = (direction * problem.diag_n.sqrt()).sum(-1, keepdim=True).square()
+    own_scale = (direction * problem.norms_n).sum(-1, keepdim=True).square()
     usable = positive & (n2 > zero_tol * own_scale)
     ratio = torch.where(usable, problem.s / n2.sqrt(), num.zero)  # the masked-out quotients are discarded
     return problem.w + ratio * direction
+
+
+def _at_stationary(problem: _Problem, coefficients: Tensor, lam: Tensor, p: Tensor, dual_n: Tensor, tol: float) -> Tensor:
+    """``a = w + lambda`` where the optimum is Pareto-stationary, else ``coefficients`` (Algorithm 1's).
+
+    ``d = g0 + G lambda`` is the conflict-free direction nearest ``g0`` (:mod:`.stationary`), pulled
+    into the trust region (``||G lambda|| <= s``). It is used where it certifies itself, each
+    quantity against its own scale (so short gradients count as much as long ones):
+
+    * ``d`` is conflict-free: ``<g_i, d> >= -tol ||g_i|| ||g0||`` for every ``i``;
+    * ``F(p) <= tol ||g0|| sum_i p_i ||g_i||``: the dual optimum is (at most) 0.
+
+    ``min_i <g_i, d>`` is a lower bound on ``min F`` and ``F(p)`` an upper bound (weak duality), so
+    then ``min F = 0`` up to ``tol`` and ``d`` solves CAGrad's primal ``max_d min_i <g_i, d>`` s.t.
+    ``||d - g0|| <= s``, however ``lambda`` was found. There Algorithm 1's correction
+    ``s G p / ||G p||`` is undefined (``G p = 0``) or one optimal direction among many; the clip caps
+    the shares of that correction, so with or without it the direction is ``d``.
+    """
+    num = numbers(lam)
+    H_lam = matvec(problem.Hn, lam)
+    # s / ||G lambda|| capped at 1 (NaN only for s = ||G lambda|| = 0, rejected below: a = w then anyway)
+    shrink = torch.minimum(num.one, problem.s * (lam * H_lam).sum(-1, keepdim=True).clamp_min(0.0).rsqrt())
+    slack = (tol * problem.anchor_n) * problem.norms_n
+    conflict_free = (problem.b + shrink * H_lam + slack).amin(-1, keepdim=True) >= num.zero
+    stationary = conflict_free & (dual_n <= (slack * p).sum(-1, keepdim=True))
+    return torch.where(stationary, problem.w + shrink * lam, coefficients)
 
 
 def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor: float, max_iter: int, solver: str) -> CAGradSolution:
@@ -166,13 +203,15 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     # A looser threshold (100 m eps) costs dual accuracy in float32; 0 lets Frank-Wolfe start on a
     # rounding-level kink point and stop there (docs/algorithm.md).
     kink_tol = eps * eps
-    p = share_ties(problem, _dual_solution(problem, max_iter=max_iter, solver=solver, kink_tol=kink_tol), tie_tol)
+    p, lam = _dual_solution(problem, max_iter=max_iter, solver=solver, kink_tol=kink_tol, zero_tol=zero_tol)
+    p = share_ties(problem, p, tie_tol)
 
     grad, _, quad = dual_gradient(problem.Hn, problem.b, problem.s, p, kink_tol)
     fw_gap_n = ((grad * p).sum(-1, keepdim=True) - grad.amin(-1, keepdim=True)).clamp_min(0.0)
     dual_n = (problem.b * p).sum(-1, keepdim=True) + problem.s * quad.clamp_min(0.0).sqrt()
     p_clipped = torch.minimum(p, problem.w) if clip else p
-    coefficients = _coefficients(problem, p_clipped, zero_tol)
+    # tol: F within the zero rule's distance of a kink, sqrt(zero_tol) (s + ||g0||) (sum_i p_i ||g_i||)
+    coefficients = _at_stationary(problem, _coefficients(problem, p_clipped, zero_tol), lam, p, dual_n, math.sqrt(zero_tol) * (1.0 + c))
     if divisor != 1.0:
         coefficients = coefficients / divisor
     return _poisoned(problem, coefficients, p, p_clipped, dual_n, fw_gap_n)

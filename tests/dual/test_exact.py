@@ -40,10 +40,10 @@ def test_small_faces_give_the_best_vertex_and_edge() -> None:
         Hs, b, s = problem_data(H, w, 0.6)
         Hn = torch.tensor(Hs / Hs.diagonal().max())
         bn, sn = torch.tensor(b / Hs.diagonal().max()), torch.tensor(s / np.sqrt(Hs.diagonal().max()))
-        p1, _, _ = solve_by_supports(Hn, bn, sn, 1)
+        p1, _, _, _ = solve_by_supports(Hn, bn, sn, 1)
         vertex_values = [dual_value(Hs, b, s, np.eye(m)[j]) for j in range(m)]
         assert int(p1.argmax()) == int(np.argmin(vertex_values)) and float(p1.max()) == 1.0
-        p2, _, _ = solve_by_supports(Hn, bn, sn, 2)
+        p2, _, _, _ = solve_by_supports(Hn, bn, sn, 2)
         t = np.linspace(0.0, 1.0, 2001)
         grid = min(dual_value(Hs, b, s, tt * np.eye(m)[i] + (1 - tt) * np.eye(m)[j]) for i, j in combinations(range(m), 2) for tt in t)
         assert dual_value(Hs, b, s, p2.numpy()) <= grid + 1e-12 * Hs.diagonal().max()
