@@ -363,7 +363,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     # ------------------------------------------------------------------ the work
     def _home(self, m: int) -> int:
         """The objective whose gradient stays in ``.grad``: the largest weight (the last of ties)."""
-        w = self._state.settings.weights_tensor(m).tolist()
+        weights = self._state.settings.weights
+        w = [1.0] * m if weights is None else list(weights)  # host floats: no tensor is read
         return max(range(m), key=lambda i: (w[i], i))
 
     def _weights_on(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -389,3 +389,23 @@ def test_sparse_embedding_gradients_accumulate_over_uncombined_micro_batches_lik
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_the_window_reads_nothing_from_the_device_under_nonfinite_ignore(store, monkeypatch):
+    """Accumulation (with the edit checks of a continued window) and the step: no ``.item()``,
+    ``.tolist()`` or ``bool(tensor)`` anywhere on the path when ``nonfinite="ignore"``."""
+    net = model()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weights=[0.7, 0.3], nonfinite="ignore", **STORES[store])
+    data = batches(3)
+    opt.step(losses_of(net, *data[0]))  # the layout is built (host-side, once) before the check
+    opt.zero_grad()
+    losses = [[loss / 2 for loss in losses_of(net, x, y)] for x, y in data[1:]]
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, lambda *args, **kwargs: pytest.fail("host read on the step path"))
+        opt.backward(losses[0], combine=True)
+        opt.backward(losses[1], combine=False)  # continues a combined window: unwrite and the edit check
+        opt.step()
+        opt.zero_grad()
+        opt.step(losses_of(net, *data[0]))
