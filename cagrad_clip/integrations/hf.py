@@ -32,14 +32,14 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from ..settings import CAGradSettings
+from ..settings import CAGradSettings, check_nonfinite
 from . import check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
@@ -50,8 +50,9 @@ class MultiObjectiveTrainerMixin:
     :meth:`objective_losses`.
 
     Extra keyword arguments of the constructor: ``objective_weights`` (user weights ``w``, default
-    uniform), ``objective_names`` (for the logs; default ``objective_0``, ...), ``c``, ``clip`` and
-    ``rescale`` (passed to :class:`~cagrad_clip.ConflictAverseOptimizer`).
+    uniform), ``objective_names`` (for the logs; default ``objective_0``, ...), ``c``, ``clip``,
+    ``rescale`` and ``nonfinite`` (passed to :class:`~cagrad_clip.ConflictAverseOptimizer`; without
+    ``nonfinite`` the library's ``"skip"``, or ``"ignore"`` under ``fp16``, whose ``GradScaler`` checks).
     """
 
     #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper).
@@ -73,11 +74,14 @@ class MultiObjectiveTrainerMixin:
         c: float = 0.4,
         clip: bool = True,
         rescale: str | None = None,
+        nonfinite: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
         checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
+        if nonfinite is not None:  # the user's policy wins over the fp16 default of wrap_optimizer
+            self.conflict_averse_kwargs["nonfinite"] = check_nonfinite(nonfinite)
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
         self._objective_store: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
@@ -99,9 +103,11 @@ class MultiObjectiveTrainerMixin:
     # ------------------------------------------------------------------ optimizer
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Wrap a base optimizer in :class:`~cagrad_clip.ConflictAverseOptimizer` with this trainer's settings."""
-        # With fp16 the GradScaler checks for Inf/NaN itself: no second (host-syncing) check.
-        nonfinite: Literal["skip", "ignore"] = "ignore" if getattr(self.args, "fp16", False) else "skip"
-        return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, nonfinite=nonfinite, **self.conflict_averse_kwargs)
+        # With fp16 the GradScaler checks for Inf/NaN itself: no second (host-syncing) check, unless the
+        # user chose a policy (nonfinite=, or conflict_averse_kwargs["nonfinite"]).
+        options = dict(self.conflict_averse_kwargs)
+        options.setdefault("nonfinite", "ignore" if getattr(self.args, "fp16", False) else "skip")
+        return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, **options)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The ``Trainer``'s optimizer (``optim``, learning rate, weight-decay groups), wrapped."""

@@ -149,3 +149,28 @@ def test_a_missing_hook_or_optimizer_is_reported(tmp_path):
         HalvesTrainer(
             model=tiny.no_dropout_gpt2(tok), args=args(tmp_path), train_dataset=rows(2), objective_weights=[1, 1], objective_names=["a"]
         )
+
+
+@pytest.mark.parametrize("how", ["argument", "kwargs"])
+def test_the_users_nonfinite_policy_wins_and_a_nan_objective_is_handled_by_it(tmp_path, how):
+    """``nonfinite=`` (or ``conflict_averse_kwargs["nonfinite"]``) reaches the optimizer instead of a
+    duplicate keyword; with ``"raise"`` a NaN objective stops training before the parameters move."""
+    tok = tiny.tokenizer()
+
+    class NanTrainer(HalvesTrainer):
+        def objective_losses(self, model, inputs):
+            first, second = super().objective_losses(model, inputs)
+            return [first, second * float("nan")]
+
+    model = tiny.no_dropout_gpt2(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    options = {"nonfinite": "raise"} if how == "argument" else {}
+    trainer = NanTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=rows(2), objective_weights=WEIGHTS, **options)
+    if how == "kwargs":
+        trainer.conflict_averse_kwargs["nonfinite"] = "raise"
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.train()
+    assert trainer.optimizer is not None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="nonfinite"):
+        HalvesTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), nonfinite="sometimes")
