@@ -226,7 +226,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                     f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
                 )
             assert m is not None
-            if settings.weights_tensor(m)[store.home] == 0:  # host values: the settings live on the CPU
+            if _host_weights(settings, m)[store.home] == 0:
                 raise ValueError(
                     f"weight 0 for objective {store.home} while this window accumulates: its gradient is the one kept in "
                     ".grad and scaled by its coefficient, which weight 0 can make 0, so the accumulated gradients could not "
@@ -363,8 +363,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     # ------------------------------------------------------------------ the work
     def _home(self, m: int) -> int:
         """The objective whose gradient stays in ``.grad``: the largest weight (the last of ties)."""
-        weights = self._state.settings.weights
-        w = [1.0] * m if weights is None else list(weights)  # host floats: no tensor is read
+        w = _host_weights(self._state.settings, m)
         return max(range(m), key=lambda i: (w[i], i))
 
     def _weights_on(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -491,7 +490,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return self._diagnostics(gram, solution, finite, written_finite, intact)
 
     @staticmethod
-    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor, intact: Tensor | None = None) -> StepDiagnostics:
+    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor, intact: Tensor) -> StepDiagnostics:
         diag = gram.diagonal()
         norms = diag.clamp_min(0.0).sqrt()
         outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
@@ -507,7 +506,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             fw_gap=solution.fw_gap,
             finite=finite,
             written_finite=written_finite,
-            window_intact=torch.ones((), dtype=torch.bool, device=gram.device) if intact is None else intact,
+            window_intact=intact,
         )
 
     @property
@@ -543,6 +542,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         After a step the next :meth:`backward` starts a new window even without ``zero_grad``;
         its direction is then added to ``.grad`` as torch adds gradients.
         """
+        if grad_scaler is not None and not (
+            isinstance(getattr(grad_scaler, "_per_optimizer_states", None), dict) and callable(getattr(grad_scaler, "unscale_", None))
+        ):
+            raise TypeError(
+                f"grad_scaler is passed by torch.amp.GradScaler.step(opt) itself (call scaler.step(opt)); got {type(grad_scaler).__name__}"
+            )
         if callable(losses) and not isinstance(losses, Tensor):
             if closure is not None:
                 raise ValueError("pass either losses or closure, not both")
@@ -586,13 +591,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         except RuntimeError as error:  # scaler.unscale_(opt) ran before step(): .grad is unscaled already
             if "already been called" not in str(error):
                 raise
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if not isinstance(states, dict) or id(self) not in states or "found_inf_per_device" not in states[id(self)]:
-            raise RuntimeError(
-                f"grad_scaler must be the torch.amp.GradScaler stepping this optimizer (scaler.step(opt)); got {type(scaler).__name__}"
-            )
         device = diagnostics.coefficients.device
-        found = [t.to(device) for t in states[id(self)]["found_inf_per_device"].values()]
+        found = [t.to(device) for t in scaler._per_optimizer_states[id(self)]["found_inf_per_device"].values()]
         found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
         skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
         if edited:
@@ -625,6 +625,12 @@ _EDITED = (
     ".grad (clip_grad_norm_, GradScaler.unscale_, ...) only after the window's last backward with combine=True (or "
     "opt.combine()) and before step(); call zero_grad() to start over"
 )
+
+
+def _host_weights(settings: CAGradSettings, m: int) -> list[float]:
+    """The weights of ``m`` objectives as host floats (uniform when unset; only their order and zeros
+    are read, so unnormalised is fine): no tensor is made or read."""
+    return [1.0] * m if settings.weights is None else list(settings.weights)
 
 
 def _check_no_step_in_backward(params: Sequence[Tensor]) -> None:

@@ -409,3 +409,15 @@ def test_the_window_reads_nothing_from_the_device_under_nonfinite_ignore(store, 
         opt.step()
         opt.zero_grad()
         opt.step(losses_of(net, *data[0]))
+
+
+def test_a_grad_scaler_argument_that_is_not_a_scaler_is_refused_before_anything_changes():
+    net = model()
+    before = copy.deepcopy(net)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), weights=[0.7, 0.3])
+    opt.backward(losses_of(net, *batches()[0]), combine=False)
+    with pytest.raises(TypeError, match=r"scaler\.step\(opt\)"):
+        opt.step(grad_scaler=object())
+    assert max_diff(net, before) == 0.0
+    opt.step()  # the window is still there
+    assert max_diff(net, before) > 0.0

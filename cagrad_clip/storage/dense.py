@@ -38,12 +38,9 @@ class ReachRecorder:
         self.params = list(params)
         self.reached = [False] * len(self.params)
 
-    def remove(self) -> None:
-        """Nothing to remove (no hooks); kept so that stores can close it."""
-
-    def backward(self, loss: Tensor, i: int, retain_graph: bool) -> None:
-        """``loss.backward()`` for objective ``i``, recording what it reaches; a clear error for DDP's
-        reducer firing inside the passes."""
+    def backward(self, loss: Tensor, retain_graph: bool) -> None:
+        """``loss.backward()``, recording what it reaches; a clear error for DDP's reducer firing inside
+        the passes."""
         before = [p.grad for p in self.params]
         versions = [-1 if g is None else g._version for g in before]
         try:
@@ -112,7 +109,7 @@ class DenseStore(GradientStore):
         assert self.rows is not None
         for p in self.params:
             p.grad = None
-        self.recorder.backward(loss, i, retain_graph)
+        self.recorder.backward(loss, retain_graph)
         self._fold_grads_into_row(i, keep)
 
     def _fold_grads_into_row(self, i: int, keep: bool) -> None:

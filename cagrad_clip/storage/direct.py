@@ -103,9 +103,6 @@ class DirectStore(GradientStore):
         self._zeros: Tensor | None = None
         self._buffer: Tensor | None = None
 
-    def close(self) -> None:
-        self.recorder.remove()
-
     def mark_zeroed(self) -> None:
         self._zeroed.record(self.params)
 
@@ -219,7 +216,7 @@ class DirectStore(GradientStore):
             for n, i in enumerate([i for i in range(m) if i != self.home] + [self.home]):
                 for p, g in zip(self.params, self.grads[i]):
                     p.grad = g  # autograd adds to what objective i has so far, or allocates
-                self.recorder.backward(losses[i], i, retain_graph=n < m - 1)
+                self.recorder.backward(losses[i], retain_graph=n < m - 1)
                 # a sparse gradient (nn.Embedding(sparse=True)) is kept and combined densely
                 self.grads[i] = [None if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in self.params]
         except BaseException:

@@ -327,9 +327,14 @@ def edit_between_microbatches(ctx: Ctx) -> dict[str, Any]:
     (x0, y0), (x1, y1) = ctx.micro_batches()
     opt.backward([loss / MICRO for loss in losses_of(model, x0, y0)], combine=False)
     _halve_grads(opt)
+    return _finish_or_refusal(ctx, model, opt, lambda: opt.backward([loss / MICRO for loss in losses_of(model, x1, y1)], combine=False))
+
+
+def _finish_or_refusal(ctx: Ctx, model: Any, opt: Any, before_step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+    """Run ``before_step`` and ``step()``; the outcome, with the RuntimeError that refused it if one did."""
     raised = None
     try:
-        opt.backward([loss / MICRO for loss in losses_of(model, x1, y1)], combine=False)
+        before_step()
         opt.step()
     except RuntimeError as error:
         raised = describe(error)
@@ -343,12 +348,7 @@ def edit_before_step(ctx: Ctx) -> dict[str, Any]:
     opt.zero_grad()
     opt.backward(losses_of(model, x, y), combine=False)
     _halve_grads(opt)
-    raised = None
-    try:
-        opt.step()
-    except RuntimeError as error:
-        raised = describe(error)
-    return ctx.result(model, opt, raised=raised)
+    return _finish_or_refusal(ctx, model, opt)
 
 
 def flat_buffers(ctx: Ctx) -> dict[str, Any]:
