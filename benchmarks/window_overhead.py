@@ -66,7 +66,8 @@ def row(width: int, m: int, repeats: int) -> str:
     grads = [p.grad for p in params if p.grad is not None]
     pass_ms = median_ms(lambda: fingerprint(grads), repeats)
     numel = sum(p.numel() for p in params)
-    return f"| {width} | {numel / 1e6:.2f} M | {m} | {step_ms:.2f} | {accumulate_ms:.2f} | {pass_ms:.3f} | {4 * pass_ms / accumulate_ms:.1%} |"
+    share = 4 * pass_ms / accumulate_ms
+    return f"| {width} | {numel / 1e6:.2f} M | {m} | {step_ms:.2f} | {accumulate_ms:.2f} | {pass_ms:.3f} | {share:.1%} |"
 
 
 def main() -> None:
