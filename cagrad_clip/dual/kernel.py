@@ -178,6 +178,8 @@ def _at_stationary(problem: _Problem, coefficients: Tensor, lam: Tensor, p: Tens
     the shares of that correction, so with or without it the direction is ``d``.
     """
     num = numbers(lam)
+    # a zero gradient's lambda is free (it moves nothing): the least squares can leave any value there
+    lam = torch.where(problem.diag_n > num.zero, lam, num.zero)
     H_lam = matvec(problem.Hn, lam)
     # s / ||G lambda|| capped at 1 (NaN only for s = ||G lambda|| = 0, rejected below: a = w then anyway)
     shrink = torch.minimum(num.one, problem.s * (lam * H_lam).sum(-1, keepdim=True).clamp_min(0.0).rsqrt())
