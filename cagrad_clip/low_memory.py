@@ -473,6 +473,14 @@ class AutogramEngine:
                     "which the graph walk did not foresee (activation checkpointing, which recomputes the forward during "
                     "backward, is not supported by this route): use route='hooks' (m <= 2) or the default memory mode"
                 ) from error
+            except RuntimeError as error:
+                if "doesn't match the broadcast shape" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"TorchJD's autogram engine could not accumulate the Gramian ({error}). A known cause: a module of the "
+                    "engine whose output reaches a loss only through a function that gives it no gradient (a custom "
+                    "autograd.Function whose backward returns None). Use route='hooks' (m <= 2) or the default memory mode"
+                ) from error
             finally:
                 for computer in self._computers:
                     if hasattr(computer, "skip"):
@@ -575,7 +583,9 @@ def _hooks_gram(
     if m == 2:
 
         def make_hook(i: int, p: Tensor) -> Any:
-            def hook(g2: Tensor) -> Tensor:
+            def hook(g2: Tensor | None) -> Tensor | None:
+                if g2 is None:  # reached only through a function whose backward gives p no gradient: g2 = 0
+                    return None
                 if g2.layout != torch.strided:
                     raise ValueError(f"shared parameter {i} (shape {tuple(p.shape)}) {_SPARSE}")
                 g1 = p.grad

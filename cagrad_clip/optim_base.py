@@ -121,7 +121,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ pickling, deepcopy
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        # An LR scheduler replaces ``step`` by an instance attribute that calls *this* optimizer through a
+        # weak reference (and holds a local function, which cannot be pickled); a copy steps by its own
+        # class method, as a copy of a torch optimizer does (its state keeps no instance ``step``).
+        state.pop("step", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -592,7 +592,14 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             if "already been called" not in str(error):
                 raise
         device = diagnostics.coefficients.device
-        found = [t.to(device) for t in scaler._per_optimizer_states[id(self)]["found_inf_per_device"].values()]
+        per_device: dict[Any, Tensor] = scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        if per_device and self._state.nonfinite != "ignore":
+            # An unscale_ before the combination saw .grad without the gradients kept aside: its verdict can
+            # miss an Inf of another objective. Our own verdict is merged into the scaler's record (in place,
+            # on the device), so the step is skipped and scaler.update() backs off as for any overflow.
+            record = next(iter(per_device.values()))
+            record.copy_(torch.maximum(record, (~self._finite(diagnostics)).to(record)))
+        found = [t.to(device) for t in per_device.values()]
         found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
         skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
         if edited:
@@ -600,8 +607,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return not skip
 
     @staticmethod
-    def _all_finite(d: StepDiagnostics) -> bool:
-        return bool(d.finite.all() & torch.isfinite(d.coefficients).all() & d.written_finite)
+    def _finite(d: StepDiagnostics) -> Tensor:
+        """Whether every gradient, the coefficients and the written direction are finite (on the device)."""
+        return d.finite.all() & torch.isfinite(d.coefficients).all() & d.written_finite
+
+    @classmethod
+    def _all_finite(cls, d: StepDiagnostics) -> bool:
+        return bool(cls._finite(d))
 
     def _explain_nonfinite(self, d: StepDiagnostics) -> str:
         """Name what is not finite (host reads: only on the error path)."""

@@ -135,6 +135,9 @@ def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = 
         return torch.full((m,), 1.0 / m, dtype=torch.float64)
     if isinstance(weights, (str, bytes)):
         raise TypeError(f"weights must be a sequence of real numbers (one per objective), got the string {weights!r}")
+    dtype = getattr(weights, "dtype", None)  # a tensor's or a NumPy array's: complex or bool is not a weight
+    if dtype is not None and (getattr(dtype, "is_complex", False) or dtype == torch.bool or getattr(dtype, "kind", "") in ("c", "b")):
+        raise TypeError(f"weights must be real numbers (one per objective), got {type(weights).__name__} of dtype {dtype}")
     try:
         if isinstance(weights, Tensor):
             w = weights.detach().to("cpu", torch.float64)

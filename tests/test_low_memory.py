@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -763,6 +764,181 @@ def test_no_host_sync_with_outside_leaves_direct_uses_and_repeated_modules(monke
                 patch.setattr(torch.Tensor, name, lambda *args, **kwargs: pytest.fail("host sync on the step path"))
             low_memory_backward(losses, params, 4, settings.weights_tensor(m), settings, route=route, engine=engine)  # type: ignore[arg-type]
         assert temperature.grad is not None
+
+
+# --------------------------------------------------------------------------- contracts pinned by mutation testing
+def test_autogram_engine_gramian_is_the_float64_gram_of_the_shared_parameters() -> None:
+    """``engine.gramian(stacked losses)`` (public): the Gram of the losses' gradients over the engine's parameters, equal to a
+    float64 autograd.grad reference when every module is called once, when one is called twice, and when a weight is also used
+    outside its module (an L2 penalty); it retains the graph and the engine is reusable on the next forward."""
+    trunk, heads, x, y = mlp_case(3)
+    engine = AutogramEngine(trunk)
+    shared = list(trunk.parameters())
+
+    def expected(losses: list[Tensor]) -> Tensor:
+        rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses])
+        return rows @ rows.T
+
+    for case in ("plain", "penalty", "twice"):
+        z = trunk(x)
+        if case == "twice":  # the second layer applied a second time
+            z = trunk[3](trunk[2](z.repeat(1, 2)))
+        losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+        if case == "penalty":
+            losses[1] = losses[1] + 0.5 * (trunk[0].weight ** 2).sum()
+        reference_gram = expected(losses)
+        gram = engine.gramian(torch.stack(losses))
+        assert gram.shape == (3, 3) and gram.dtype == torch.float64
+        torch.testing.assert_close(gram, reference_gram, rtol=1e-10, atol=1e-12)
+        torch.stack(losses).sum().backward()  # the graph was retained
+        assert all(p.grad is not None for p in shared)
+        trunk.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity forward, no gradient backward: the graph reaches what lies below, but no gradient arrives there."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> None:  # type: ignore[override]
+        return None
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_hooks_route_refuses_a_loss_that_reaches_no_parameter_in_either_position(position: int) -> None:
+    """A loss that is a bare leaf tensor (no graph to any parameter) is refused as loss 0 and as loss 1, and every .grad of
+    params is None again; a loss 1 that reaches a non-shared parameter only (no shared one) is combined, exactly."""
+    trunk, heads, x, y = mlp_case(2)
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    z = trunk(x)
+    good = ((heads[0](z).squeeze(-1) - y[:, 0]) ** 2).mean()
+    bare = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    losses = [good, bare] if position == 1 else [bare, good]
+    with pytest.raises(ValueError, match=f"loss {position} reaches none of the parameters"):
+        low_memory_backward(losses, params, 4, torch.tensor([0.5, 0.5], dtype=torch.float64), CAGradSettings(), route="hooks")
+    assert all(p.grad is None for p in params)
+    z = trunk(x)
+    losses = [((heads[0](z).squeeze(-1) - y[:, 0]) ** 2).mean(), (heads[1].weight ** 2).sum() + heads[1].bias.sum()]
+    result = _check_against_reference(losses, params, 4, CAGradSettings(c=0.5), "hooks", None)
+    assert heads[1].weight.grad is not None and float(result.gram[1, 1]) == 0.0
+
+
+@pytest.mark.parametrize("route", ["hooks", "autogram"])
+def test_a_shared_parameter_given_no_gradient_by_one_objective_counts_as_zero(route: str) -> None:
+    """A shared module used by the last objective only, through a custom ``autograd.Function`` whose backward
+    returns ``None``: the hooks route counts its gradient as zero (as the default mode does, exactly against
+    the reference); TorchJD's autogram pass cannot accumulate that Gramian, so the autogram route refuses it,
+    naming the cause and the routes that work, with every ``.grad`` None again."""
+    m = 2 if route == "hooks" else 3
+    trunk, heads, x, y = mlp_case(m)
+    gate = nn.Linear(8, 8).double()
+    trunk.append(gate)  # trunk[4]: used by the last objective only, through a function that gives it no gradient
+    engine = AutogramEngine(trunk) if route == "autogram" else None
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    z = trunk[3](trunk[2](trunk[1](trunk[0](x))))
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    losses[-1] = losses[-1] + _NoGradient.apply(gate(z)).pow(2).mean()
+    if route == "hooks":
+        _check_against_reference(losses, params, 6, CAGradSettings(c=0.5), route, engine)
+        return
+    with pytest.raises(RuntimeError, match="autograd.Function whose backward returns None.*route='hooks'"):
+        low_memory_backward(
+            losses, params, 6, torch.full((m,), 1 / m, dtype=torch.float64), CAGradSettings(c=0.5), route=route, engine=engine
+        )
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("route", ["hooks", "autogram"])
+def test_hook_refusal_names_the_parameter_by_its_index_in_params(route: str) -> None:
+    """The refusal of a user hook says which entry of ``params`` holds it; a hooked leaf outside ``params`` is not given an index."""
+    m, trunk, heads, x, y, engine = _route_case(route)
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    outside = nn.Parameter(torch.ones((), dtype=torch.float64))
+    for target, index in ((params[2], 2), (params[5], 5), (outside, None)):
+        handle = target.register_hook(lambda g: g)
+        z = trunk(x) * outside
+        losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+        with pytest.raises(ValueError, match="hook") as error:
+            w = torch.full((m,), 1 / m, dtype=torch.float64)
+            low_memory_backward(losses, params, 4, w, CAGradSettings(), route=route, engine=engine)  # type: ignore[arg-type]
+        handle.remove()
+        named = re.findall(r"params\[(\w+)\]", str(error.value))
+        assert named == ([str(index)] if index is not None else []), str(error.value)
+        assert all(p.grad is None for p in params) and outside.grad is None
+
+
+def test_engine_close_tolerates_a_torchjd_without_the_hook_manager() -> None:
+    """``close()`` removes the forward hooks (torchjd 0.18); on a TorchJD whose internals moved it does nothing rather than fail."""
+    trunk, _, x, _ = mlp_case(1)
+    engine = AutogramEngine(trunk)
+    manager = engine._engine._module_hook_manager
+    engine._engine._module_hook_manager = object()  # a manager without the finalizer
+    engine.close()
+    del engine._engine._module_hook_manager  # no manager at all
+    engine.close()
+    assert any(module._forward_hooks for module in trunk.modules())
+    engine._engine._module_hook_manager = manager
+    engine.close()
+    assert not any(module._forward_hooks for module in trunk.modules())
+
+
+def test_solve_without_solve_with_settings_passes_every_setting_and_does_not_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a ``dual`` module that has no ``solve_with_settings`` (the fallback on ``solve_cagrad``), every setting reaches
+    the solve (c, clip, rescale, solver, max_iter: at m = 8 one Frank-Wolfe iteration differs from the exact solve) and the
+    weights are not checked on the host (no sync)."""
+    monkeypatch.delattr(low_memory._dual, "solve_with_settings")
+    m = 8
+    trunk, heads, x, y = mlp_case(m)
+    engine = AutogramEngine(trunk)
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    weights = tuple(float(i + 1) for i in range(m))
+    settings = CAGradSettings(weights=weights, c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1)
+    z = trunk(x)
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    w = settings.weights_tensor(m)
+    ref_gram, ref_a, _ = reference(losses, params, 4, w, settings)
+    for other in (dict(solver="exact"), dict(max_iter=None), dict(c=0.4), dict(clip=True), dict(rescale=None)):
+        options = dict(c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1) | other
+        assert (solve_cagrad(ref_gram, w.double(), **options).coefficients - ref_a).abs().max() > 1e-4, other  # each setting shows
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, lambda *args, **kwargs: pytest.fail("host sync on the step path"))
+        result = low_memory_backward(losses, params, 4, w, settings, route="autogram", engine=engine)
+    assert rel(result.gram, ref_gram) < 1e-10
+    # one Frank-Wolfe step is sensitive to the last bits of the Gram: the settings' solve of the step's own Gram
+    expected = solve_cagrad(result.gram, w.double(), c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1).coefficients
+    torch.testing.assert_close(result.solution.coefficients, expected, rtol=1e-12, atol=1e-14)
+    assert (expected - ref_a).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_hooks_route_accumulates_into_the_grad_of_a_leaf_outside_params_as_autograd_does(sparse: bool) -> None:
+    """A trainable leaf outside ``params`` that both objectives reach and that already holds a ``.grad`` gets
+    ``sum_i dL_i/dx`` added: dense, into the same tensor (in place, as autograd's AccumulateGrad); sparse (an
+    ``nn.Embedding(sparse=True)`` not given to the optimizer), as a sparse sum."""
+    trunk, heads, x, y = mlp_case(2)
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    torch.manual_seed(3)
+    table = nn.Embedding(32, 4, sparse=sparse).double()
+    ids = torch.randint(0, 32, (32,))
+    if sparse:
+        table.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 4, dtype=torch.float64), (32, 4))
+    else:
+        table.weight.grad = torch.full((32, 4), 0.5, dtype=torch.float64)
+    before = table.weight.grad
+    start = before.to_dense().clone()
+    z = trunk(x * table(ids))
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    expected = start + sum_of_gradients(losses, table.weight)
+    _check_against_reference(losses, params, 4, CAGradSettings(c=0.5), "hooks", None)
+    grad = table.weight.grad
+    assert grad is not None and grad.is_sparse == sparse
+    if not sparse:
+        assert grad is before, "accumulated into a new tensor, not into the existing .grad"
+    torch.testing.assert_close(grad.to_dense(), expected, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------- measurement (docs/low_memory.md)

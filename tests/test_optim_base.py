@@ -185,3 +185,169 @@ def test_a_shallow_copy_shares_the_state_as_lightning_optimizer_does():
     shallow.__dict__ = dict(opt.__dict__)  # what LightningOptimizer does
     shallow.backward(losses(), combine=False)
     assert opt.step() is None and opt.last is not None and shallow.last is opt.last
+
+
+# ------------------------------------------------------------------ WrappedOptimizer itself
+# ``WrappedOptimizer`` is the base for other wrappers (benchmarks/dpo/baselines.py subclasses it):
+# a minimal subclass that steps the base optimizer shows what it gives them, next to plain torch.
+from collections import OrderedDict  # noqa: E402
+
+from cagrad_clip.optim_base import WrappedOptimizer  # noqa: E402
+
+_REGISTRIES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class PassThrough(WrappedOptimizer):
+    """Steps the base optimizer on whatever ``.grad`` holds."""
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+class PassThroughWithoutHooksInPickles(PassThrough):
+    """Leaves its hooks out of pickles, as ``torch.optim.Optimizer.__getstate__`` does."""
+
+    def __getstate__(self):
+        return {k: v for k, v in super().__getstate__().items() if k not in _REGISTRIES}
+
+
+def test_wrapped_optimizer_repr_is_its_name_then_the_base_repr_indented():
+    base = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.25)
+    lines = repr(PassThrough(base)).splitlines()
+    base_lines = repr(base).splitlines()
+    assert "    lr: 0.25" in base_lines
+    assert lines[:2] == ["PassThrough(", "  optimizer="]
+    assert lines[2:-1] == ["    " + line for line in base_lines]
+    assert lines[-1] == ")"
+
+
+@pytest.mark.parametrize("set_to_none", [None, True, False])
+def test_wrapped_optimizer_zero_grad_matches_torch(set_to_none):
+    """``zero_grad()`` sets ``.grad`` to ``None`` (torch's default); ``set_to_none=False`` zeroes the
+    same tensors in place. Compared with a plain SGD on a twin parameter."""
+    ours, theirs = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    wrapped = PassThrough(torch.optim.SGD([ours], lr=0.1))
+    plain = torch.optim.SGD([theirs], lr=0.1)
+    held = []
+    for p, opt in ((ours, wrapped), (theirs, plain)):
+        p.grad = torch.full((3,), 2.0)
+        held.append(p.grad)
+        opt.zero_grad() if set_to_none is None else opt.zero_grad(set_to_none=set_to_none)
+    if set_to_none is False:
+        assert ours.grad is held[0] and torch.equal(ours.grad, torch.zeros(3))
+        assert theirs.grad is held[1] and torch.equal(theirs.grad, torch.zeros(3))
+    else:
+        assert ours.grad is None and theirs.grad is None
+
+
+def test_wrapped_optimizer_add_param_group_reaches_the_base_and_steps_like_torch():
+    """The new group lands in the base optimizer with its own lr and the defaults filled in, and a
+    step moves its parameter exactly as a plain SGD with the same groups does."""
+    first, second = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
+    twins = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))]
+    wrapped = PassThrough(torch.optim.SGD([first], lr=0.1, momentum=0.9))
+    plain = torch.optim.SGD([twins[0]], lr=0.1, momentum=0.9)
+    wrapped.add_param_group({"params": [second], "lr": 0.5})
+    plain.add_param_group({"params": [twins[1]], "lr": 0.5})
+    assert wrapped.optimizer.param_groups[1]["params"] == [second]
+    assert {k: v for k, v in wrapped.param_groups[1].items() if k != "params"} == {
+        k: v for k, v in plain.param_groups[1].items() if k != "params"
+    }
+    assert wrapped.param_groups[1]["lr"] == 0.5 and wrapped.param_groups[1]["momentum"] == 0.9
+    for params, opt in (([first, second], wrapped), (twins, plain)):
+        for p in params:
+            p.grad = torch.arange(1.0, p.numel() + 1)
+        opt.step()
+    assert torch.equal(second.detach(), torch.tensor([0.5, 0.0, -0.5]))
+    for p, q in zip([first, second], twins):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_wrapper_unpickled_without_hook_registries_gets_empty_ones_like_torch(how):
+    """A subclass may leave its hooks out of pickles (torch's own ``__getstate__`` does): the copy then
+    has empty registries, as an unpickled ``torch.optim`` optimizer has, and new hooks register and fire."""
+    param = nn.Parameter(torch.ones(2))
+    wrapped = PassThroughWithoutHooksInPickles(torch.optim.SGD([param], lr=0.1))
+    wrapped.register_step_pre_hook(lambda o, a, k: None)
+    plain = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    plain.register_step_pre_hook(lambda o, a, k: None)
+    if how == "deepcopy":
+        twin, plain_twin = copy.deepcopy(wrapped), copy.deepcopy(plain)
+    else:
+        twin, plain_twin = pickle.loads(pickle.dumps(wrapped)), pickle.loads(pickle.dumps(plain))
+    for name in _REGISTRIES:
+        assert getattr(plain_twin, name) == OrderedDict()
+        assert getattr(twin, name) == OrderedDict() and type(getattr(twin, name)) is OrderedDict
+    calls = []
+    twin.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    twin.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    twin.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    twin.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    twin_param = twin.param_groups[0]["params"][0]
+    twin_param.grad = torch.ones(2)
+    twin.step()
+    twin.load_state_dict(twin.state_dict())
+    assert calls == ["pre", "post", "sd_pre", "load_post"]
+    assert torch.equal(twin_param.detach(), torch.full((2,), 0.9))
+    assert torch.equal(param.detach(), torch.ones(2))  # the original did not move
+
+
+# ------------------------------------------------------------------ with an LR scheduler attached
+def _scheduled(wrap):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = ConflictAverseOptimizer(base) if wrap else base
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # patches opt.step, as every scheduler does
+    return model, opt
+
+
+def _take_a_step(model, opt, wrap):
+    out = model(torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3))
+    losses = [out[:, 0].pow(2).mean(), (out[:, 1] - 1).pow(2).mean()]
+    opt.zero_grad()
+    if wrap:
+        opt.step(losses)
+    else:
+        sum(losses).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [False, True],
+    ids=["torch", "wrapper"],
+)
+def test_a_deepcopy_made_after_an_lr_scheduler_was_attached_steps_its_own_parameters(wrap):
+    """An LR scheduler replaces ``opt.step`` by an instance attribute that calls the *original*
+    optimizer (through a weak reference). torch's ``__getstate__`` keeps only defaults, state and
+    groups, so a copy steps its own parameters; so must the wrapper's copy (copying that instance
+    ``step`` would make the copy step the original's parameters with the copy's losses)."""
+    model, opt = _scheduled(wrap)
+    twin_model, twin = copy.deepcopy((model, opt))
+    before = [p.detach().clone() for p in model.parameters()]
+    twin_before = [p.detach().clone() for p in twin_model.parameters()]
+    _take_a_step(twin_model, twin, wrap)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(not torch.equal(p, b) for p, b in zip(twin_model.parameters(), twin_before))
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [False, True],
+    ids=["torch", "wrapper"],
+)
+def test_an_optimizer_with_an_lr_scheduler_attached_pickles(wrap):
+    """``torch.save(opt)`` / ``pickle.dumps(opt)`` of a plain optimizer works with a scheduler attached, and
+    so must the wrapper's (the scheduler's instance ``step`` is a local function, which cannot be pickled)."""
+    model, opt = _scheduled(wrap)
+    twin_model, twin = pickle.loads(pickle.dumps((model, opt)))
+    _take_a_step(twin_model, twin, wrap)

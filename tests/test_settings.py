@@ -114,3 +114,17 @@ def test_normalize_weights_none_needs_m() -> None:
     torch.testing.assert_close(normalize_weights(None, 2), torch.tensor([0.5, 0.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="needs the number of objectives"):
         normalize_weights(None)
+
+
+def test_complex_or_boolean_weights_are_refused_in_every_container() -> None:
+    """Weights are real numbers, and ``c`` refuses a complex tensor: a complex or boolean tensor or
+    NumPy array is refused as a complex list is (a cast would drop the imaginary part, with only
+    torch's warning, or turn ``False`` into a zero weight)."""
+    with pytest.raises(TypeError):
+        normalize_weights([1 + 1j, 3 + 0j])
+    with pytest.raises(TypeError):
+        check_c(torch.tensor(1 + 1j))
+    for weights in (torch.tensor([1 + 1j, 3 + 0j]), np.array([1 + 1j, 3]), torch.tensor([True, False]), np.array([True, False])):
+        with pytest.raises(TypeError, match="weights must be real numbers"):
+            normalize_weights(weights)
+    torch.testing.assert_close(normalize_weights(np.array([1.0, 3.0])), torch.tensor([0.25, 0.75], dtype=torch.float64))

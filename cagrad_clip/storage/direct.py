@@ -297,7 +297,9 @@ class DirectStore(GradientStore):
         home = self.home_grads
         if self.dtype == self.acc:
             scales = list(coefficients.unbind())
-            torch._foreach_mul_([g for g in (home[j] for j in indices) if g is not None], scales[self.home])
+            homes = [g for g in (home[j] for j in indices) if g is not None]
+            if homes:  # empty when no loss reaches a parameter: nothing to combine
+                torch._foreach_mul_(homes, scales[self.home])
             for i, grads in enumerate(self.grads):
                 if i == self.home:
                     continue

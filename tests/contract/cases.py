@@ -288,6 +288,25 @@ def grad_scaler(ctx: Ctx) -> dict[str, Any]:
     return _grad_scaler(ctx, overflow=False)
 
 
+def unscale_early_overflow(ctx: Ctx) -> dict[str, Any]:
+    """``scaler.unscale_(opt)`` before ``scaler.step(opt)`` on a window of ``combine=False`` micro-batches,
+    at scale 1 (so the unscale is a no-op in value); the lowest-weight objective is infinite in the last
+    micro-batch on rank 0. ``.grad`` then shows the other objective's finite gradient only, so the early
+    unscale finds nothing: the step must still be skipped and the scale backed off."""
+    model, opt = ctx.build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    opt.zero_grad()
+    for k, (x, y) in enumerate(ctx.micro_batches()):
+        losses = [loss / MICRO for loss in losses_of(model, x, y)]
+        if k == MICRO - 1 and ctx.rank == 0:
+            losses[-1] = losses[-1] * math.inf
+        opt.backward([scaler.scale(loss) for loss in losses], combine=False)
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    return ctx.result(model, opt, scale=float(scaler.get_scale()))
+
+
 def grad_scaler_overflow(ctx: Ctx) -> dict[str, Any]:
     return _grad_scaler(ctx, overflow=True)
 
@@ -426,6 +445,17 @@ def constant_objective_detached(ctx: Ctx) -> dict[str, Any]:
     return ctx.result(model, opt)
 
 
+def no_parameter_reached(ctx: Ctx) -> dict[str, Any]:
+    """Every objective's loss depends only on a tensor outside the optimizer (under AdamW, whose weight
+    decay would move a parameter given even a zero ``.grad``): as a torch optimizer after
+    ``sum(losses).backward()``, nothing gets a ``.grad`` and nothing moves."""
+    model, opt = ctx.build(optimizer="adamw")
+    outside = torch.linspace(1.0, 2.0, 4, requires_grad=True)
+    opt.zero_grad()
+    opt.step([(k + 1.0) * outside.sum() for k in range(ctx.m)])
+    return ctx.result(model, opt, outside_grad=outside.grad)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -439,6 +469,7 @@ CASES: list[Case] = [
     Case("accumulate_combine_true", accumulate_combine_true),
     Case("grad_scaler", grad_scaler),
     Case("grad_scaler_overflow", grad_scaler_overflow),
+    Case("unscale_early_overflow", unscale_early_overflow),
     Case("clip_before_step", clip_before_step),
     Case("clip_between_microbatches", clip_between_microbatches),
     Case("edit_between_microbatches", edit_between_microbatches),
@@ -449,6 +480,7 @@ CASES: list[Case] = [
     Case("leaf_outside_optimizer", leaf_outside_optimizer),
     Case("constant_objective", constant_objective),
     Case("constant_objective_detached", constant_objective_detached),
+    Case("no_parameter_reached", no_parameter_reached),
 ]
 
 

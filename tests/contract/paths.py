@@ -105,10 +105,14 @@ _LOW_MEMORY_REFUSES: dict[str, Refusal] = {
     "accumulate_combine_true": (RuntimeError, r"cannot add another backward"),
     "grad_scaler": (ValueError, r"cannot accumulate: use combine=True"),
     "grad_scaler_overflow": (ValueError, r"cannot accumulate: use combine=True"),
+    "unscale_early_overflow": (ValueError, r"cannot accumulate: use combine=True"),
     "clip_between_microbatches": (ValueError, r"cannot accumulate: use combine=True"),
     "edit_between_microbatches": (ValueError, r"cannot accumulate: use combine=True"),
     "edit_before_step": (ValueError, r"cannot accumulate: use combine=True"),
     "flat_buffers": (ValueError, r"needs \.grad = None on every parameter before backward"),
+    # it walks the graph with backward(inputs=...), where reentrant checkpointing hides the parameters: a loss
+    # that reaches none of them is refused as that likely mistake rather than taken as a zero gradient
+    "no_parameter_reached": (ValueError, r"reaches none of the parameters"),
     "*-2proc": (NotImplementedError, r"memory='low' cannot average the objectives' gradients across ranks"),
 }
 

@@ -216,6 +216,26 @@ def check_grad_scaler_overflow(setting: Setting, results: list[dict[str, Any]]) 
         assert result["scale"] == SCALER_INIT / 2, f"scaler.get_scale() is {result['scale']}, expected the back-off to {SCALER_INIT / 2}"
 
 
+def check_unscale_early_overflow(setting: Setting, results: list[dict[str, Any]]) -> None:
+    exp = expected(setting.problem(scales=HALVES))
+    for result in results:
+        assert_unchanged(result, exp, "an objective's gradient overflowed after an early unscale_ (scaler.step must skip)")
+        assert result["scale"] == 0.5, f"scaler.get_scale() is {result['scale']}, expected the back-off from 1 to 0.5"
+
+
+def check_no_parameter_reached(setting: Setting, results: list[dict[str, Any]]) -> None:
+    exp = expected(setting.problem())
+    for result in results:
+        assert_unchanged(result, exp, "no loss reaches a parameter of the optimizer")
+        got = {n: g for n, g in result["grads"].items() if g is not None}
+        assert not got, f"parameters no loss reaches got a .grad: {sorted(got)}"
+        m = setting.path.m
+        want = torch.full((4,), m * (m + 1) / 2)  # sum_k (k + 1) d(sum(outside))/d(outside), as sum(losses).backward()
+        assert result["outside_grad"] is not None and torch.equal(result["outside_grad"], want), (
+            f"the tensor outside the optimizer holds {result['outside_grad']}, expected {want.tolist()}"
+        )
+
+
 def check_clip_before_step(setting: Setting, results: list[dict[str, Any]]) -> None:
     exp = expected(setting.problem(max_norm=CLIP_MAX_NORM))
     assert exp.direction_norm > 1.5 * CLIP_MAX_NORM, "the clip would not be active: the case checks nothing"
@@ -323,6 +343,7 @@ CHECKS: dict[str, Callable[[Setting, list[dict[str, Any]]], None]] = {
     "accumulate_combine_true": check_accumulate,
     "grad_scaler": check_grad_scaler,
     "grad_scaler_overflow": check_grad_scaler_overflow,
+    "unscale_early_overflow": check_unscale_early_overflow,
     "clip_before_step": check_clip_before_step,
     "clip_between_microbatches": check_clip_between,
     "edit_between_microbatches": check_edit_between_microbatches,
@@ -333,6 +354,7 @@ CHECKS: dict[str, Callable[[Setting, list[dict[str, Any]]], None]] = {
     "leaf_outside_optimizer": check_leaf_outside_optimizer,
     "constant_objective": check_constant_objective,
     "constant_objective_detached": check_constant_objective_detached,
+    "no_parameter_reached": check_no_parameter_reached,
 }
 
 
