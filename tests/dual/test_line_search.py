@@ -152,3 +152,24 @@ def test_half_precision_input_is_solved_in_float32() -> None:
     np.testing.assert_allclose(a.double().numpy(), a_ref, rtol=1e-5)
     Hs, b, s = problem_data(H.double().numpy(), np.array([0.2, 0.8]), 0.4)
     assert dual_value(Hs, b, s, p) <= 0.0 or p.max() == 1.0
+
+
+def test_degenerate_segments_move_to_an_end_or_stay() -> None:
+    """Where ``h`` is linear the candidate formulas divide 0 by 0 (``q2 = 0``: ``G d = 0``; ``q0 = q1 = 0``:
+    the segment starts at the kink ``G p = 0``; ``s = 0``): those candidates are dropped, and the search
+    returns the end of the segment with the smaller ``h``, ``g = 0`` on a tie (a flat ``h``: no move).
+    Closed forms: ``h(g) = beta1 g + s sqrt(q0)``, ``(beta1 + s sqrt(q2)) g`` and ``beta1 g``."""
+    rows, expected = [], []
+    for g_max in (0.5, 1.0):
+        for beta1 in (-0.3, 0.0, 0.3):
+            rows.append((beta1, 0.7, 2.0, 0.0, 0.0, g_max))  # G d = 0: h = beta1 g + const
+            expected.append(g_max if beta1 < 0 else 0.0)
+            rows.append((beta1, 0.0, 2.0, -1.5, 1.0, g_max))  # s = 0: h = beta1 g
+            expected.append(g_max if beta1 < 0 else 0.0)
+        for beta1, s, q2 in ((-1.0, 0.5, 1.0), (1.0, 0.5, 1.0), (-0.5, 0.5, 1.0), (-0.25, 0.5, 0.25)):
+            rows.append((beta1, s, 0.0, 0.0, q2, g_max))  # from the kink: h = (beta1 + s sqrt(q2)) g
+            expected.append(g_max if beta1 + s * math.sqrt(q2) < 0 else 0.0)
+        rows.append((0.0, 0.0, 0.0, 0.0, 0.0, g_max))  # h = 0 everywhere
+        expected.append(0.0)
+    gamma = exact_line_search(*torch.tensor(rows, dtype=torch.float64).unbind(-1))
+    assert gamma.tolist() == expected

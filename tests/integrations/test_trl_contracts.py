@@ -1,0 +1,166 @@
+"""Contracts of ``MultiObjectiveDPOConfig``, ``SignsCollator`` and ``MultiObjectiveDPOTrainer`` that the
+end-to-end tests in ``test_trl.py`` leave open: every unsupported DPO option is refused, the signs'
+validation, the pair count of a batch, named evaluation sets, and the logged rewards when an objective
+is all ties or decides a single pair. Each against a hand computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from cagrad_clip.integrations.trl import MultiObjectiveDPOTrainer, SignsCollator  # noqa: E402
+
+from . import tiny  # noqa: E402
+from .test_trl import BETA, config, run_trainer  # noqa: E402
+
+
+# ------------------------------------------------------------------ the config
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"loss_type": ["hinge"]},
+        {"loss_type": ["sigmoid", "ipo"]},
+        {"loss_weights": [0.5]},
+        {"ld_alpha": 0.5},
+        {"f_divergence_type": "js_divergence"},
+        {"use_weighting": True},
+        {"label_smoothing": 0.1},
+        {"padding_free": True},
+        {"router_aux_loss_coef": 0.1},
+        {"c": -0.1},
+        {"c": float("inf")},
+        {"rescale": "2c"},
+    ],
+    ids=lambda d: ",".join(d),
+)
+def test_every_option_without_a_per_objective_form_is_refused(tmp_path, option):
+    with pytest.raises(ValueError):
+        config(tmp_path, **option)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"loss_type": "sigmoid"},
+        {"loss_type": ["sigmoid"]},
+        {"loss_weights": [1.0]},
+        {"c": 0.0},
+        {"c": 2.5},
+        {"rescale": "1+c"},
+        {"rescale": "1+c^2"},
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_the_supported_settings_are_accepted(tmp_path, option):
+    args = config(tmp_path, **option)
+    key, value = next(iter(option.items()))
+    if key in ("c", "rescale"):
+        assert getattr(args, key) == value
+    assert args.objective_weights == [0.7, 0.3]
+
+
+def test_gradient_checkpointing_options_given_as_a_json_string_are_parsed_and_non_reentrant_by_default(tmp_path):
+    """A string the Trainer's own parser leaves alone (it starts with a space, as from a YAML block)."""
+    args = config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=' {"use_reentrant": true}')
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    args = config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=' {"preserve_rng_state": false}')
+    assert args.gradient_checkpointing_kwargs == {"preserve_rng_state": False, "use_reentrant": False}
+
+
+# ------------------------------------------------------------------ the collator
+def inner_collator(seen):
+    def collate(examples):
+        seen.append([sorted(ex) for ex in examples])
+        return {"n": len(examples)}
+
+    return collate
+
+
+def test_signs_collator_hands_the_rest_to_the_inner_collator_and_adds_float_signs():
+    seen: list = []
+    collator = SignsCollator(inner_collator(seen), "s", 3)
+    batch = collator([{"x": 1, "s": [1, 0, -1]}, {"x": 2, "s": [-1, -1, 1]}])
+    assert seen == [[["x"], ["x"]]]
+    assert batch["n"] == 2
+    assert batch["s"].dtype == torch.float32 and batch["s"].tolist() == [[1.0, 0.0, -1.0], [-1.0, -1.0, 1.0]]
+    free = SignsCollator(inner_collator([]), "s", None)  # no count fixed: any one count per batch
+    assert free([{"s": [1]}, {"s": [-1]}])["s"].tolist() == [[1.0], [-1.0]]
+    assert free([{"s": [0, 0, 1, -1]}])["s"].shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[1, 0], [1, 2]],  # a value other than +1, 0, -1
+        [[0.5, 1]],
+        [[-2, 1]],
+        [[1, 0], [1]],  # ragged
+        [[]],  # no signs
+        [[1, 0, -1]],  # 3 signs, 2 objectives
+        [[1]],
+    ],
+    ids=repr,
+)
+def test_signs_collator_refuses_bad_signs(rows):
+    collator = SignsCollator(inner_collator([]), "s", 2 if rows != [[]] else None)
+    with pytest.raises(ValueError):
+        collator([{"s": r} for r in rows])
+
+
+def test_signs_collator_refuses_examples_without_signs():
+    with pytest.raises(KeyError):
+        SignsCollator(inner_collator([]), "s", 2)([{"s": [1, 0]}, {"x": 1}])
+
+
+# ------------------------------------------------------------------ the trainer
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.tokenizer()
+
+
+def test_a_batch_of_n_pairs_counts_n_examples_and_named_eval_sets_are_each_checked(tok, tmp_path):
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    good = datasets.Dataset.from_list(tiny.preference_rows(4, 2))
+    trainer = MultiObjectiveDPOTrainer(
+        model=model, ref_model=ref, args=config(tmp_path), train_dataset=good, eval_dataset={"a": good, "b": good}, processing_class=tok
+    )
+    assert trainer.objective_batch_size({"input_ids": torch.zeros(6, 5, dtype=torch.long)}) == 3  # [chosen; rejected]
+    assert trainer.objective_batch_size({"input_ids": torch.zeros(2, 9, dtype=torch.long)}) == 1
+    bad = datasets.Dataset.from_list(tiny.preference_rows(4, 3))
+    with pytest.raises(ValueError):
+        MultiObjectiveDPOTrainer(
+            model=model, ref_model=ref, args=config(tmp_path), train_dataset=good, eval_dataset={"a": good, "b": bad}, processing_class=tok
+        )
+
+
+def test_rewards_of_an_all_tie_objective_and_of_a_one_pair_objective(tok, tmp_path):
+    """Objective 0 ties on every pair (margin and accuracy 0, not NaN), objective 1 decides one pair,
+    objective 2 all; ``rewards/chosen`` and ``rewards/rejected`` are the mean implicit rewards."""
+    rows = tiny.preference_rows(4, 3, seed=21)
+    for r, s in zip(rows, ([0, 1, 1], [0, 0, -1], [0, 0, 1], [0, 0, -1])):
+        r["objective_signs"] = s
+    signs = torch.tensor([r["objective_signs"] for r in rows], dtype=torch.float32)
+    model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
+    ids, attn, comp = tiny.encode_pairs(tok, rows)
+    with torch.no_grad():
+        ratio = tiny.sequence_logps(model, ids, attn, comp) - tiny.sequence_logps(ref, ids, attn, comp)
+    chosen, rejected = BETA * ratio[:4], BETA * ratio[4:]
+    delta = chosen - rejected
+    names = ["tie", "one", "all"]
+    args = config(tmp_path, 3, per_device_train_batch_size=4, max_steps=1, logging_strategy="steps", logging_steps=1, objective_names=names)
+    logged = run_trainer(tok, rows, args, model, copy.deepcopy(ref)).state.log_history[0]
+    assert logged["rewards/tie/margins"] == 0.0 and logged["rewards/tie/accuracies"] == 0.0
+    assert logged["loss/tie"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    one = (signs[0, 1] * delta[0]).item()
+    assert logged["rewards/one/margins"] == pytest.approx(one, abs=1e-5)
+    assert logged["rewards/one/accuracies"] == float(one > 0)
+    margins = signs[:, 2] * delta
+    assert logged["rewards/all/margins"] == pytest.approx(margins.mean().item(), abs=1e-5)
+    assert logged["rewards/all/accuracies"] == pytest.approx((margins > 0).float().mean().item())
+    assert logged["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert logged["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)

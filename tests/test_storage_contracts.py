@@ -1,0 +1,300 @@
+"""What every gradient store promises across a window, against hand-written references.
+
+* A window that begins with ``.grad`` already holding something (another loss's ``backward``) keeps
+  that tensor as the user's ``.grad`` and adds the combination to it; further ``backward`` calls,
+  each combined, take the previous direction back out first (``unwrite``): after any number of them
+  ``.grad`` is ``kept + sum_i a_i G_i``, ``G_i`` each objective's gradient summed over the
+  micro-batches (per-objective ``torch.autograd.grad``, float64), ``a`` solved on ``G G^T``.
+* A ``backward`` that fails half-way leaves ``.grad`` as it was before it.
+* The low-memory store's Gram is the Gram of the objectives' gradients.
+* The non-finite report names each objective for what its store can tell: a finite gradient whose
+  square overflows, a non-finite one, or (the home objective of the default store, whose gradient
+  became the direction; a shard, which sees part of the gradient) either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip.storage import make_store
+
+F64 = torch.float64
+
+
+class Net(nn.Module):
+    """A shared layer and a vector ``b`` that each micro-batch reaches from a different objective."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4, dtype=F64)
+        self.b = nn.Parameter(torch.tensor([0.5, -1.5], dtype=F64))
+
+    def forward(self, x: torch.Tensor | None, y: torch.Tensor | None = None, k: int = 0) -> list[torch.Tensor] | torch.Tensor:
+        """Micro-batch ``k``'s losses (through ``forward``: FSDP2 gathers the parameters around it), or,
+        for ``x=None``, a loss outside the optimizer's objectives (a regulariser)."""
+        if x is None:
+            return 0.1 * self.lin.weight.square().sum()
+        return self.losses(x, y, k)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Micro-batch ``k``: ``b`` is reached by objective 0 only (k = 0, 2) or by objective 1 only (k = 1)."""
+        h = torch.tanh(self.lin(x))
+        first = (h.sum(1) - y).square().mean()
+        second = (2 * h[:, 0] + y).square().mean()
+        if k in (0, 2):
+            first = first + (self.b * h[:, :2].mean(0)).square().sum()
+        else:
+            second = second + (self.b.square() * x[:, :2].mean(0)).sum()
+        return [first, second]
+
+
+def batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def one_rank_group() -> Iterator[None]:
+    """A 1-rank gloo process group (``fully_shard`` needs one), destroyed afterwards."""
+    assert not dist.is_initialized()
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "init"), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def fsdp_available() -> bool:
+    if not dist.is_available() or not dist.is_gloo_available():
+        return False
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's values (one rank holds them all), a plain tensor itself."""
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+STORES = {
+    "direct": {},
+    "accumulator": {"accumulate_dtype": F64},
+    "fsdp2": {},
+}
+
+
+def store_param(name: str):
+    marks = [pytest.mark.skipif(not fsdp_available(), reason="needs gloo and FSDP2")] if name == "fsdp2" else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("store", [store_param(s) for s in STORES])
+@pytest.mark.parametrize("micro", [2, 3])
+def test_a_window_that_began_with_grad_keeps_it_and_adds_the_direction_of_every_micro_batch(store, micro):
+    """``.grad`` of ``lin.weight`` holds a regulariser's gradient (``model(None)``) when the window begins; ``micro`` backward
+    calls follow, each combined. ``b`` is reached by the non-home objective in the first micro-batch
+    and by the home objective (the largest weight) in the second: the home gradient allocated for the
+    first direction must not stand for the home's own gradient later. At the end ``.grad`` of every
+    parameter is ``kept + sum_i a_i G_i``, the kept tensor is still the user's ``.grad`` object, and the
+    Gram is ``G G^T`` of the gradients summed over the micro-batches."""
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    with one_rank_group() if store == "fsdp2" else contextlib.nullcontext():
+        if store == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
+        params = list(model.parameters())
+        opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.3, 0.7], c=0.4, **STORES[store])
+        model(None).backward()
+        kept = model.lin.weight.grad
+        kept_before = local(kept).clone()
+        assert model.b.grad is None and model.lin.bias.grad is None
+        for k, (x, y) in enumerate(batches(micro)):
+            opt.backward(model(x, y, k), combine=True)
+        assert model.lin.weight.grad is kept  # the user's tensor, the combination added in place
+        got = [local(p.grad) for p in params]
+        gram, a = opt.last.gram, opt.last.coefficients
+
+    ref_params = list(reference.parameters())
+    summed = [[torch.zeros_like(p) for p in ref_params] for _ in range(2)]
+    for k, (x, y) in enumerate(batches(micro)):
+        for i, loss in enumerate(reference(x, y, k)):
+            for j, g in enumerate(torch.autograd.grad(loss, ref_params, retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    summed[i][j] += g
+    G = torch.stack([torch.cat([g.flatten() for g in row]) for row in summed])
+    torch.testing.assert_close(gram, G @ G.T, rtol=1e-10, atol=1e-12)
+    names = [n for n, _ in reference.named_parameters()]
+    for j, name in enumerate(names):
+        want = a[0] * summed[0][j] + a[1] * summed[1][j]
+        if name == "lin.weight":
+            want = want + kept_before
+        torch.testing.assert_close(got[j], want, rtol=1e-10, atol=1e-12, msg=f".grad of {name}")
+    assert torch.equal(kept_before, 0.2 * reference.lin.weight.detach())  # the regulariser's gradient, by hand
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("store", ["direct", "accumulator"])
+def test_a_backward_that_fails_half_way_leaves_grad_as_it_was(store):
+    """The second objective's backward raises (a tensor hook): ``.grad`` is the very tensors it held
+    before the call, with their values (``None`` where it was ``None``)."""
+    torch.manual_seed(0)
+    model = Net()
+    params = list(model.parameters())
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.3, 0.7], **STORES[store])
+    model(None).backward()
+    before = [p.grad for p in params]
+    values = [None if g is None else g.clone() for g in before]
+    x, y = batches(1)[0]
+    losses = model.losses(x, y, 0)
+
+    def boom(grad: torch.Tensor) -> torch.Tensor:
+        raise Boom
+
+    losses[1].register_hook(boom)  # the home objective: its pass runs last
+    with pytest.raises(Boom):
+        opt.backward(losses)
+    for p, g, v in zip(params, before, values):
+        assert p.grad is g
+        assert v is None or torch.equal(p.grad, v)
+
+
+def test_the_low_memory_store_gram_is_the_gram_of_the_objectives_gradients():
+    """``PassesStore`` (``memory="low"``): after the passes its Gram (and the Gram it hands over for a
+    single process) is ``G G^T`` over the shared parameters, from per-objective ``autograd.grad``."""
+    torch.manual_seed(0)
+    model = Net()
+    params = list(model.parameters())
+    store = make_store(params, len(params), memory="low", distributed=False)
+    x, y = batches(1)[0]
+    losses = model.losses(x, y, 0)
+    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(row, params)]) for row in grads])
+    store.start_window(2, 1)
+    store.accumulate(losses)
+    try:
+        torch.testing.assert_close(store.gram(), G @ G.T, rtol=1e-12, atol=1e-14)
+        assert store.gram_over_ranks(None, None, 1) is store.gram()
+    finally:
+        store.abandon()
+    assert all(p.grad is None for p in params)
+
+
+# ------------------------------------------------------------------------------------------ the non-finite report
+def refusal(options: dict, weights: list[float], losses_of) -> str:
+    w = nn.Parameter(torch.ones(3))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), nonfinite="raise", weights=weights, **options)
+    with pytest.raises(FloatingPointError) as info:
+        opt.step(losses_of(w))
+    assert torch.equal(w.detach(), torch.ones(3))
+    return str(info.value)
+
+
+OVERFLOW = "have finite gradients whose squared norm overflows"
+
+
+def huge(w):  # |g| = 1e22 per entry: finite in float32, its square is not
+    return (w * 1e22).sum()
+
+
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
+def test_an_overflowing_objective_and_a_nonfinite_one_are_each_named_for_what_they_are(options):
+    """Objective 0 (not the home one) is finite but squares past float32, objective 1 is NaN: the report
+    names [0] as an overflow and [1] as non-finite; with objective 0 alone bad, nothing is called non-finite."""
+    both = refusal(options, [0.3, 0.7], lambda w: [huge(w), (w * float("nan")).sum()])
+    assert f"objective(s) [0] {OVERFLOW}" in both
+    assert "objective(s) [1] have a non-finite gradient" in both
+    alone = refusal(options, [0.3, 0.7], lambda w: [huge(w), (w * 2.0).sum()])
+    assert f"objective(s) [0] {OVERFLOW}" in alone
+    assert "non-finite" not in alone and "[1]" not in alone
+
+
+def test_the_accumulator_store_tells_an_overflowing_home_objective_from_a_nonfinite_one():
+    """The accumulator store keeps every objective's row, the home one's (the largest weight) too."""
+    message = refusal({"accumulate_dtype": torch.float32}, [0.7, 0.3], lambda w: [huge(w), (w * 2.0).sum()])
+    assert f"objective(s) [0] {OVERFLOW}" in message
+
+
+@pytest.mark.parametrize("where", ["shared", "head"])
+def test_the_default_store_never_calls_the_home_objectives_gradient_finite(where):
+    """The default store turned the home objective's gradient into the direction: it cannot tell an
+    overflow from a non-finite value there, and must not claim the gradient was finite, even when the
+    direction it became is finite (a huge gradient on a head outside ``shared=``: the Gram, the
+    coefficients and the direction stay finite, only the head's squared norm overflows)."""
+    w, head = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w, head], lr=0.1), shared=[w], nonfinite="raise", weights=[0.7, 0.3])
+    big = w if where == "shared" else head
+    with pytest.raises(FloatingPointError) as info:
+        opt.step([(big * 1e22).sum() + (w * w).sum(), (w * 2.0).sum() + head.sum()])
+    message = str(info.value)
+    assert "objective(s) [0] have a non-finite gradient (Inf/NaN) or one too large to square" in message
+    assert OVERFLOW not in message
+    assert torch.equal(w.detach(), torch.ones(3)) and torch.equal(head.detach(), torch.ones(2))
+
+
+def test_the_low_memory_store_names_an_objective_whose_shared_gradient_is_not_finite():
+    """``memory="low"``: the Gram's diagonal tells which objective's shared gradient is not finite."""
+    message = refusal({"memory": "low"}, [0.5, 0.5], lambda w: [(w * 2.0).sum(), (w * float("nan")).sum()])
+    assert "objective(s) [1] have a non-finite gradient (Inf/NaN) on the shared parameters" in message
+
+
+@pytest.mark.skipif(not fsdp_available(), reason="needs gloo and FSDP2")
+def test_a_sharded_store_never_calls_a_gradient_finite_from_its_own_shard():
+    """FSDP2: a rank holds a shard of each gradient, so a finite shard says nothing of the rest; an
+    objective whose squared norm overflows is reported as non-finite or too large to square."""
+    from torch.distributed.fsdp import fully_shard
+
+    with one_rank_group():
+        model = nn.Linear(3, 1, bias=False)
+        nn.init.ones_(model.weight)
+        fully_shard(model)
+        opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="raise", weights=[0.3, 0.7])
+        x = torch.ones(1, 3)
+        with pytest.raises(FloatingPointError) as info:
+            opt.step([(model(x) * 1e22).sum(), model(x).sum()])
+        message = str(info.value)
+    assert "objective(s) [0] have a non-finite gradient (Inf/NaN) or one too large to square" in message
+    assert OVERFLOW not in message
+
+
+def test_the_low_memory_finiteness_check_of_float16_heads_is_taken_in_float32():
+    """``memory="low"``, float16 parameters: a head direction of norm 400 (finite in float16, its square
+    is not) is a finite step; the squared norm is taken in float32, so the step is not refused."""
+    w, head = nn.Parameter(torch.ones(2, dtype=torch.float16)), nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w, head], lr=1e-4), shared=[w], memory="low", nonfinite="raise", weights=[0.5, 0.5])
+    opt.step([(w * 2).sum() + (head * 200.0).sum(), (w * w).sum() + (head * 200.0).sum()])
+    assert bool(opt.last.finite.all())
+    assert not torch.equal(head.detach(), torch.ones(4, dtype=torch.float16))  # the step was taken
+
+
+@pytest.mark.parametrize(("m", "n"), [(2, 1000), (4, 1 << 20), (2, 1 << 30)])
+def test_a_half_precision_gram_chunk_is_whole_gram_blocks_between_one_block_and_chunk(m, n):
+    """``chunk_columns(upcast=True)``: about ``n / (16 (m + 1))`` columns, a whole number of Gram blocks,
+    at least one block (not the 2**16 floor of the no-upcast case) and at most ``CHUNK``."""
+    from cagrad_clip.storage.blocks import CHUNK, GRAM_BLOCK, chunk_columns
+
+    columns = chunk_columns(m, n, upcast=True)
+    assert columns % GRAM_BLOCK == 0 and GRAM_BLOCK <= columns <= CHUNK
+    if n // (16 * (m + 1)) < GRAM_BLOCK:
+        assert columns == GRAM_BLOCK
