@@ -12,12 +12,16 @@ from .dual import (
     default_max_iter,
     solve_cagrad,
 )
+from .low_memory import AutogramEngine
 from .optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnostics
+from .settings import CAGradSettings
 
 __all__ = [
     "NONFINITE_POLICIES",
     "RESCALE_OPTIONS",
     "SOLVER_OPTIONS",
+    "AutogramEngine",
+    "CAGradSettings",
     "CAGradSolution",
     "ConflictAverseOptimizer",
     "StepDiagnostics",

@@ -97,11 +97,22 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None`` (default, as in the paper), ``"1+c"`` (official CAGrad toy script) or
             ``"1+c^2"`` (official CAGrad code, LibMTL): divide the direction by that factor.
+        solver: ``"auto"``, ``"exact"`` or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
+        max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks ``default_max_iter(m)``.
         shared: parameters on which the Gram (the conflict) is measured (a module, meaning its
             parameters, one parameter, or an iterable of them); default all of the base
             optimizer's parameters. The same coefficients combine every parameter's gradients.
-        max_iter: Frank-Wolfe iterations of the dual solver; ``None`` picks ``default_max_iter(m)``.
-        solver: ``"auto"``, ``"exact"`` or ``"frank_wolfe"`` (see :data:`~cagrad_clip.SOLVER_OPTIONS`).
+        memory: ``"default"`` stores ``m - 1`` gradients (the floor for ``m`` separate gradients);
+            ``"low"`` stores none (``docs/low_memory.md``): with an ``engine``, every step (any ``m``)
+            takes TorchJD's autogram Gramian and one weighted backward; without one, ``m <= 2`` takes
+            three backward passes with per-parameter hooks. No gradient accumulation, one process
+            (or ``distributed=False``).
+        engine: an :class:`~cagrad_clip.low_memory.AutogramEngine` on the modules that hold the
+            shared parameters, built before the first forward; needed by ``memory="low"`` for
+            ``m >= 3``.
+        accumulate_dtype: ``None`` (default) keeps the per-objective gradient sums in the
+            gradients' own dtype, as torch keeps ``.grad``; ``torch.float32`` (or ``float64``) sums
+            low-precision gradients in a wider buffer instead (more memory: see ``docs/guide.md``).
         nonfinite: what :meth:`step` does if an objective's gradient, or the direction written into
             ``.grad``, has an Inf/NaN: ``"skip"`` (default) leaves parameters and optimizer state
             untouched, warns and counts it in :attr:`skipped_steps`; ``"raise"`` raises
@@ -111,17 +122,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             every objective's gradient across ranks before the Gram, so every rank takes the step of
             one process on the full batch (see ``docs/distributed.md``). FSDP2 shards are detected.
         process_group: the group to average over; ``None`` (default) is the default group.
-        accumulate_dtype: ``None`` (default) keeps the per-objective gradient sums in the
-            gradients' own dtype, as torch keeps ``.grad``; ``torch.float32`` (or ``float64``) sums
-            low-precision gradients in a wider buffer instead (more memory: see ``docs/guide.md``).
-        memory: ``"default"`` stores ``m - 1`` gradients (the floor for ``m`` separate gradients);
-            ``"low"`` stores none (``docs/low_memory.md``): with an ``engine``, every step (any ``m``)
-            takes TorchJD's autogram Gramian and one weighted backward; without one, ``m <= 2`` takes
-            three backward passes with per-parameter hooks. No gradient accumulation, one process
-            (or ``distributed=False``).
-        engine: an :class:`~cagrad_clip.low_memory.AutogramEngine` on the modules that hold the
-            shared parameters, built before the first forward; needed by ``memory="low"`` for
-            ``m >= 3``.
 
     Settings change only through :meth:`configure`; they take effect at the next combination.
 
@@ -139,18 +139,19 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self,
         optimizer: torch.optim.Optimizer,
         weights: Sequence[float] | Tensor | None = None,
+        *,
         c: float = 0.4,
         clip: bool = True,
         rescale: Rescale = None,
-        shared: torch.nn.Module | Tensor | Iterable[Tensor] | None = None,
+        solver: Solver = "auto",
         max_iter: int | None = None,
+        shared: torch.nn.Module | Tensor | Iterable[Tensor] | None = None,
+        memory: Literal["default", "low"] = "default",
+        engine: AutogramEngine | None = None,
+        accumulate_dtype: torch.dtype | None = None,
         nonfinite: NonfinitePolicy = "skip",
         distributed: bool = True,
         process_group: Any = None,
-        solver: Solver = "auto",
-        accumulate_dtype: torch.dtype | None = None,
-        memory: Literal["default", "low"] = "default",
-        engine: AutogramEngine | None = None,
     ) -> None:
         settings = CAGradSettings(
             weights=weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights,  # type: ignore[arg-type]

@@ -174,6 +174,7 @@ class CAGradSettings:
     """
 
     weights: tuple[float, ...] | None = None
+    _: dataclasses.KW_ONLY
     c: float = 0.4
     clip: bool = True
     rescale: Rescale = None

@@ -159,12 +159,12 @@ def _weights_tensor(weights: Sequence[float] | Tensor | None, m: int, gram: Tens
 def solve_cagrad(
     gram: Tensor,
     weights: Sequence[float] | Tensor | None = None,
+    *,
     c: float = 0.4,
     clip: bool = True,
     rescale: Rescale = None,
-    max_iter: int | None = None,
-    *,
     solver: Solver = "auto",
+    max_iter: int | None = None,
     validate: bool = True,
 ) -> CAGradSolution:
     """Solve the clipped CAGrad dual for a batch of Gram matrices (RACO Algorithm 1).
@@ -178,11 +178,11 @@ def solve_cagrad(
         c: trust-region radius, finite and ``>= 0`` (``c = 0`` gives ``a = w``).
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"``: divide the direction by that factor.
-        max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
-            Only the ``"frank_wolfe"`` solver iterates.
         solver: ``"auto"`` (default: ``"exact"`` for few objectives and small batches, e.g. one
             problem with up to 12 objectives, see :func:`auto_solver`; else ``"frank_wolfe"``),
             ``"exact"`` (closed-form KKT solve on every support, ``m <= 12``) or ``"frank_wolfe"``.
+        max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
+            Only the ``"frank_wolfe"`` solver iterates.
         validate: check the values of tensor ``weights`` on the host (a device sync for CUDA
             tensors). Shapes and the options are always checked. Skipped under ``torch.compile``.
             Pass ``False`` on a hot path with weights already checked.
@@ -203,12 +203,12 @@ def solve_cagrad(
 def combination_coefficients(
     gram: Tensor,
     weights: Sequence[float] | Tensor | None = None,
+    *,
     c: float = 0.4,
     clip: bool = True,
     rescale: Rescale = None,
-    max_iter: int | None = None,
-    *,
     solver: Solver = "auto",
+    max_iter: int | None = None,
     validate: bool = True,
 ) -> Tensor:
     """Coefficients ``a`` (shape ``(..., m)``) with direction ``d = sum_i a_i g_i``.
@@ -216,4 +216,4 @@ def combination_coefficients(
     Shorthand for ``solve_cagrad(...).coefficients``; see :func:`solve_cagrad` for the
     arguments. ``c = 0`` returns exactly the normalised weights.
     """
-    return solve_cagrad(gram, weights, c, clip, rescale, max_iter, solver=solver, validate=validate).coefficients
+    return solve_cagrad(gram, weights, c=c, clip=clip, rescale=rescale, solver=solver, max_iter=max_iter, validate=validate).coefficients

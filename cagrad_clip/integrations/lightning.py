@@ -73,7 +73,7 @@ class MultiObjectiveModule(pl.LightningModule):
     Args:
         objective_weights: user weights ``w`` (default uniform), used by :meth:`wrap_optimizer`.
         objective_names: names for the logs (default ``objective_0``, ...).
-        c, clip, rescale: settings :meth:`wrap_optimizer` gives the wrapper.
+        c, clip, rescale (keyword-only, as every option after the weights): settings :meth:`wrap_optimizer` gives the wrapper.
         nonfinite: the wrapper's policy for a step with an Inf/NaN (``"skip"``, ``"raise"`` or ``"ignore"``);
             ``None`` (default): :func:`default_nonfinite` of the trainer's precision plugin.
         accumulate_grad_batches: micro-batches per optimizer step (use this, not the ``Trainer``'s argument,
@@ -85,13 +85,14 @@ class MultiObjectiveModule(pl.LightningModule):
     def __init__(
         self,
         objective_weights: Sequence[float] | None = None,
+        *,
         objective_names: Sequence[str] | None = None,
         c: float = 0.4,
         clip: bool = True,
         rescale: str | None = None,
+        nonfinite: NonfinitePolicy | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
-        nonfinite: NonfinitePolicy | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False

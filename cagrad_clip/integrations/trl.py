@@ -50,18 +50,18 @@ class MultiObjectiveDPOConfig(DPOConfig):
     Args:
         objective_weights: user weights ``w``, one per objective (finite, ``>= 0``, positive sum;
             normalised). ``None``: uniform over the number of signs in the data.
+        objective_names: names used in the logs (default ``objective_0``, ...).
         c: trust-region radius of the conflict-averse correction (``0``: the weighted sum of the DPO losses).
         clip: RACO's clip of the dual solution to ``w`` (``False``: CAGrad with a weighted anchor).
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"`` (see :class:`~cagrad_clip.ConflictAverseOptimizer`).
-        objective_names: names used in the logs (default ``objective_0``, ...).
         signs_column: the dataset column with the per-objective preference signs.
     """
 
     objective_weights: list[float] | None = field(default=None, metadata={"help": "User weights w, one per objective."})
+    objective_names: list[str] | None = field(default=None, metadata={"help": "Objective names for the logs."})
     c: float = field(default=0.4, metadata={"help": "Trust-region radius of the conflict-averse correction (0: weighted sum)."})
     clip: bool = field(default=True, metadata={"help": "RACO's clip of the dual to w (False: CAGrad, weighted anchor)."})
     rescale: str | None = field(default=None, metadata={"help": "None, '1+c' or '1+c^2'."})
-    objective_names: list[str] | None = field(default=None, metadata={"help": "Objective names for the logs."})
     signs_column: str = field(default="objective_signs", metadata={"help": "Column of per-objective signs in {+1, -1, 0}."})
 
     def __post_init__(self) -> None:
