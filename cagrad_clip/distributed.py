@@ -1,9 +1,9 @@
 """Data-parallel glue: average every objective's gradient across ranks before the Gram.
 
 With ``torch.distributed`` initialised and a world size above one, each rank holds the
-per-objective gradients of its own micro-batch in a flat ``(m, D)`` buffer. Averaging that buffer
-over the ranks (one all-reduce of ``m * D`` numbers) gives every rank the gradients of the full
-batch, so every rank forms the same Gram, solves the same dual, gets the same coefficients and
+per-objective gradients of its own micro-batch (wherever its gradient store keeps them). Averaging
+them over the ranks (all-reduces of ``m * D`` numbers in all, :func:`average_across_ranks`) gives
+every rank the gradients of the full batch, so every rank forms the same Gram, solves the same dual, gets the same coefficients and
 writes the same direction: the update equals one process on the concatenated batch (for losses
 that are means over equally sized per-rank batches).
 

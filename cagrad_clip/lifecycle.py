@@ -2,9 +2,10 @@
 
 A window runs from the first ``backward`` after a step (or a reset) to the ``step`` that applies
 it: ``empty`` → ``accumulating`` (per-objective gradients summed) → ``combined`` (the direction
-is in ``.grad``) → ``stepped`` (the base optimizer used it). ``zero_grad`` and any change of
-``.grad`` made outside the optimizer (checked against ``.grad`` itself by the gradient store)
-return it to ``empty``. The object is plain data so that pickling and ``torch.compile`` graph
+is in ``.grad``; a further ``backward`` takes it back out and returns to ``accumulating``) →
+``empty`` again at the step. ``zero_grad`` and any change of ``.grad`` made outside the optimizer
+(checked against ``.grad`` itself by the gradient store) also return it to ``empty``. Only the
+methods below change the phase. The object is plain data so that pickling and ``torch.compile`` graph
 breaks cannot lose part of it.
 """
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 __all__ = ["Phase", "WindowState"]
 
-Phase = Literal["empty", "accumulating", "combined", "stepped"]
+Phase = Literal["empty", "accumulating", "combined"]
 
 
 @dataclass
@@ -42,6 +43,14 @@ class WindowState:
         self.phase = "accumulating"
         self.num_objectives = num_objectives
         self.edited = None
+
+    def combined(self) -> None:
+        """The direction was written into ``.grad``."""
+        self.phase = "combined"
+
+    def reopen(self) -> None:
+        """A further ``backward`` took the written direction back out: accumulating again."""
+        self.phase = "accumulating"
 
     def note_edited(self, edited: Tensor) -> None:
         """Fold one device-side edit check into the window's flag (no host sync)."""

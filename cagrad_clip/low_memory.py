@@ -664,14 +664,7 @@ def _check_solve_inputs(m: int, weights: Tensor, settings: CAGradSettings) -> No
 def _solve(gram: Tensor, weights: Tensor, settings: CAGradSettings) -> CAGradSolution:
     w = weights.to(device=gram.device, dtype=gram.dtype)
     with torch.no_grad(), _no_autocast(gram.device):
-        solve_with_settings = getattr(_dual, "solve_with_settings", None)
-        if solve_with_settings is not None:
-            result: CAGradSolution = solve_with_settings(gram, w, settings)
-            return result
-        return _dual.solve_cagrad(
-            gram, w, c=settings.c, clip=settings.clip, rescale=settings.rescale,
-            max_iter=settings.max_iter, solver=settings.solver, validate=False,
-        )  # fmt: skip
+        return _dual.solve_with_settings(gram, w, settings)
 
 
 def low_memory_backward(

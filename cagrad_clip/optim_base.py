@@ -103,11 +103,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 state_dict = result
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if "base" in state_dict and self.STATE_KEY in state_dict:  # the nested layout of earlier versions
-            base, wrapper = state_dict["base"], state_dict[self.STATE_KEY]
-        else:
-            base = {k: v for k, v in state_dict.items() if k != self.STATE_KEY}
-            wrapper = state_dict.get(self.STATE_KEY)
+        base = {k: v for k, v in state_dict.items() if k != self.STATE_KEY}
+        wrapper = state_dict.get(self.STATE_KEY)
         if "param_groups" not in base or "state" not in base:
             raise ValueError(
                 f"state_dict has no 'state' and 'param_groups' (keys: {sorted(state_dict)}); pass what "

@@ -425,7 +425,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             window.note_edited(store.guard.edited(store.params, store.device))
             if window.phase == "combined":
                 store.unwrite()
-                window.phase = "accumulating"
+                window.reopen()
         try:
             store.accumulate(losses)
         except BaseException:
@@ -468,7 +468,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             last = self._state.last = self._combine(store, window.num_objectives, window.edited)
         if seal:
             store.guard.seal(store.params)
-        window.phase = "combined"
+        window.combined()
         return last
 
     def _combine(self, store: GradientStore, m: int, edited: Tensor | None) -> StepDiagnostics:
@@ -563,7 +563,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         if losses is not None:
             self._backward(cast("Sequence[Tensor] | Tensor", losses), combine=True, seal=False)
         diagnostics = self._combine_window(seal=False)
-        self._state.window.phase = "stepped"  # whatever happens below, this window is over
+        self._state.window.reset()  # whatever happens below, this window is over
         try:
             if grad_scaler is not None:
                 if self._scaler_allows_step(grad_scaler, diagnostics):

@@ -885,35 +885,6 @@ def test_engine_close_tolerates_a_torchjd_without_the_hook_manager() -> None:
     assert not any(module._forward_hooks for module in trunk.modules())
 
 
-def test_solve_without_solve_with_settings_passes_every_setting_and_does_not_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a ``dual`` module that has no ``solve_with_settings`` (the fallback on ``solve_cagrad``), every setting reaches
-    the solve (c, clip, rescale, solver, max_iter: at m = 8 one Frank-Wolfe iteration differs from the exact solve) and the
-    weights are not checked on the host (no sync)."""
-    monkeypatch.delattr(low_memory._dual, "solve_with_settings")
-    m = 8
-    trunk, heads, x, y = mlp_case(m)
-    engine = AutogramEngine(trunk)
-    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
-    weights = tuple(float(i + 1) for i in range(m))
-    settings = CAGradSettings(weights=weights, c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1)
-    z = trunk(x)
-    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
-    w = settings.weights_tensor(m)
-    ref_gram, ref_a, _ = reference(losses, params, 4, w, settings)
-    for other in (dict(solver="exact"), dict(max_iter=None), dict(c=0.4), dict(clip=True), dict(rescale=None)):
-        options = dict(c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1) | other
-        assert (solve_cagrad(ref_gram, w.double(), **options).coefficients - ref_a).abs().max() > 1e-4, other  # each setting shows
-    with monkeypatch.context() as patch:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-            patch.setattr(torch.Tensor, name, lambda *args, **kwargs: pytest.fail("host sync on the step path"))
-        result = low_memory_backward(losses, params, 4, w, settings, route="autogram", engine=engine)
-    assert rel(result.gram, ref_gram) < 1e-10
-    # one Frank-Wolfe step is sensitive to the last bits of the Gram: the settings' solve of the step's own Gram
-    expected = solve_cagrad(result.gram, w.double(), c=0.7, clip=False, rescale="1+c", solver="frank_wolfe", max_iter=1).coefficients
-    torch.testing.assert_close(result.solution.coefficients, expected, rtol=1e-12, atol=1e-14)
-    assert (expected - ref_a).abs().max() < 1e-2
-
-
 @pytest.mark.parametrize("sparse", [False, True])
 def test_hooks_route_accumulates_into_the_grad_of_a_leaf_outside_params_as_autograd_does(sparse: bool) -> None:
     """A trainable leaf outside ``params`` that both objectives reach and that already holds a ``.grad`` gets

@@ -201,30 +201,6 @@ def test_a_load_pre_hook_that_returns_a_dict_replaces_the_one_loaded_and_one_tha
     assert state["param_groups"][0]["lr"] == 0.1 and state["conflict_averse"]["c"] == 0.3  # the argument is untouched
 
 
-def test_the_nested_layout_of_earlier_checkpoints_loads_like_the_flat_one():
-    """Earlier versions saved ``{"base": <the base optimizer's state dict>, "conflict_averse": <settings>}``:
-    such a checkpoint restores the base optimizer's state and the settings as the flat layout does."""
-    torch.manual_seed(3)
-    model = two_head_model()
-    opt = ConflictAverseOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), weights=[0.8, 0.2], c=0.25, rescale="1+c^2")
-    for _ in range(2):
-        opt.zero_grad()
-        opt.step(losses_of(model, X))
-    flat = opt.state_dict()
-    nested = {"base": {"state": flat["state"], "param_groups": flat["param_groups"]}, "conflict_averse": flat["conflict_averse"]}
-    loaded = []
-    for state in (flat, nested):
-        target = ConflictAverseOptimizer(torch.optim.Adam(model.parameters(), lr=0.5), weights=[0.5, 0.5], c=0.9)
-        with pytest.warns(UserWarning, match="load_state_dict replaced"):
-            target.load_state_dict(state)
-        loaded.append(target)
-    for target in loaded:
-        assert target.settings == opt.settings and target.param_groups[0]["lr"] == 0.01
-        for p in model.parameters():
-            assert torch.equal(target.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
-            assert torch.equal(target.state[p]["step"], opt.state[p]["step"])
-
-
 @pytest.mark.parametrize("keep", ["state", "param_groups"])
 def test_a_state_dict_missing_state_or_param_groups_is_refused_with_valueerror_and_nothing_loads(keep):
     model, opt = trained_with_two_skips()

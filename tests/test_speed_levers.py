@@ -1,6 +1,6 @@
 """Tests for the speed benchmark's building blocks (``python -m benchmarks.speed``) and the step path.
 
-No torch.compile here: the suite's one compile of the solver lives in ``tests/test_dual.py``.
+No torch.compile here: the suite's one compile of the solver lives in ``tests/dual/test_kernel.py``.
 CUDA tests skip cleanly without a GPU.
 """
 

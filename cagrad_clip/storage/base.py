@@ -1,11 +1,12 @@
-"""What every gradient store shares: the ``(m, D)`` rows, the parameter views, the guard on ``.grad``.
+"""What every gradient store shares: the parameters (shared first), the guard on ``.grad``, the calls.
 
 A store holds, for one accumulation window (from the first ``backward`` after a step or a reset
-to the ``step``), the sum of every objective's gradient over the trainable parameters, one
-flattened row per objective (shared parameters first, so the Gram is taken over the column slice
-``[:shared_numel]``). Concrete stores differ in how a backward pass reaches its row
-(:mod:`.dense`: straight into the row, or through ``.grad`` into a wider accumulator;
-:mod:`.sharded`: FSDP2 shards) and in how the combination reaches ``.grad``.
+to the ``step``), the sum of every objective's gradient over the trainable parameters, and forms
+their Gram over the shared parameters. Concrete stores differ in where those sums live and how a
+backward pass reaches them (:mod:`.direct`: in the tensors autograd allocates, ``m - 1`` kept aside
+and the home objective's in ``.grad``; :mod:`.dense`: flat ``(m, D)`` rows in a wider dtype;
+:mod:`.sharded`: rows of FSDP2 shards; :mod:`.passes`: none, ``memory="low"``) and in how the
+combination reaches ``.grad``.
 
 The guard: after every mutation the store remembers which tensor each ``.grad`` is; whether
 ``.grad`` still holds those tensors is checked against reality (:meth:`GradientStore.grads_intact`),
