@@ -29,7 +29,6 @@ reductions run in float32 or better, outside any autocast region of the caller.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 from collections.abc import Generator, Iterator, Sequence
@@ -41,6 +40,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dual as _dual
 from .dual import CAGradSolution
+from .losses import check_losses
+from .numerics import blocked_dot, no_autocast, reduction_dtype
 from .settings import CAGradSettings
 
 __all__ = ["ROUTES", "AutogramEngine", "LowMemoryResult", "Route", "gram_of_rows", "low_memory_backward", "low_memory_passes"]
@@ -54,8 +55,6 @@ ROUTES: dict[str, str] = {
     "autogram": "TorchJD autogram Gramian, then one weighted backward; any m, no weights tied across modules",
 }
 
-#: Columns per block of the blocked Gram: each block's dot products are one float32 chain of this length.
-GRAM_BLOCK = 1 << 14
 #: Elements upcast at a time: bounds the transient float32 copy of a half-precision gradient piece.
 UPCAST_CHUNK = 1 << 22
 
@@ -87,29 +86,6 @@ class LowMemoryResult(NamedTuple):
     """The route taken: ``"hooks"`` or ``"autogram"``."""
 
 
-def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _pair_dot(x: Tensor, y: Tensor) -> Tensor:
-    """``<x, y>`` of two contiguous 1-D tensors: ``GRAM_BLOCK``-long float chains, their sums added pairwise."""
-    blocks = x.numel() // GRAM_BLOCK
-    if blocks < 2:
-        return torch.dot(x, y)
-    main = blocks * GRAM_BLOCK
-    partial = torch.bmm(x[:main].view(blocks, 1, GRAM_BLOCK), y[:main].view(blocks, GRAM_BLOCK, 1)).sum()
-    return partial + torch.dot(x[main:], y[main:])
-
-
 def gram_of_rows(rows: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """The ``(k, k)`` Gram of ``k`` equally sized tensors, reduced in ``dtype`` (float32 or float64).
 
@@ -123,13 +99,13 @@ def gram_of_rows(rows: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     same = all(f.dtype == dtype for f in flat)
     step = max(n, 1) if same else UPCAST_CHUNK
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
-    with torch.no_grad(), _no_autocast(flat[0].device):
+    with torch.no_grad(), no_autocast(flat[0].device):
         total: Tensor | None = None
         for start in range(0, n, step):
             pieces = [f[start : start + step] for f in flat]
             if not same:
                 pieces = [p.to(dtype) for p in pieces]
-            values = torch.stack([_pair_dot(pieces[i], pieces[j]) for i, j in pairs])
+            values = torch.stack([blocked_dot(pieces[i], pieces[j]) for i, j in pairs])
             total = values if total is None else total + values
         if total is None:  # empty tensors
             return torch.zeros((k, k), dtype=dtype, device=flat[0].device)
@@ -392,7 +368,7 @@ class AutogramEngine:
         #: the parameters the Gram covers, in the engine's order.
         self.params = params
         #: the Gram's dtype: float32, or float64 if a parameter is float64.
-        self.dtype = _accumulation_dtype(params)
+        self.dtype = reduction_dtype(*(p.dtype for p in params))
         if engine_class is importlib.import_module("torchjd.autogram").Engine:  # TorchJD reduces in the parameters' dtype
             if any(p.dtype != self.dtype for p in params):
                 raise ValueError(
@@ -618,15 +594,9 @@ def _hooks_gram(
 
 # --------------------------------------------------------------------------- the entry point
 def _check_inputs(losses: Sequence[Tensor], params: Sequence[Tensor], shared_count: int) -> tuple[list[Tensor], list[Tensor]]:
-    if isinstance(losses, Tensor) or not isinstance(losses, Sequence) or len(losses) == 0:
-        raise TypeError("losses must be a non-empty sequence of scalar tensors, one per objective")
-    losses = list(losses)
-    for i, loss in enumerate(losses):
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            raise ValueError(f"loss {i} must be a floating-point scalar tensor, got {loss!r:.80}")
-        if not loss.requires_grad:
-            raise ValueError(f"loss {i} does not require grad (computed under torch.no_grad(), detached, or from frozen parameters)")
-    losses = [loss.reshape(()) if loss.dim() else loss for loss in losses]  # one-element losses of any shape, as the default mode
+    losses = [
+        loss.reshape(()) if loss.dim() else loss for loss in check_losses(losses)
+    ]  # one-element losses of any shape, as the default mode
     params = list(params)
     if not params or not all(isinstance(p, Tensor) for p in params):
         raise TypeError("params must be a non-empty sequence of parameter tensors")
@@ -663,7 +633,7 @@ def _check_solve_inputs(m: int, weights: Tensor, settings: CAGradSettings) -> No
 
 def _solve(gram: Tensor, weights: Tensor, settings: CAGradSettings) -> CAGradSolution:
     w = weights.to(device=gram.device, dtype=gram.dtype)
-    with torch.no_grad(), _no_autocast(gram.device):
+    with torch.no_grad(), no_autocast(gram.device):
         return _dual.solve_with_settings(gram, w, settings)
 
 
@@ -787,13 +757,14 @@ def low_memory_passes(
     param_ids = {id(p) for p in params}
     outside = [leaf for i, leaf in graph.leaves.items() if i not in param_ids]  # trainable leaves outside params
     del graph
-    dtype = _accumulation_dtype(params)
+    dtype = reduction_dtype(*(p.dtype for p in params))
     try:
         if route == "hooks":
             gram = _hooks_gram(losses, params, shared_count, dtype, outside)
         else:
             assert engine is not None and plan is not None
-            stacked = torch.stack([loss.to(_accumulation_dtype(losses)) for loss in losses])
+            loss_dtype = reduction_dtype(*(loss.dtype for loss in losses))
+            stacked = torch.stack([loss.to(loss_dtype) for loss in losses])
             gram = engine._gram(stacked, plan).to(dtype)
         a = yield gram  # the caller solves the dual on the Gram and sends the coefficients
         if route == "hooks":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from .dual import solve_with_settings
 from .lifecycle import WindowState
 from .losses import check_losses
 from .low_memory import AutogramEngine
+from .numerics import no_autocast
 from .optim_base import WrappedOptimizer
 from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
 from .storage import GradientStore, make_store
@@ -66,14 +66,6 @@ class _WrapperState:
     device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = field(default_factory=dict)
     last: StepDiagnostics | None = None
     skipped_steps: int = 0
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Our reductions never run under the caller's autocast (a bf16 Gram would lose the correction)."""
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
 
 
 class ConflictAverseOptimizer(WrappedOptimizer):
@@ -464,7 +456,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             )
         assert window.num_objectives is not None
         window.note_edited(store.guard.edited(store.params, store.device))
-        with _no_autocast(store.device):
+        with no_autocast(store.device):
             last = self._state.last = self._combine(store, window.num_objectives, window.edited)
         if seal:
             store.guard.seal(store.params)

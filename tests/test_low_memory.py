@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cagrad_clip import low_memory, solve_cagrad
+from cagrad_clip import low_memory, numerics, solve_cagrad
 from cagrad_clip.low_memory import AutogramEngine, LowMemoryResult, low_memory_backward
 from cagrad_clip.settings import CAGradSettings
 
@@ -364,7 +364,7 @@ def test_bf16_parameters_under_autocast_reduce_in_float32(route: str) -> None:
 
 def test_gram_of_rows_reduces_half_precision_in_float32() -> None:
     torch.manual_seed(0)
-    rows = [torch.randn(3 * low_memory.GRAM_BLOCK + 17).bfloat16() for _ in range(3)]
+    rows = [torch.randn(3 * numerics.GRAM_BLOCK + 17).bfloat16() for _ in range(3)]
     exact = torch.stack([r.double() for r in rows])
     gram = low_memory.gram_of_rows(rows, torch.float32)
     assert gram.dtype == torch.float32 and rel(gram, exact @ exact.T) < 3e-5  # a bf16 reduction: ~1e-3
@@ -385,7 +385,7 @@ def test_gram_of_rows_is_exact_on_integer_rows_across_block_boundaries(blocks: i
     """Integer rows of ``blocks * GRAM_BLOCK + extra`` columns: the Gram equals the int64 Gram exactly,
     so no product is lost or counted twice at a block boundary or in the remainder (float32 rows are
     reduced in place, bf16 rows upcast)."""
-    ints = nonzero_integer_rows(3, blocks * low_memory.GRAM_BLOCK + extra)
+    ints = nonzero_integer_rows(3, blocks * numerics.GRAM_BLOCK + extra)
     expected = ints @ ints.T
     gram = low_memory.gram_of_rows(list(ints.to(dtype)), torch.float32)
     assert gram.dtype == torch.float32

@@ -467,6 +467,7 @@ def test_blocked_gram_matches_float64_reference(dtype, store, monkeypatch):
     The store gathers at most 1/16 of the parameters' bytes per chunk, so at this size a chunk is
     one tile and would take the plain ``rows @ rows.T`` path: the tile is shrunk to 256 columns so
     that some chunk holds at least two tiles and a remainder (checked, not assumed)."""
+    from cagrad_clip import numerics
     from cagrad_clip.storage import GRAM_BLOCK, blocks, direct
 
     tiled_with_remainder = []
@@ -477,7 +478,8 @@ def test_blocked_gram_matches_float64_reference(dtype, store, monkeypatch):
         tiled_with_remainder.append(n // blocks.GRAM_BLOCK >= 2 and n % blocks.GRAM_BLOCK != 0)
         return gram_of_block(rows)
 
-    monkeypatch.setattr(blocks, "GRAM_BLOCK", 256)
+    monkeypatch.setattr(blocks, "GRAM_BLOCK", 256)  # the chunk planning's
+    monkeypatch.setattr(numerics, "GRAM_BLOCK", 256)  # the tiles'
     monkeypatch.setattr(blocks, "gram_of_block", spy)
     monkeypatch.setattr(direct, "gram_of_block", spy)
     torch.manual_seed(0)

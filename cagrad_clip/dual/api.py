@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..numerics import reduction_dtype
 from ..settings import CAGradSettings, Rescale, Solver, check_solver, normalize_weights
 from .kernel import CAGradSolution, solve_kernel
 
@@ -83,15 +84,6 @@ def resolve_solver(solver: str, m: int) -> Solver:
     return checked
 
 
-def solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a floating-point Gram is solved in: float64 stays, every other (half, bfloat16, float32) is float32.
-
-    ``torch.promote_types(dtype, torch.float32)`` for floating-point dtypes, decided on the host
-    (``promote_types`` is a dispatched op, and the hot path counts its ops).
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_gram(gram: Tensor) -> None:
     """Raise unless ``gram`` is a floating-point tensor of shape ``(..., m, m)`` with ``m >= 1`` (shapes only)."""
     if not isinstance(gram, Tensor):
@@ -131,7 +123,7 @@ def solve_with_settings(gram: Tensor, weights: Tensor, settings: CAGradSettings)
     if solver == "auto":
         solver = auto_solver(m, math.prod(batch))
     max_iter = default_max_iter(m) if settings.max_iter is None else settings.max_iter
-    dtype = solve_dtype(gram.dtype)
+    dtype = reduction_dtype(gram.dtype)
     return solve_kernel(
         gram=gram.to(dtype),
         weights=weights.to(device=gram.device, dtype=dtype),
@@ -145,7 +137,7 @@ def solve_with_settings(gram: Tensor, weights: Tensor, settings: CAGradSettings)
 
 def _weights_tensor(weights: Sequence[float] | Tensor | None, m: int, gram: Tensor, validate: bool) -> Tensor:
     """``weights`` normalised, in the solve's dtype on ``gram``'s device; values checked if ``validate``."""
-    dtype = solve_dtype(gram.dtype)
+    dtype = reduction_dtype(gram.dtype)
     if weights is None:
         return torch.full((m,), 1.0 / m, dtype=dtype, device=gram.device)
     if isinstance(weights, Tensor) and (torch.compiler.is_compiling() or not validate):

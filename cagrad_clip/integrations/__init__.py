@@ -56,15 +56,19 @@ def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = Non
 
 
 def check_weights(weights: Sequence[float] | None, names: Sequence[str] | None) -> tuple[list[float] | None, list[str] | None]:
-    """Validate user weights and objective names (shared by the integrations); returns them as lists."""
-    import math
+    """Validate user weights (by the library's own rule) and objective names (shared by the integrations);
+    returns them as lists."""
+    from cagrad_clip.settings import normalize_weights
 
-    w = None if weights is None else [float(x) for x in weights]
-    if w is not None:
-        if len(w) == 0:
-            raise ValueError("objective_weights is empty; give one weight per objective")
-        if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"objective_weights must be finite, >= 0 and have a positive sum; got {w}")
+    w = None
+    if weights is not None:
+        try:
+            checked = normalize_weights(weights)  # finite, >= 0, positive sum
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"objective_weights: {error}") from None
+        if checked.dim() != 1:
+            raise ValueError(f"objective_weights must be one number per objective, got shape {tuple(checked.shape)}")
+        w = [float(x) for x in weights]  # kept as given (normalised where they are used)
     n = None if names is None else [str(x) for x in names]
     if n is not None:
         if len(set(n)) != len(n):

@@ -19,7 +19,6 @@ optimizer and scheduler from the config, checkpoints, logging.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('cagrad_clip.integrations.trl needs TRL: pip install "cagrad-clip[trl]"') from exc
 
-from cagrad_clip import RESCALE_OPTIONS
+from cagrad_clip import CAGradSettings
 
 from . import check_weights
 from .hf import MultiObjectiveTrainerMixin
@@ -67,10 +66,8 @@ class MultiObjectiveDPOConfig(DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.objective_weights, self.objective_names = check_weights(self.objective_weights, self.objective_names)
-        if not (math.isfinite(self.c) and self.c >= 0):
-            raise ValueError(f"c must be finite and >= 0; got {self.c}")
-        if self.rescale not in RESCALE_OPTIONS:
-            raise ValueError(f"rescale must be one of {list(RESCALE_OPTIONS)}; got {self.rescale!r}")
+        checked = CAGradSettings(c=self.c, clip=self.clip, rescale=self.rescale)  # type: ignore[arg-type]  # bad values raise here
+        self.c, self.clip, self.rescale = checked.c, checked.clip, checked.rescale
         unsupported = []
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_types != ["sigmoid"]:

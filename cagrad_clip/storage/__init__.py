@@ -18,8 +18,9 @@ from torch import Tensor
 
 from ..distributed import sharded_layout
 from ..low_memory import AutogramEngine
+from ..numerics import GRAM_BLOCK
 from .base import GradientStore
-from .blocks import CHUNK, GRAM_BLOCK
+from .blocks import CHUNK
 from .dense import DenseStore
 from .direct import DirectStore
 from .passes import PassesStore

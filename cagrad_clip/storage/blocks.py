@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "accumulation_dtype", "blocked_gram", "chunk_columns", "gather_columns", "gram_of_block", "row_sumsq"]
+from ..numerics import GRAM_BLOCK, gram_of_block, reduction_dtype
 
-#: Columns per block of the blocked Gram: each block's products stay in cache and are summed
-#: in a short float32 chain; the block sums are added by ``sum`` over the block dimension.
-GRAM_BLOCK = 1 << 14
+__all__ = ["CHUNK", "blocked_gram", "chunk_columns", "gather_columns", "row_sumsq"]
+
 #: Most columns per chunk: a chunk of low-precision rows is upcast to float32 (``m * CHUNK * 4`` bytes).
 CHUNK = 1 << 20
 
@@ -43,33 +42,13 @@ def gather_columns(m: int, n: int, itemsize: int) -> int:
     return max(GRAM_BLOCK, min(CHUNK, n * itemsize // (64 * m) // GRAM_BLOCK * GRAM_BLOCK))
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision rows, the rows' own dtype for float32/float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def gram_of_block(rows: Tensor) -> Tensor:
-    """Gram of ``rows`` (already in the accumulation dtype): ``GRAM_BLOCK``-column tiles through one ``bmm``."""
-    m, n = rows.shape
-    blocks = n // GRAM_BLOCK
-    if blocks < 2:
-        return rows @ rows.T
-    main = blocks * GRAM_BLOCK
-    tiled = (rows if main == n else rows[:, :main]).view(m, blocks, GRAM_BLOCK).transpose(0, 1)
-    gram = torch.bmm(tiled, tiled.transpose(1, 2)).sum(0)
-    if main == n:  # whole tiles (the gathered chunks are): no remainder ops
-        return gram
-    rest = rows[:, main:]
-    return gram.addmm_(rest, rest.T)
-
-
 def blocked_gram(rows: Tensor, columns: int) -> Tensor:
     """``H = G G^T`` over the first ``columns`` columns of ``rows`` (``(m, D)``), in float32 or better.
 
     float32/float64 rows are reduced in place (no copy); half-precision rows chunk by chunk, each
     chunk upcast once. The blocking keeps each float32 dot-product chain to ``GRAM_BLOCK`` terms.
     """
-    acc = accumulation_dtype(rows.dtype)
+    acc = reduction_dtype(rows.dtype)
     if rows.dtype == acc:
         return gram_of_block(rows[:, :columns])
     m = rows.shape[0]
@@ -82,7 +61,7 @@ def blocked_gram(rows: Tensor, columns: int) -> Tensor:
 
 def row_sumsq(rows: Tensor, start: int) -> Tensor:
     """``sum_j rows[i, j]^2`` over the columns from ``start`` on, per row, in float32 or better."""
-    acc = accumulation_dtype(rows.dtype)
+    acc = reduction_dtype(rows.dtype)
     tail = rows[:, start:]
     if tail.shape[1] == 0:
         return torch.zeros(rows.shape[0], dtype=acc, device=rows.device)

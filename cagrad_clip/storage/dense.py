@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import reached_on_any_rank
+from ..numerics import reduction_dtype
 from .base import GradientStore
-from .blocks import accumulation_dtype
 
 __all__ = ["DenseStore", "ReachRecorder"]
 
@@ -67,7 +67,7 @@ class DenseStore(GradientStore):
     def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype | None = None) -> None:
         dtypes = {p.dtype for p in params}
         if dtype is None:
-            dtype = next(iter(dtypes)) if len(dtypes) == 1 else accumulation_dtype(torch.float16)
+            dtype = next(iter(dtypes)) if len(dtypes) == 1 else reduction_dtype()
             for d in dtypes:
                 dtype = torch.promote_types(dtype, d)
         super().__init__(params, shared_count, [p.shape for p in params], dtype)

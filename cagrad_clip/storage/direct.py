@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from ..distributed import average_across_ranks, reached_on_any_rank
+from ..numerics import gram_of_block, reduction_dtype
 from .base import GradGuard, GradientStore
-from .blocks import accumulation_dtype, gather_columns, gram_of_block
+from .blocks import gather_columns
 from .dense import ReachRecorder
 
 __all__ = ["Chunk", "DirectStore", "plan_chunks"]
@@ -88,7 +89,7 @@ class DirectStore(GradientStore):
 
     def __init__(self, params: Sequence[Tensor], shared_count: int) -> None:
         super().__init__(params, shared_count, [p.shape for p in params], params[0].dtype)
-        self.acc = accumulation_dtype(self.dtype)
+        self.acc = reduction_dtype(self.dtype)
         self.recorder = ReachRecorder(self.params)
         self.external: list[Tensor | None] = [None] * len(self.params)
         self.grads: list[list[Tensor | None]] = []  # grads[i][j]: objective i, parameter j (grads[home] is .grad)

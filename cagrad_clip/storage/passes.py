@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..low_memory import AutogramEngine, low_memory_passes
+from ..numerics import reduction_dtype
 from .base import GradientStore
-from .blocks import accumulation_dtype
 
 __all__ = ["PassesStore"]
 
@@ -27,7 +27,7 @@ class PassesStore(GradientStore):
     """No rows: the Gram and the direction are computed by backward passes (see the module doc)."""
 
     def __init__(self, params: Sequence[Tensor], shared_count: int, engine: AutogramEngine | None, per_rank: bool) -> None:
-        dtype = accumulation_dtype(params[0].dtype)
+        dtype = reduction_dtype(params[0].dtype)
         for p in params:
             dtype = torch.promote_types(dtype, p.dtype)
         super().__init__(params, shared_count, [p.shape for p in params], dtype)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import check_same_count, sum_across_ranks
+from ..numerics import reduction_dtype
 from .base import GradientStore
-from .blocks import accumulation_dtype
 
 __all__ = ["ShardedStore"]
 
@@ -106,7 +106,7 @@ class ShardedStore(GradientStore):
     def _combination(self, coefficients: Tensor) -> list[Tensor]:
         """``sum_i a_i g_i`` of each local shard in the rows' dtype (float32 accumulation for half rows)."""
         assert self.rows is not None
-        acc = accumulation_dtype(self.dtype)
+        acc = reduction_dtype(self.dtype)
         rows = self.rows if self.dtype == acc else self.rows.to(acc)
         return self.views((coefficients.to(acc) @ rows).to(self.dtype))
 

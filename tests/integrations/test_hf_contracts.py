@@ -417,3 +417,21 @@ def test_log_passes_the_start_time_on_to_the_trainer(tmp_path):
     assert "coef/objective_0" in custom  # not the run's summary: a training log
     steps = [e for e in trainer.state.log_history if "loss" in e]
     assert steps and all("train_tokens_per_second" in e and "coef/objective_0" in e for e in steps)
+
+
+@pytest.mark.parametrize(
+    ("weights", "error", "message"),
+    [
+        ([0.5, -1.0], ValueError, "objective_weights: weights must be >= 0"),
+        ([], ValueError, "objective_weights: .*m >= 1"),
+        ([float("nan"), 1.0], ValueError, "objective_weights: weights must be finite"),
+        ([[1.0, 2.0]], ValueError, "one number per objective"),
+        ("ab", TypeError, "objective_weights: .*string"),
+        (torch.tensor([1 + 1j, 2]), TypeError, "objective_weights: weights must be real"),
+    ],
+)
+def test_the_integrations_check_objective_weights_by_the_librarys_own_rule(weights, error, message) -> None:
+    """One rule for weights everywhere: what ``CAGradSettings`` refuses, the integrations refuse, naming the argument."""
+    with pytest.raises(error, match=message):
+        check_weights(weights, None)
+    assert check_weights([1, 3], ["a", "b"]) == ([1.0, 3.0], ["a", "b"])

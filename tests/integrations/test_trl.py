@@ -339,6 +339,15 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
         config(tmp_path, objective_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="objective_weights"):
         config(tmp_path, objective_weights=[0.5, -1.0])
+    for bad_setting, message in (
+        ({"c": -0.1}, "c must be finite"),
+        ({"c": float("nan")}, "c must be finite"),
+        ({"rescale": "2c"}, "rescale"),
+    ):
+        with pytest.raises(ValueError, match=message):  # the library's own settings check, not a copy of it
+            config(tmp_path, **bad_setting)
+    with pytest.raises(TypeError, match="clip must be True or False"):
+        config(tmp_path, clip="yes")
     from trl import DPOConfig
 
     with pytest.raises(TypeError, match="MultiObjectiveDPOConfig"):
