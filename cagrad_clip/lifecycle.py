@@ -52,9 +52,10 @@ class WindowState:
         """A further ``backward`` took the written direction back out: accumulating again."""
         self.phase = "accumulating"
 
-    def note_edited(self, edited: Tensor) -> None:
-        """Fold one device-side edit check into the window's flag (no host sync)."""
+    def note_edited(self, edited: Tensor) -> Tensor:
+        """Fold one device-side edit check into the window's flag (no host sync); returns the flag."""
         self.edited = edited if self.edited is None else self.edited | edited
+        return self.edited
 
     def reset(self) -> None:
         self.phase = "empty"

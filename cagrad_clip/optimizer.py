@@ -455,21 +455,21 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 "accumulated gradients are lost; run backward(losses) again"
             )
         assert window.num_objectives is not None
-        window.note_edited(store.guard.edited(store.params, store.device))
+        edited = window.note_edited(store.guard.edited(store.params, store.device))
         with no_autocast(store.device):
-            last = self._state.last = self._combine(store, window.num_objectives, window.edited)
+            last = self._state.last = self._combine(store, window.num_objectives, edited)
         if seal:
             store.guard.seal(store.params)
         window.combined()
         return last
 
-    def _combine(self, store: GradientStore, m: int, edited: Tensor | None) -> StepDiagnostics:
+    def _combine(self, store: GradientStore, m: int, edited: Tensor) -> StepDiagnostics:
         group, world_size = active_group(self.distributed, self.process_group)
         gram = store.gram_over_ranks(self._state.window, group, world_size)
         solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
-        intact = torch.ones((), dtype=torch.bool, device=gram.device) if edited is None else ~edited.to(gram.device)
-        if edited is not None:  # an edited window writes NaN, never a mix (step() refuses it with the reason)
-            solution = solution._replace(coefficients=torch.where(intact, solution.coefficients, torch.nan))
+        intact = ~edited.to(gram.device)
+        # an edited window writes NaN, never a mix (step() refuses it with the reason)
+        solution = solution._replace(coefficients=torch.where(intact, solution.coefficients, torch.nan))
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
         written_finite = store.write(solution.coefficients)

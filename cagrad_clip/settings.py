@@ -190,8 +190,8 @@ class CAGradSettings:
         object.__setattr__(self, "c", check_c(self.c))
         if not isinstance(self.clip, bool):
             raise TypeError(f"clip must be True or False, got {self.clip!r}")
-        object.__setattr__(self, "rescale", check_rescale(self.rescale))
-        object.__setattr__(self, "solver", check_solver(self.solver))
+        check_rescale(self.rescale)  # validated as given (a valid value is kept as it is)
+        check_solver(self.solver)
         object.__setattr__(self, "max_iter", check_max_iter(self.max_iter))
 
     @property

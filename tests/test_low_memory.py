@@ -1052,3 +1052,20 @@ def test_a_nonfinite_head_gradient_with_shared_is_reported_as_nonfinite_not_as_a
     assert opt.last is not None and not bool(opt.last.finite.all())
     assert bool(torch.isfinite(opt.last.gram).all())  # the trunk's Gram is finite: only the head is not
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_one_shared_parameter_is_a_valid_shared_count() -> None:
+    """``shared_count=1`` (the Gram measured on the trunk's first weight only) is the smallest valid
+    value, equal to the reference; ``0`` and more than ``len(params)`` are refused (the check is the
+    entry point's, shared by both routes)."""
+    m, trunk, heads, x, y, engine = _route_case("hooks")
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    z = trunk(x)
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    result = _check_against_reference(losses, params, 1, CAGradSettings(c=0.5), "hooks", engine)
+    assert result.gram.shape == (m, m)
+    for p in params:
+        p.grad = None
+    for bad in (0, len(params) + 1):
+        with pytest.raises(ValueError, match="shared_count must be an int in"):
+            low_memory_backward(losses, params, bad, torch.full((m,), 1 / m, dtype=torch.float64), CAGradSettings(), route="hooks")

@@ -143,3 +143,19 @@ def test_losses_step_refuses_and_nothing_changes():
                 opt.step(losses)
     assert opt.last is None and all(p.grad is None for p in net.parameters())
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_the_weights_reach_the_device_once_and_are_reused_by_every_step():
+    """The normalised weights are copied to the gradients' device and dtype once per ``(device, dtype, m)``;
+    later steps reuse that tensor (no host-to-device copy per step) until ``configure`` changes them."""
+    net = trunk_and_heads()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), weights=[0.6, 0.4])
+    opt.step(losses_of(net, x))
+    (key, first), *others = opt._state.device_weights.items()
+    assert not others and key == (torch.device("cpu"), torch.float64, 2) and first.tolist() == [0.6, 0.4]
+    opt.step(losses_of(net, x))
+    assert opt._state.device_weights == {key: first} and opt._state.device_weights[key] is first
+    opt.configure(weights=[0.5, 0.5])
+    opt.step(losses_of(net, x))
+    assert opt._state.device_weights[key] is not first and opt._state.device_weights[key].tolist() == [0.5, 0.5]

@@ -298,3 +298,74 @@ def test_a_half_precision_gram_chunk_is_whole_gram_blocks_between_one_block_and_
     assert columns % GRAM_BLOCK == 0 and GRAM_BLOCK <= columns <= CHUNK
     if n // (16 * (m + 1)) < GRAM_BLOCK:
         assert columns == GRAM_BLOCK
+
+
+# --------------------------------------------------------------------------- memory and dtype promises
+def test_the_squared_norms_of_half_precision_rows_are_taken_in_float32() -> None:
+    """``row_sumsq`` of float16 rows whose squares overflow float16 (300^2 > 65504): float32, exact."""
+    from cagrad_clip.storage.blocks import row_sumsq
+
+    rows = torch.tensor([[1.0, 300.0, 300.0], [2.0, -3.0, 0.5]], dtype=torch.float16)
+    got = row_sumsq(rows, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([180000.0, 9.25]), rtol=1e-6, atol=0.0)
+    assert row_sumsq(rows, 3).dtype == torch.float32 and row_sumsq(rows, 3).tolist() == [0.0, 0.0]
+
+
+def test_the_accumulator_rows_of_float64_and_bfloat16_parameters_are_float64() -> None:
+    """Mixed dtypes without ``accumulate_dtype``: the rows take the widest (float64 here), so the float64
+    parameters' gradients are not rounded to float32 (checked against the float64 Gram)."""
+    wide = nn.Parameter(torch.tensor([1.0 + 2**-40, 3.0], dtype=F64))
+    narrow = nn.Parameter(torch.tensor([0.5], dtype=torch.bfloat16))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([wide, narrow], lr=0.0), c=0.4)
+    opt.backward([(wide * wide).sum() + narrow.float().sum(), (wide[0] * 3.0) + narrow.float().sum() * 2], combine=False)
+    assert opt._store.rows.dtype == F64
+    opt.step()
+    g0 = torch.tensor([2 * (1.0 + 2**-40), 6.0, 1.0], dtype=F64)
+    g1 = torch.tensor([3.0, 0.0, 2.0], dtype=F64)
+    assert opt.last.gram.dtype == F64
+    assert opt.last.gram[0, 1].item() == float(g0 @ g1) and opt.last.gram[0, 0].item() == float(g0 @ g0)
+
+
+def test_a_window_restarted_by_replacing_grad_reuses_the_accumulator_rows() -> None:
+    """``model.zero_grad()`` between two ``backward(..., combine=False)`` (the Hugging Face ``Trainer``
+    does it) starts a new window; its ``(m, D)`` rows reuse the abandoned window's memory instead of
+    allocating a second float32 buffer next to it."""
+    net = Net()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), accumulate_dtype=torch.float32)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    opt.backward(net.losses(x, y, 0), combine=False)
+    first = opt._store.rows
+    net.zero_grad()
+    opt.backward(net.losses(x, y, 1), combine=False)
+    assert opt._store.rows is first
+
+
+def test_after_zero_grad_without_set_to_none_the_home_objective_accumulates_into_the_zeroed_grad() -> None:
+    """``zero_grad(set_to_none=False)`` leaves zeros in ``.grad``: the default store accumulates the home
+    objective into those very tensors (nothing kept aside, no second allocation), so after
+    ``backward(..., combine=False)`` every reached ``.grad`` is still the zeroed tensor."""
+    net = Net()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), weights=[0.7, 0.3])
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    opt.step(net.losses(x, y, 0))
+    opt.zero_grad(set_to_none=False)
+    zeroed = {name: p.grad for name, p in net.named_parameters()}
+    assert all(g is not None and not g.any() for g in zeroed.values())
+    opt.backward(net.losses(x, y, 0), combine=False)
+    assert all(p.grad is zeroed[name] for name, p in net.named_parameters())
+    assert opt._store.external == [None] * len(opt._store.params)
+
+
+def test_shared_parameters_with_no_elements_give_a_zero_gram() -> None:
+    """Every shared parameter has zero elements (an empty bias): the Gram is the ``(m, m)`` zero matrix,
+    the coefficients are the weights, and the heads step as the weighted sum (c has nothing to act on)."""
+    empty = nn.Parameter(torch.zeros(0, dtype=F64))
+    head = nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([empty, head], lr=1.0), weights=[0.25, 0.75], c=0.5, shared=[empty])
+    opt.step([(head * 2).sum() + empty.sum(), (head * head).sum() + empty.sum()])
+    assert torch.equal(opt.last.gram, torch.zeros(2, 2, dtype=F64))
+    assert opt.last.coefficients.tolist() == [0.25, 0.75]
+    assert head.detach().tolist() == [1.0 - (0.25 * 2 + 0.75 * 2), -2.0 - (0.25 * 2 + 0.75 * -4)]

@@ -458,3 +458,37 @@ def test_a_no_op_unscale_before_scaler_step_does_not_let_an_infinite_objective_t
     scaler.step(opt)
     scaler.update()
     assert max_diff(net, before) == 0.0 and scaler.get_scale() == 0.5
+
+
+# ----------------------------------------------------------------------------------- NaN and the edit check
+@pytest.mark.parametrize("store", list(STORES))
+def test_writing_a_nan_into_a_waiting_grad_through_data_is_an_edit(store):
+    """A finite ``.grad`` entry overwritten with NaN through ``.data`` (no version bump) between two
+    ``backward(..., combine=False)``: an edit of the window, refused as such (not reported as an
+    objective's non-finite gradient), and nothing moves."""
+    net = model()
+    before = copy.deepcopy(net)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), weights=[0.7, 0.3], **STORES[store])
+    data = batches()
+    accumulate(opt, net, data[:1])
+    net["trunk"].weight.grad.data[0, 0] = float("nan")
+    accumulate(opt, net, data[1:])
+    with pytest.raises(RuntimeError, match="changed in place"):
+        opt.step()
+    assert max_diff(net, before) == 0.0
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_a_gradient_that_is_nan_and_stays_nan_is_not_an_edit(store):
+    """An objective whose gradient is NaN from the first micro-batch on: ``.grad`` holds NaN before and
+    after the next ``backward`` without any edit, so the step is skipped as non-finite (the objective
+    named), not refused as an edit."""
+    net = model()
+    before = copy.deepcopy(net)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), weights=[0.7, 0.3], **STORES[store])
+    for x, y in batches():
+        first, second = losses_of(net, x, y)
+        opt.backward([first * float("nan"), second], combine=False)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert max_diff(net, before) == 0.0 and opt.skipped_steps == 1

@@ -142,7 +142,7 @@ class MultiObjectiveModule(pl.LightningModule):
         opt = self.conflict_averse_optimizer()
         losses = list(self.objective_losses(batch, batch_idx))
         k = self.accumulate_grad_batches
-        last = (batch_idx + 1) % k == 0 or bool(getattr(self.trainer, "is_last_batch", False))
+        last = (batch_idx + 1) % k == 0 or bool(self.trainer.is_last_batch)
         scaled = [loss / k for loss in losses]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # fp16: scale every objective (exact: d(s g) = s d(g)); the plugin unscales
