@@ -1069,3 +1069,30 @@ def test_one_shared_parameter_is_a_valid_shared_count() -> None:
     for bad in (0, len(params) + 1):
         with pytest.raises(ValueError, match="shared_count must be an int in"):
             low_memory_backward(losses, params, bad, torch.full((m,), 1 / m, dtype=torch.float64), CAGradSettings(), route="hooks")
+
+
+def test_weights_of_the_wrong_shape_are_refused_naming_their_shape() -> None:
+    """The weights tensor must be ``(m,)``; the refusal names the shape it got (or the type of a non-tensor)."""
+    m, trunk, heads, x, y, _ = _route_case("hooks")
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    z = trunk(x)
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    with pytest.raises(ValueError, match=r"shape \(2,\), the normalised user weights, got \(2, 1\)"):
+        low_memory_backward(losses, params, 4, torch.ones(2, 1, dtype=torch.float64), CAGradSettings(), route="hooks")
+    with pytest.raises(ValueError, match=r"the normalised user weights, got list"):
+        low_memory_backward(losses, params, 4, [0.5, 0.5], CAGradSettings(), route="hooks")  # type: ignore[arg-type]
+    assert all(p.grad is None for p in params)
+
+
+def test_engine_reset_forgets_the_recorded_forwards() -> None:
+    """A forward through the engine's modules records its graph edges and a pending call per module;
+    ``reset()`` forgets both (so an evaluation forward holds no graph until the next step)."""
+    trunk, _, x, _ = mlp_case(1)
+    engine = AutogramEngine(trunk)
+    inner = engine._engine
+    computers = list(inner._gramian_computers.values())
+    trunk(x).sum()
+    assert inner._target_edges._edges and any(c.remaining_counter > 0 for c in computers)
+    engine.reset()
+    assert not inner._target_edges._edges and all(c.remaining_counter == 0 for c in computers)
+    engine.close()

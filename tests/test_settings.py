@@ -128,3 +128,10 @@ def test_complex_or_boolean_weights_are_refused_in_every_container() -> None:
         with pytest.raises(TypeError, match="weights must be real numbers"):
             normalize_weights(weights)
     torch.testing.assert_close(normalize_weights(np.array([1.0, 3.0])), torch.tensor([0.25, 0.75], dtype=torch.float64))
+
+
+def test_a_batch_of_weights_is_normalised_row_by_row() -> None:
+    """Weights of shape ``(..., m)``: each row sums to 1 (divided by its own sum, not broadcast across rows)."""
+    got = normalize_weights(torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 5.0]]))
+    torch.testing.assert_close(got, torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64), rtol=0, atol=0)
+    assert normalize_weights(torch.ones(2, 4, 3)).shape == (2, 4, 3)

@@ -119,6 +119,13 @@ _LOW_MEMORY_REFUSES: dict[str, Refusal] = {
 PATHS: list[GradientPath] = [
     GradientPath("default"),
     GradientPath("accumulator", build=lambda model: {"accumulate_dtype": torch.float32}),
+    # the Gram measured on the trunk only (shared=): every store must slice its Gram to the shared parameters
+    GradientPath("default/trunk", build=lambda model: {"shared": list(model.trunk.parameters())}, shared="trunk"),
+    GradientPath(
+        "accumulator/trunk",
+        build=lambda model: {"accumulate_dtype": torch.float32, "shared": list(model.trunk.parameters())},
+        shared="trunk",
+    ),
     # one bf16 and one fp32 sub-module (trunk in the listed dtype, heads in the other)
     GradientPath("mixed", mixed=True),
     # every parameter a DTensor shard of torch.distributed.fsdp.fully_shard (1 process: a 1-rank gloo group)

@@ -223,3 +223,12 @@ def test_no_weights_means_uniform_weights(dtype: torch.dtype) -> None:
     got, want = solve_cagrad(H, None, c=0.5), solve_cagrad(H, uniform, c=0.5)
     for field in VECTOR_FIELDS + SCALAR_FIELDS:
         assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_a_weights_tensor_of_the_wrong_shape_is_refused_naming_its_shape() -> None:
+    """``solve_with_settings`` names the shape it got (or the type, for a non-tensor)."""
+    gram = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\) for m = 3 objectives, got \(2,\)"):
+        solve_with_settings(gram, torch.ones(2, dtype=torch.float64), CAGradSettings())
+    with pytest.raises(ValueError, match=r"got list"):
+        solve_with_settings(gram, [1.0, 1.0, 1.0], CAGradSettings())  # type: ignore[arg-type]
