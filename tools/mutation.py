@@ -1,0 +1,317 @@
+"""Mutation testing of ``cagrad_clip/`` with mutmut, each module checked by its own focused tests.
+
+    python tools/mutation.py                 # the whole package: generate, collect, run, report
+    python tools/mutation.py --sample 0.03   # a seeded 3 % of every module: generate, collect, run, score
+    python tools/mutation.py --report-only   # the report of the last run (no mutant is run)
+
+mutmut plants one small bug (a mutant) at a time and runs the tests that reach the mutated function.
+Left to itself it runs *every* test that reaches it: a mutant in the solver would run every step
+test of the suite, so a full run takes a day on 2 cores. This driver narrows each module's tests to
+the files named for it under ``[tool.cagrad_clip.mutation.focus]`` in ``pyproject.toml`` (the
+module's own tests and the step tests built to catch its bugs), by filtering mutmut's recorded
+test-to-function map between its stats collection and its mutant run. Everything else, including the
+mutants and their results under ``mutants/``, is mutmut's own (``mutmut results``, ``mutmut show``).
+
+The report counts a mutant as *detected* when a test failed (killed), mutmut's timeout ended it
+(a mutant that makes a loop run forever), or it crashed the test process (segfault: "suspicious");
+*undetected* when every selected test passed (survived) or no selected test reaches it (no tests).
+The score is detected / (detected + undetected - equivalent), with the equivalent mutants and the
+named gaps listed, each with a reason, in ``tools/mutation_verdicts/*.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import tomllib
+from mutmut.stats import status_by_exit_code
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTANTS = ROOT / "mutants"
+STATS = MUTANTS / "mutmut-stats.json"
+VERDICTS = ROOT / "tools" / "mutation_verdicts"  # one TOML file per area: [mutant."<name>"] verdict, why
+
+# mutmut's statuses (``mutmut.stats.status_by_exit_code``) as this report counts them
+DETECTED = {"killed", "timeout", "caught by type check", "segfault"}
+UNDETECTED = {"survived", "no tests", "suspicious"}
+
+
+def focus_map() -> dict[str, list[str]]:
+    """Module glob → test-file globs, from ``pyproject.toml``."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return config["tool"]["cagrad_clip"]["mutation"]["focus"]
+
+
+def module_path(function_name: str) -> str:
+    """``cagrad_clip.dual.kernel.x_solve`` or ``…optimizer.xǁClassǁmethod`` → ``cagrad_clip/dual/kernel.py``."""
+    parts = function_name.split(".")
+    while parts and (parts[-1].startswith("x_") or parts[-1].startswith("xǁ")):
+        parts.pop()
+    path = "/".join(parts)
+    return path + ("/__init__.py" if (ROOT / path).is_dir() else ".py")
+
+
+def focused_tests(module: str, tests: list[str], focus: dict[str, list[str]]) -> list[str]:
+    """The tests among ``tests`` in the files of the first focus pattern that ``module`` matches."""
+    globs = next((files for pattern, files in focus.items() if fnmatch.fnmatch(module, pattern)), None)
+    if globs is None:
+        raise SystemExit(f"{module} has no entry in [tool.cagrad_clip.mutation.focus]: add one to pyproject.toml")
+    return [t for t in tests if any(fnmatch.fnmatch(t.split("::")[0], g) for g in globs)]
+
+
+def narrow_stats() -> tuple[int, int]:
+    """Keep, for each mutated function, only the covering tests in its module's focus files."""
+    stats = json.loads(STATS.read_text())
+    focus = focus_map()
+    before = after = 0
+    narrowed = {}
+    for name, tests in stats["tests_by_mangled_function_name"].items():
+        kept = focused_tests(module_path(name), tests, focus)
+        before, after = before + len(tests), after + len(kept)
+        narrowed[name] = kept
+    stats["tests_by_mangled_function_name"] = narrowed
+    STATS.write_text(json.dumps(stats, indent=1))
+    return before, after
+
+
+def mutmut(*args: str, check: bool = True) -> None:
+    # one thread per worker: torch's thread pools would fight over the 2 cores and skew mutmut's CPU-time limit
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    print("$ mutmut " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=ROOT, env=env, check=check)
+
+
+def results() -> dict[str, dict[str, int | None]]:
+    """Exit code of every mutant, by module path."""
+    by_module: dict[str, dict[str, int | None]] = {}
+    for meta in sorted(MUTANTS.glob("cagrad_clip/**/*.py.meta")):
+        module = str(meta.relative_to(MUTANTS))[: -len(".meta")]
+        by_module[module] = json.loads(meta.read_text())["exit_code_by_key"]
+    return by_module
+
+
+def verdicts() -> dict[str, dict[str, str]]:
+    """``{mutant name: {"original", "mutant", "verdict": "equivalent" | "gap", "why"}}`` from the verdict files.
+
+    A mutant's name is its function and a number, which an edit of the function can give to another
+    mutation: ``original`` and ``mutant`` (the changed line before and after, as the report lists them)
+    tie the verdict to the mutation it argued about, and :func:`current` drops it when they no longer match.
+    """
+    judged: dict[str, dict[str, str]] = {}
+    for path in sorted(VERDICTS.glob("*.toml")):
+        for name, entry in tomllib.loads(path.read_text()).get("mutant", {}).items():
+            if entry.get("verdict") not in ("equivalent", "gap") or not entry.get("why"):
+                raise SystemExit(f"{path}: {name} needs verdict = 'equivalent' or 'gap' and a why")
+            if not isinstance(entry.get("original"), str) or not isinstance(entry.get("mutant"), str):
+                raise SystemExit(f"{path}: {name} needs original = and mutant = (the changed line, from the report)")
+            judged[name] = entry
+    return judged
+
+
+def current(judged: dict[str, dict[str, str]], by_module: dict[str, dict[str, int | None]]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The verdicts whose mutant is still the mutation they were written for, and the names of the stale ones
+    (only undetected mutants are looked at: a verdict on a detected one does not count)."""
+    kept, stale = {}, []
+    for module, codes in by_module.items():
+        for name, code in codes.items():
+            entry = judged.get(name)
+            if entry is None or status_by_exit_code[code] not in UNDETECTED:
+                continue
+            if changed_lines(name, module) == (entry["original"], entry["mutant"]):
+                kept[name] = entry
+            else:
+                stale.append(name)
+    return kept, stale
+
+
+def changed_lines(name: str, module: str) -> tuple[str, str]:
+    """The original and the mutated line(s) of one mutant, from mutmut's diff."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        diff = get_diff_for_mutant(name, path=module).splitlines()[2:]
+    finally:
+        os.chdir(cwd)
+    removed = " ".join(line[1:].strip() for line in diff if line.startswith("-"))
+    added = " ".join(line[1:].strip() for line in diff if line.startswith("+"))
+    return removed, added
+
+
+def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[str, str]], table: str) -> str:
+    """The report as a page: the score table, then every undetected mutant with its verdict and diff."""
+    lines = [
+        "# Mutation testing: the last full run",
+        "",
+        "Written by `python tools/mutation.py --markdown docs/mutation_report.md` (see `docs/development.md`).",
+        "",
+        "```",
+        table.rstrip(),
+        "```",
+        "",
+        "Every undetected mutant follows: *equivalent* (no test can tell it from the original, with the",
+        "reason), *gap* (a behaviour no test pins down yet, named), or *not judged*. Verdicts live in",
+        "`tools/mutation_verdicts/`.",
+    ]
+    for module, codes in by_module.items():
+        undetected = [n for n, code in codes.items() if status_by_exit_code[code] in UNDETECTED]
+        if not undetected:
+            continue
+        lines += ["", f"## `{module}`", "", "| mutant | status | verdict | original → mutant | why |", "|---|---|---|---|---|"]
+        for name in undetected:
+            removed, added = changed_lines(name, module)
+            entry = judged.get(name, {})
+            short = name.split(".", 2)[-1].replace("ǁ", ".").replace("|", "\\|")
+            change = f"`{removed}` → `{added}`".replace("|", "\\|")
+            why = entry.get("why", "").replace("|", "\\|")
+            status = status_by_exit_code[codes[name]]
+            lines.append(f"| `{short}` | {status} | {entry.get('verdict', 'not judged')} | {change} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(markdown_path: Path | None = None) -> int:
+    by_module, judged = results(), verdicts()
+    if SAMPLE.exists():
+        spec = json.loads(SAMPLE.read_text())
+        keep = sampled(spec["fraction"], spec["seed"])
+        by_module = {module: {name: codes[name] for name in keep.get(module, [])} for module, codes in by_module.items()}
+        print(f"scored on the sample: fraction {spec['fraction']} of every module, seed {spec['seed']}")
+    judged, stale = current(judged, by_module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary(by_module, judged)
+    print(out.getvalue(), end="")
+    if stale:
+        print(f"{len(stale)} verdicts are stale (the function changed; the mutant is another mutation now), counted as not judged:")
+        for name in stale:
+            print(f"  {name}")
+    if markdown_path is not None:
+        table = out.getvalue().split("\nundetected:")[0]
+        markdown_path.write_text(markdown(by_module, judged, table))
+        print(f"wrote {markdown_path}")
+    return 0
+
+
+def summary(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[str, str]]) -> None:
+    total: Counter[str] = Counter()
+    print(f"{'module':40s} {'mutants':>8s} {'detected':>9s} {'undetected':>10s} {'equivalent':>10s} {'score':>7s} {'not run':>8s}")
+    undetected_names: list[tuple[str, str]] = []
+    module_rates: list[tuple[int, float]] = []
+    for module, codes in by_module.items():
+        c: Counter[str] = Counter()
+        for name, code in codes.items():
+            status = status_by_exit_code[code]
+            if status in DETECTED:
+                c["detected"] += 1
+            elif status in UNDETECTED:
+                if judged.get(name, {}).get("verdict") == "equivalent":
+                    c["equivalent"] += 1
+                else:
+                    c["undetected"] += 1
+                    undetected_names.append((name, status))
+            else:
+                c["not run"] += 1
+            c["mutants"] += 1
+        total.update(c)
+        scored = c["detected"] + c["undetected"]
+        if scored:
+            module_rates.append((c["mutants"] - c["equivalent"], c["detected"] / scored))
+        score = f"{100 * c['detected'] / scored:.1f}" if scored else "-"
+        print(
+            f"{module:40s} {c['mutants']:8d} {c['detected']:9d} {c['undetected']:10d} {c['equivalent']:10d} {score:>7s} {c['not run']:8d}"
+        )
+    weighted = sum(size * rate for size, rate in module_rates)
+    stratified = 100 * weighted / sum(size for size, _ in module_rates) if module_rates else float("nan")
+    scored = total["detected"] + total["undetected"]
+    overall = 100 * total["detected"] / scored if scored else float("nan")
+    print(
+        f"{'cagrad_clip/':40s} {total['mutants']:8d} {total['detected']:9d} {total['undetected']:10d} "
+        f"{total['equivalent']:10d} {overall:7.1f}"
+    )
+    if total["not run"]:
+        print(
+            f"{total['not run']} mutants not run: the score above counts the mutants run. Where a module was "
+            f"sampled, its score estimates the whole module's; weighted by module size: {stratified:.1f}"
+        )
+    gaps = [n for n, _ in undetected_names if judged.get(n, {}).get("verdict") == "gap"]
+    unjudged = [(n, why) for n, why in undetected_names if n not in judged]
+    print(f"\nundetected: {len(undetected_names)} ({len(gaps)} named gaps, {len(unjudged)} not yet judged)")
+    by_function: defaultdict[str, int] = defaultdict(int)
+    for name, _ in unjudged:
+        by_function[name.rsplit("__mutmut_", 1)[0]] += 1
+    for function, n in sorted(by_function.items(), key=lambda item: -item[1]):
+        print(f"  {n:4d}  {function}")
+
+
+SAMPLE = MUTANTS / "mutation-sample.json"
+
+
+def sampled(fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded random ``fraction`` of each module's mutants (at least one): a prefix of a fixed
+    shuffle, so a smaller fraction with the same seed is a subset of a larger one."""
+    chosen: dict[str, list[str]] = {}
+    for module, codes in results().items():
+        names = sorted(codes)
+        random.Random(f"{seed}:{module}").shuffle(names)
+        if names:
+            chosen[module] = names[: max(1, round(fraction * len(names)))]
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report-only", action="store_true", help="print the last run's report; run nothing")
+    parser.add_argument("--resume", action="store_true", help="keep the mutants, stats and results: run what is left")
+    parser.add_argument("--sample", type=float, help="run a seeded random fraction of every module and score on it")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants run at once")
+    parser.add_argument("--markdown", type=Path, help="also write the report, every undetected mutant listed, here")
+    parser.add_argument("patterns", nargs="*", help="mutmut name patterns to rerun (default: every mutant)")
+    args = parser.parse_args()
+    if not args.report_only and not args.resume:
+        # 1. generate the mutants and collect which tests reach which function (no mutant runs:
+        #    the pattern matches none), 2. narrow that map to each module's focus files, 3. run.
+        STATS.unlink(missing_ok=True)
+        # mutmut stops with "nothing matches" once the stats are saved: that is the point of the pattern
+        mutmut("run", "--max-children", str(args.max_children), "no-such-mutant", check=False)
+        if not STATS.exists():
+            raise SystemExit("mutmut collected no stats: run `mutmut run` to see why (a test that fails under mutmut?)")
+        before, after = narrow_stats()
+        print(f"focused: {after} of {before} (function, test) pairs kept", flush=True)
+    if not args.report_only:
+        names = args.patterns
+        if args.sample is not None:
+            SAMPLE.write_text(json.dumps({"fraction": args.sample, "seed": args.seed}))
+            codes = {name: code for module in results().values() for name, code in module.items()}
+            chosen = [name for names in sampled(args.sample, args.seed).values() for name in names]
+            names = [name for name in chosen if codes[name] is None]
+            print(f"sample: {len(chosen)} mutants (fraction {args.sample}, seed {args.seed}), {len(names)} to run", flush=True)
+        if names or args.sample is None:
+            mutmut("run", "--max-children", str(args.max_children), *names)
+        confirm_timeouts()
+    return report(args.markdown)
+
+
+def confirm_timeouts() -> None:
+    """Run every timed-out mutant once more, one at a time: mutmut's limit is CPU time, which a loaded
+    machine inflates (30 of a 209-mutant sample timed out under load, 29 of them survived on an idle
+    machine). A mutant counts as timed out only if it does so twice."""
+    timed_out = [name for codes in results().values() for name, code in codes.items() if status_by_exit_code[code] == "timeout"]
+    if timed_out:
+        print(f"confirming {len(timed_out)} timeouts", flush=True)
+        mutmut("run", "--max-children", "1", *timed_out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
