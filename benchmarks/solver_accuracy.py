@@ -1,4 +1,4 @@
-"""Accuracy and speed of the batched CAGrad dual solver (``cagrad_clip.dual``).
+"""Accuracy and speed of the batched CAGrad dual solver (``cagrad_clip._dual``).
 
 Run from the repository root::
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cagrad_clip.dual import EXACT_MAX_M, auto_solver, default_max_iter, solve_cagrad
+from cagrad_clip._dual import EXACT_MAX_M, auto_solver, default_max_iter, solve_cagrad
 from tests.reference import solve_dual_reference
 
 OUT = Path("results/solver/accuracy.md")

@@ -1,7 +1,7 @@
 """What the accumulation window's edit check costs: its fingerprint pass against the step it guards.
 
 ``python -m benchmarks.window_overhead`` prints one Markdown table. The window takes a fingerprint of
-``.grad`` (one fused 2-norm per dtype, :func:`cagrad_clip.storage.base.fingerprint`) after each
+``.grad`` (one fused 2-norm per dtype, :func:`cagrad_clip._storage.base.fingerprint`) after each
 ``backward(..., combine=False)`` and after a public ``combine()``, and compares it when a later call
 reuses the window; ``opt.step(losses)`` takes none. Each row, side by side in one run on one model
 (a 2-layer MLP, one head per objective, batch 64, one thread): the median time of
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.base import fingerprint
+from cagrad_clip._storage.base import fingerprint
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

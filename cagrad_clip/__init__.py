@@ -4,7 +4,7 @@ RACO's clipped conflict-averse gradient (CAGrad-Clip, arXiv 2602.02495) as a dro
 around any ``torch.optim`` optimizer, with a batched, sync-free dual solver.
 """
 
-from .dual import (
+from ._dual import (
     RESCALE_OPTIONS,
     SOLVER_OPTIONS,
     CAGradSolution,
@@ -12,9 +12,9 @@ from .dual import (
     default_max_iter,
     solve_cagrad,
 )
-from .low_memory import AutogramEngine
-from .optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnostics
-from .settings import CAGradSettings
+from ._low_memory import AutogramEngine
+from ._optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnostics
+from ._settings import CAGradSettings
 
 __all__ = [
     "NONFINITE_POLICIES",

@@ -1,7 +1,7 @@
 """Independent numpy/scipy reference for the (clipped) CAGrad dual of RACO's Algorithm 1.
 
 Written from the papers' formulas (RACO arXiv 2602.02495, CAGrad arXiv 2110.14048; restated in
-``docs/algorithm.md``) only; it shares no code with ``cagrad_clip.dual``.
+``docs/algorithm.md``) only; it shares no code with ``cagrad_clip._dual``.
 
 * :func:`dual_value` / :func:`dual_gradient`: ``F(p) = b^T p + s sqrt(p^T H p)`` with ``b = H w``,
   ``s = c sqrt(w^T H w)`` and its gradient.

@@ -260,7 +260,7 @@ def test_active_group_is_the_users_process_group_with_its_world_size(monkeypatch
     """A user's ``process_group`` is the group every collective of the step runs over: with a faked
     initialised world, ``active_group`` returns that very group and *its* size (4 ranks), and the
     default group (``None``) with the default world's size (8 ranks); nothing with one rank."""
-    from cagrad_clip.distributed import active_group
+    from cagrad_clip._distributed import active_group
 
     group = object()  # stands for a ProcessGroup of 4 of the 8 ranks
     sizes = {id(group): 4, id(None): 8}

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.distributed import average_across_ranks, check_same_count, reached_on_any_rank, sum_across_ranks
-from cagrad_clip.storage import direct, make_store
+from cagrad_clip._distributed import average_across_ranks, check_same_count, reached_on_any_rank, sum_across_ranks
+from cagrad_clip._storage import direct, make_store
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cagrad_clip import solve_cagrad
-from cagrad_clip.dual import exact
-from cagrad_clip.dual.frank_wolfe import pairwise_fw_step
-from cagrad_clip.dual.objective import dual_value
+from cagrad_clip._dual import exact
+from cagrad_clip._dual.frank_wolfe import pairwise_fw_step
+from cagrad_clip._dual.objective import dual_value
 from tests import reference
 
 

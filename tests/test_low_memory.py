@@ -1,4 +1,4 @@
-"""Tests of ``cagrad_clip.low_memory`` (no stored per-objective gradients) against an independent reference.
+"""Tests of ``cagrad_clip._low_memory`` (no stored per-objective gradients) against an independent reference.
 
 The reference takes each objective's gradient with ``torch.autograd.grad``, the Gram in float64,
 ``solve_cagrad`` on it and the combination ``sum_i a_i g_i`` by hand, on the same forward pass.
@@ -20,9 +20,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cagrad_clip import low_memory, numerics, solve_cagrad
-from cagrad_clip.low_memory import AutogramEngine, LowMemoryResult, low_memory_backward
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip import _low_memory as low_memory
+from cagrad_clip import _numerics as numerics
+from cagrad_clip import solve_cagrad
+from cagrad_clip._low_memory import AutogramEngine, LowMemoryResult, low_memory_backward
+from cagrad_clip._settings import CAGradSettings
 
 transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
 

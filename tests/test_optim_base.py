@@ -1,4 +1,4 @@
-"""torch.optim citizenship of the wrapper (cagrad_clip/optim_base.py): pickling, deep copies,
+"""torch.optim citizenship of the wrapper (cagrad_clip/_optim_base.py): pickling, deep copies,
 hook registries, state dicts interchangeable with plain optimizers, closures."""
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def test_a_shallow_copy_shares_the_state_as_lightning_optimizer_does():
 # a minimal subclass that steps the base optimizer shows what it gives them, next to plain torch.
 from collections import OrderedDict  # noqa: E402
 
-from cagrad_clip.optim_base import WrappedOptimizer  # noqa: E402
+from cagrad_clip._optim_base import WrappedOptimizer  # noqa: E402
 
 _REGISTRIES = (
     "_optimizer_step_pre_hooks",

@@ -467,8 +467,8 @@ def test_blocked_gram_matches_float64_reference(dtype, store, monkeypatch):
     The store gathers at most 1/16 of the parameters' bytes per chunk, so at this size a chunk is
     one tile and would take the plain ``rows @ rows.T`` path: the tile is shrunk to 256 columns so
     that some chunk holds at least two tiles and a remainder (checked, not assumed)."""
-    from cagrad_clip import numerics
-    from cagrad_clip.storage import GRAM_BLOCK, blocks, direct
+    from cagrad_clip import _numerics as numerics
+    from cagrad_clip._storage import GRAM_BLOCK, blocks, direct
 
     tiled_with_remainder = []
     gram_of_block = blocks.gram_of_block
@@ -836,7 +836,7 @@ def test_low_memory_mode_two_objectives_equals_the_default_path(shared_trunk):
 
 def test_low_memory_mode_autogram_three_objectives_equals_the_default_path():
     pytest.importorskip("torchjd")
-    from cagrad_clip.low_memory import AutogramEngine
+    from cagrad_clip._low_memory import AutogramEngine
 
     _low_vs_default(3, True, engine=lambda trunk: AutogramEngine(trunk))
 

@@ -95,3 +95,12 @@ def test_the_trl_config_lists_the_options_in_the_same_order() -> None:
     own = [f.name for f in dataclasses.fields(trl.MultiObjectiveDPOConfig) if f.name in {"objective_weights", "signs_column", *ORDER}]
     assert own[0] == "objective_weights" and own[-1] == "signs_column"
     assert _in_order(own) == sorted(_in_order(own), key=ORDER.index)
+
+
+def test_every_implementation_module_is_private() -> None:
+    """Outside ``__init__`` and ``integrations/`` (public), every module and package of ``cagrad_clip`` is
+    ``_``-prefixed: what is not exported may change between versions."""
+    import pkgutil
+
+    public = [m.name for m in pkgutil.iter_modules(cagrad_clip.__path__) if not m.name.startswith("_") and m.name != "integrations"]
+    assert public == []

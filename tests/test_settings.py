@@ -1,4 +1,4 @@
-"""``cagrad_clip.settings``: the validated, frozen options of one CAGrad-Clip solve."""
+"""``cagrad_clip._settings``: the validated, frozen options of one CAGrad-Clip solve."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.settings import (
+from cagrad_clip._settings import (
     RESCALE_OPTIONS,
     SOLVER_OPTIONS,
     CAGradSettings,

@@ -14,7 +14,7 @@ from benchmarks.speed import levers, models, peers, step
 from benchmarks.speed.common import C
 from benchmarks.speed.solver import closed_form_m2, random_grams, solve
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.blocks import GRAM_BLOCK, gram_of_block
+from cagrad_clip._storage.blocks import GRAM_BLOCK, gram_of_block
 
 
 def test_closed_form_m2_matches_solver_batched() -> None:
@@ -90,7 +90,7 @@ def test_cuda_step_has_no_host_sync() -> None:
 
 
 def test_lever_section_measures_both_ways_and_the_blocked_gram_is_accurate() -> None:
-    """The lever's "blocked (kept)" Gram is the library's (``cagrad_clip.storage.blocks.gram_of_block``),
+    """The lever's "blocked (kept)" Gram is the library's (``cagrad_clip._storage.blocks.gram_of_block``),
     bit for bit, and the library's is accurate to float32 against float64 over three tiles and a remainder."""
     numel = 3 * GRAM_BLOCK + 123
     rows = levers.lever_section(numel, [2], repeats=1, log=lambda msg: None)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.blocks import CHUNK, GRAM_BLOCK, blocked_gram, gram_of_block
+from cagrad_clip._storage.blocks import CHUNK, GRAM_BLOCK, blocked_gram, gram_of_block
 from tests.policies import step_refused
 
 
@@ -356,7 +356,7 @@ def test_leaves_outside_the_optimizer_get_the_plain_sum_like_backward():
 def test_chunk_plan_covers_each_parameter_once_in_order(numels, columns, data):
     """Every chosen parameter's ``[0, n)`` is covered exactly once, in order; no chunk exceeds
     ``columns`` and only the last may be shorter."""
-    from cagrad_clip.storage.direct import plan_chunks
+    from cagrad_clip._storage.direct import plan_chunks
 
     indices = data.draw(st.lists(st.sampled_from(range(len(numels))), unique=True).map(sorted))
     plan = plan_chunks(numels, indices, columns)
@@ -372,7 +372,7 @@ def test_chunk_plan_covers_each_parameter_once_in_order(numels, columns, data):
 def test_gathered_block_is_a_sixteenth_of_the_parameters(m, numel, itemsize):
     """The ``(m, columns)`` float32 block: whole Gram blocks, at most ``CHUNK`` columns, and as
     close to 1/16 of the parameters' bytes as whole Gram blocks allow (one Gram block at least)."""
-    from cagrad_clip.storage.blocks import GRAM_BLOCK, gather_columns
+    from cagrad_clip._storage.blocks import GRAM_BLOCK, gather_columns
 
     columns = gather_columns(m, numel, itemsize)
     budget = numel * itemsize // 16  # bytes, written out here independently
@@ -387,7 +387,7 @@ def test_gathered_block_is_a_sixteenth_of_the_parameters(m, numel, itemsize):
 
 def small_chunks(monkeypatch, columns):
     """Force the direct store's chunks down to ``columns`` columns, so parameters split across chunks."""
-    import cagrad_clip.storage.direct as direct
+    import cagrad_clip._storage.direct as direct
 
     monkeypatch.setattr(direct, "gather_columns", lambda m, n, itemsize: columns)
 

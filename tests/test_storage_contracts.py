@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage import make_store
+from cagrad_clip._storage import make_store
 
 F64 = torch.float64
 
@@ -292,7 +292,7 @@ def test_the_low_memory_finiteness_check_of_float16_heads_is_taken_in_float32():
 def test_a_half_precision_gram_chunk_is_whole_gram_blocks_between_one_block_and_chunk(m, n):
     """``chunk_columns(upcast=True)``: about ``n / (16 (m + 1))`` columns, a whole number of Gram blocks,
     at least one block (not the 2**16 floor of the no-upcast case) and at most ``CHUNK``."""
-    from cagrad_clip.storage.blocks import CHUNK, GRAM_BLOCK, chunk_columns
+    from cagrad_clip._storage.blocks import CHUNK, GRAM_BLOCK, chunk_columns
 
     columns = chunk_columns(m, n, upcast=True)
     assert columns % GRAM_BLOCK == 0 and GRAM_BLOCK <= columns <= CHUNK
@@ -303,7 +303,7 @@ def test_a_half_precision_gram_chunk_is_whole_gram_blocks_between_one_block_and_
 # --------------------------------------------------------------------------- memory and dtype promises
 def test_the_squared_norms_of_half_precision_rows_are_taken_in_float32() -> None:
     """``row_sumsq`` of float16 rows whose squares overflow float16 (300^2 > 65504): float32, exact."""
-    from cagrad_clip.storage.blocks import row_sumsq
+    from cagrad_clip._storage.blocks import row_sumsq
 
     rows = torch.tensor([[1.0, 300.0, 300.0], [2.0, -3.0, 0.5]], dtype=torch.float16)
     got = row_sumsq(rows, 1)

@@ -53,7 +53,7 @@ def focus_map() -> dict[str, list[str]]:
 
 
 def module_path(function_name: str) -> str:
-    """``cagrad_clip.dual.kernel.x_solve`` or ``…optimizer.xǁClassǁmethod`` → ``cagrad_clip/dual/kernel.py``."""
+    """``cagrad_clip._dual.kernel.x_solve`` or ``…optimizer.xǁClassǁmethod`` → ``cagrad_clip/_dual/kernel.py``."""
     parts = function_name.split(".")
     while parts and (parts[-1].startswith("x_") or parts[-1].startswith("xǁ")):
         parts.pop()

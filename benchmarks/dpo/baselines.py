@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.pareto.methods import min_norm_coefficients, pcgrad_coefficients
-from cagrad_clip.optim_base import WrappedOptimizer
+from cagrad_clip._optim_base import WrappedOptimizer
 
 Rule = Callable[[Tensor, Tensor], Tensor]
 """``(gram (m, m) float64, weights (m,) float64) -> coefficients (m,)``."""

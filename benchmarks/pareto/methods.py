@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cagrad_clip.dual import combination_coefficients
+from cagrad_clip._dual import combination_coefficients
 
 __all__ = [
     "METHODS",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cagrad_clip.storage import GRAM_BLOCK
+from cagrad_clip._storage import GRAM_BLOCK
 
 from .common import Log, time_interleaved
 

@@ -9,7 +9,7 @@ The base optimizer is SGD without momentum: it holds no state, so both sides car
 Variants: the measured floor (:func:`floor_step`: m - 1 gradients kept, the last one as ``.grad``,
 no combination; m - 1 plus the per-objective backward passes' activation-sized transients), the
 wrapper's default path, its ``memory="low"`` mode (when the constructor accepts it),
-``cagrad_clip.low_memory.low_memory_backward`` (when the module exists), the RACO
+``cagrad_clip._low_memory.low_memory_backward`` (when the module exists), the RACO
 authors' recipe (:func:`raco_step`), TorchJD ``autojac`` (``backward`` + ``jac_to_grad`` with its
 CAGrad aggregator) and TorchJD ``autogram`` (its ``Engine`` Gramian, CAGrad weighting, one weighted
 backward: it never holds per-objective gradients, so it can go below m - 1).
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from cagrad_clip import ConflictAverseOptimizer, solve_cagrad
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip._settings import CAGradSettings
 
 from .common import C, Log
 from .models import MemoryCase, make_memory_case, param_bytes
@@ -180,14 +180,14 @@ def ours_low_step(case: MemoryCase) -> Callable[[], None]:
     """``memory="low"``; for m >= 3 with ``engine=AutogramEngine(model)`` built before the first forward."""
     if _objectives(case) <= 2:
         return ours_step(case, memory="low")
-    from cagrad_clip.low_memory import AutogramEngine
+    from cagrad_clip._low_memory import AutogramEngine
 
     return ours_step(case, memory="low", engine=AutogramEngine(case.model))
 
 
 def low_memory_step(case: MemoryCase) -> Callable[[], None]:
-    """``cagrad_clip.low_memory.low_memory_backward`` (route ``auto``: hooks for m <= 2, autogram above), then the base step."""
-    from cagrad_clip import low_memory
+    """``cagrad_clip._low_memory.low_memory_backward`` (route ``auto``: hooks for m <= 2, autogram above), then the base step."""
+    from cagrad_clip import _low_memory as low_memory
 
     base = _sgd(case.model)
     params = _trainable(case.model)

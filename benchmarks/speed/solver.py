@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from cagrad_clip import CAGradSolution, default_max_iter
-from cagrad_clip.dual import AUTO_EXACT_MAX_M, auto_solver, solve_with_settings
-from cagrad_clip.dual.line_search import exact_line_search
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip._dual import AUTO_EXACT_MAX_M, auto_solver, solve_with_settings
+from cagrad_clip._dual.line_search import exact_line_search
+from cagrad_clip._settings import CAGradSettings
 
 from .common import C, Log, time_interleaved
 from .peers import HAVE_TORCHJD, TJDCAGradWeighting, dual_value, slsqp_official, tight_reference, torchjd_dual

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from cagrad_clip import ConflictAverseOptimizer
-from cagrad_clip.storage.blocks import gram_of_block
+from cagrad_clip._storage.blocks import gram_of_block
 
 from .common import C, Log, median_ms, time_interleaved
 from .models import StepCase, make_step_case

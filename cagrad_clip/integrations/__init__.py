@@ -58,7 +58,7 @@ def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = Non
 def check_weights(weights: Sequence[float] | None, names: Sequence[str] | None) -> tuple[list[float] | None, list[str] | None]:
     """Validate user weights (by the library's own rule) and objective names (shared by the integrations);
     returns them as lists."""
-    from cagrad_clip.settings import normalize_weights
+    from cagrad_clip._settings import normalize_weights
 
     w = None
     if weights is not None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from ..settings import CAGradSettings, check_nonfinite
+from .._settings import CAGradSettings, check_nonfinite
 from . import check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]

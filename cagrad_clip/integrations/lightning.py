@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from ..settings import CAGradSettings, NonfinitePolicy, check_nonfinite
+from .._settings import CAGradSettings, NonfinitePolicy, check_nonfinite
 from . import check_weights, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveModule", "default_nonfinite"]

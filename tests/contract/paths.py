@@ -92,7 +92,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _autogram(model: Any) -> dict[str, Any]:
-    from cagrad_clip.low_memory import AutogramEngine
+    from cagrad_clip._low_memory import AutogramEngine
 
     return {"memory": "low", "engine": AutogramEngine(model.trunk), "shared": list(model.trunk.parameters())}
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cagrad_clip.dual import combination_coefficients, solve_cagrad
+from cagrad_clip._dual import combination_coefficients, solve_cagrad
 from tests.properties import Solve, Solved
 from tests.reference import coefficients_from_dual, dual_value, problem_data, solve_dual_reference
 

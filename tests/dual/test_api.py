@@ -1,4 +1,4 @@
-"""The public API of ``cagrad_clip.dual`` (``api.py``): names, validation and bad input, solver choice,
+"""The public API of ``cagrad_clip._dual`` (``api.py``): names, validation and bad input, solver choice,
 and ``solve_with_settings``, the optimizer's entry point."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import cagrad_clip.dual as dual
-from cagrad_clip.dual import (
+import cagrad_clip._dual as dual
+from cagrad_clip._dual import (
     AUTO_EXACT_MAX_M,
     EXACT_MAX_M,
     auto_solver,
@@ -19,7 +19,7 @@ from cagrad_clip.dual import (
     solve_cagrad,
     solve_with_settings,
 )
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip._settings import CAGradSettings
 from tests.dual.helpers import random_gradients
 from tests.reference import reference_coefficients
 

@@ -1,4 +1,4 @@
-"""The exact solver (``cagrad_clip.dual.exact``): support enumeration against independent references."""
+"""The exact solver (``cagrad_clip._dual.exact``): support enumeration against independent references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.dual.exact import face_frame, solve_by_supports
+from cagrad_clip._dual.exact import face_frame, solve_by_supports
 from tests.dual.helpers import check_against_reference, random_gradients
 from tests.reference import dual_value, problem_data
 

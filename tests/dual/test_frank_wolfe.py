@@ -1,4 +1,4 @@
-"""The Frank-Wolfe solver (``cagrad_clip.dual.frank_wolfe``) and the kinks ``G p = 0`` that can trap it.
+"""The Frank-Wolfe solver (``cagrad_clip._dual.frank_wolfe``) and the kinks ``G p = 0`` that can trap it.
 
 Each kink instance is checked against ``tests.reference`` or a closed form derived in the test.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.dual import solve_cagrad
+from cagrad_clip._dual import solve_cagrad
 from tests.dual.helpers import SOLVERS, check_against_reference
 from tests.reference import coefficients_from_dual, primal_value, solve_dual_reference
 

@@ -1,8 +1,8 @@
-"""The solve proper (``cagrad_clip.dual.kernel``): batching, the clip and correction, the zero and tie
+"""The solve proper (``cagrad_clip._dual.kernel``): batching, the clip and correction, the zero and tie
 rules, degenerate and non-finite Grams, precision and ``torch.compile``.
 
 Expected values come from ``tests.reference`` (SLSQP multi-start + KKT polish) or from closed forms
-derived here, never from ``cagrad_clip.dual``.
+derived here, never from ``cagrad_clip._dual``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.dual import combination_coefficients, default_max_iter, solve_cagrad, solve_with_settings
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip._dual import combination_coefficients, default_max_iter, solve_cagrad, solve_with_settings
+from cagrad_clip._settings import CAGradSettings
 from tests.dual.helpers import DIVISOR, RESCALES, SOLVERS, coeffs, normalised, random_gradients
 from tests.reference import coefficients_from_dual, reference_coefficients, solve_dual_reference
 
@@ -362,7 +362,7 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 def test_non_finite_mark_is_zero_or_nan_and_subtracting_it_keeps_every_bit() -> None:
     """The poisoning subtracts a mark: +0.0 for a finite Gram, NaN for one with a +inf, -inf or NaN entry
     (reference: torch.isfinite). x - (+0.0) is x bit for bit, -0.0 included; x + 0.0 would not be."""
-    from cagrad_clip.dual.kernel import non_finite_mark
+    from cagrad_clip._dual.kernel import non_finite_mark
 
     for dtype in (torch.float32, torch.float64):
         H = torch.randn(7, 3, 3, dtype=dtype)
@@ -414,7 +414,7 @@ def test_tie_closure_joins_a_chain_of_ties(m: int) -> None:
     """Objective i ties with i + 1 only (H_i,i+1 = 1 - 4 eps: ||g_i - g_j||^2 = 8 eps <= 32 eps; farther pairs
     1 - 64 eps: 128 eps > 32 eps), so one group only forms through the transitive closure across m - 1
     edges: every p_i becomes w_i P / W. Fewer closure squarings than closure_steps(m) fail here."""
-    from cagrad_clip.dual.kernel import _normalise, closure_steps, share_ties
+    from cagrad_clip._dual.kernel import _normalise, closure_steps, share_ties
 
     eps = torch.finfo(torch.float64).eps
     idx = torch.arange(m)
@@ -432,7 +432,7 @@ def test_tie_closure_joins_a_chain_of_ties(m: int) -> None:
 
 def test_cached_numbers_equal_python_scalars_bit_for_bit() -> None:
     """The 0-d constants replace Python numbers in the formulas: same results bit for bit, per dtype."""
-    from cagrad_clip.dual.objective import numbers
+    from cagrad_clip._dual.objective import numbers
 
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(1000, dtype=dtype) * torch.logspace(-30, 30, 1000, dtype=dtype)

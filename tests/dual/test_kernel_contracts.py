@@ -1,4 +1,4 @@
-"""Contracts of the solve's outputs (``cagrad_clip.dual.kernel`` through ``api.py``): the shape of every
+"""Contracts of the solve's outputs (``cagrad_clip._dual.kernel`` through ``api.py``): the shape of every
 field, batched solves equal to one-by-one solves field by field, every reported number consistent
 with the returned ``p`` (recomputed here in float64 numpy from its definition), dual mass on
 zero-weight objectives, the dtype the weights are solved in, and ``validate`` passed through.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.dual import combination_coefficients, solve_cagrad, solve_with_settings
-from cagrad_clip.settings import CAGradSettings
+from cagrad_clip._dual import combination_coefficients, solve_cagrad, solve_with_settings
+from cagrad_clip._settings import CAGradSettings
 from tests.dual.helpers import random_gradients
 from tests.reference import dual_value, fw_gap, problem_data, solve_dual_reference
 

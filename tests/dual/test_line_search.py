@@ -1,4 +1,4 @@
-"""The exact line search (``cagrad_clip.dual.line_search``) and the m = 2 solve built on it.
+"""The exact line search (``cagrad_clip._dual.line_search``) and the m = 2 solve built on it.
 
 Expected values: a dense grid of the convex 1-D function, and closed forms derived here.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cagrad_clip.dual import combination_coefficients, default_max_iter, exact_line_search, solve_cagrad
+from cagrad_clip._dual import combination_coefficients, default_max_iter, exact_line_search, solve_cagrad
 from tests.dual.helpers import SOLVERS, coeffs, normalised
 from tests.reference import coefficients_from_dual, dual_value, problem_data
 

@@ -10,7 +10,7 @@ region reaches a conflict-free direction) Algorithm 1's correction ``s G p / ||G
 the library then returns the primal solution nearest the anchor ``g0`` (``docs/algorithm.md``,
 "Pareto-stationary inputs"), with or without the clip. The reference below solves the primal
 itself (a second-order cone program) with scipy's SLSQP from several starts, in float64; it shares
-no code with ``cagrad_clip.dual`` or ``tests.reference`` (cvxpy is not a dependency).
+no code with ``cagrad_clip._dual`` or ``tests.reference`` (cvxpy is not a dependency).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from cagrad_clip.dual import solve_cagrad
+from cagrad_clip._dual import solve_cagrad
 from tests.dual.helpers import SOLVERS
 
 # The achieved primal value min_i <g_i, d> may fall short of the reference optimum by at most

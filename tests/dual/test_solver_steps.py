@@ -1,11 +1,11 @@
 """Single steps of the dual solvers against hand computations and independent numpy/scipy references.
 
-* :func:`~cagrad_clip.dual.stationary.stationary_step`: Wolfe's min-norm point and Lawson-Hanson's
+* :func:`~cagrad_clip._dual.stationary.stationary_step`: Wolfe's min-norm point and Lawson-Hanson's
   least squares, step by step on instances solved by hand;
-* :func:`~cagrad_clip.dual.frank_wolfe.move`, :func:`~cagrad_clip.dual.frank_wolfe.pairwise_fw_step`
-  and :func:`~cagrad_clip.dual.frank_wolfe.face_newton_step`: the Newton direction and the exact line
+* :func:`~cagrad_clip._dual.frank_wolfe.move`, :func:`~cagrad_clip._dual.frank_wolfe.pairwise_fw_step`
+  and :func:`~cagrad_clip._dual.frank_wolfe.face_newton_step`: the Newton direction and the exact line
   search written from their definitions in numpy (bisection on the convex line's derivative);
-* :func:`~cagrad_clip.dual.exact.solve_by_supports`: every output against a brute force over the faces
+* :func:`~cagrad_clip._dual.exact.solve_by_supports`: every output against a brute force over the faces
   (numpy least squares per face, ``scipy.optimize.nnls``, the SLSQP reference of ``tests.reference``).
 """
 
@@ -19,9 +19,9 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from cagrad_clip.dual.exact import solve_by_supports, solve_exact
-from cagrad_clip.dual.frank_wolfe import face_newton_step, move, pairwise_fw_step, solve_frank_wolfe, start_support_size
-from cagrad_clip.dual.stationary import stationary_problems, stationary_step, vertex_conflict_free
+from cagrad_clip._dual.exact import solve_by_supports, solve_exact
+from cagrad_clip._dual.frank_wolfe import face_newton_step, move, pairwise_fw_step, solve_frank_wolfe, start_support_size
+from cagrad_clip._dual.stationary import stationary_problems, stationary_step, vertex_conflict_free
 from tests.reference import dual_value, solve_dual_reference
 
 F64 = dict(dtype=torch.float64)
@@ -202,7 +202,7 @@ def test_towards_stops_where_the_first_entry_reaches_zero_and_zeroes_it_exactly(
     batch. ``(.9, .1) -> (-.3, 1.3)``: entry 0 blocks at ``gamma = .75``, where ``.9 - .75 * 1.2`` is
     ``1.1e-16`` in floating point: it is set to an exact 0, and the row has not arrived. ``(.2, .8) -> (.5, .5)``
     arrives. ``(.5, .5) -> (1, 0)``: entry 1 reaches zero exactly at ``gamma = 1``: arrived, exact 0."""
-    from cagrad_clip.dual.stationary import _towards
+    from cagrad_clip._dual.stationary import _towards
 
     x = t([[[0.9, 0.1], [0.2, 0.8]], [[0.5, 0.5], [0.9, 0.1]]])
     target = t([[[-0.3, 1.3], [0.5, 0.5]], [[1.0, 0.0], [-0.3, 1.3]]])
@@ -736,7 +736,7 @@ def test_face_frame_gathers_every_bordered_kkt_system(m: int, max_support: int):
     """For a Gram with distinct entries, the frame's gather builds, for the ``j``-th face ``S`` (by size, then
     lexicographic), ``[[H_SS, 1], [1^T, 0]]`` padded with the identity (numpy, face by face), and the
     right-hand side ``[b_S, 0, ..., 0]``; ``unit`` is ``e_k``."""
-    from cagrad_clip.dual.exact import face_frame
+    from cagrad_clip._dual.exact import face_frame
 
     k = min(m, max_support)
     frame = face_frame(m, max_support, torch.device("cpu"), torch.float64)
@@ -762,7 +762,7 @@ def test_face_frame_is_built_on_the_device_and_dtype_asked_for_and_cached_per_pa
     """Every float tensor of the frame has the requested dtype and every tensor the requested device
     (``meta`` here: no data, but device propagation is checked); the cache keeps one frame per
     ``(m, k, device, dtype)`` and gives the same object back."""
-    from cagrad_clip.dual.exact import face_frame
+    from cagrad_clip._dual.exact import face_frame
 
     for device, dtype in [
         (torch.device("meta"), torch.float64),

@@ -16,7 +16,7 @@ squares of Pareto-stationary inputs), :mod:`.objective` (``F`` and its gradient)
 ``docs/algorithm.md`` explains the mathematics.
 """
 
-from ..settings import RESCALE_OPTIONS, SOLVER_OPTIONS
+from .._settings import RESCALE_OPTIONS, SOLVER_OPTIONS
 from .api import (
     AUTO_EXACT_MAX_M,
     EXACT_MAX_M,

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import check_same_count, sum_across_ranks
-from ..numerics import reduction_dtype
+from .._distributed import check_same_count, sum_across_ranks
+from .._numerics import reduction_dtype
 from .base import GradientStore
 
 __all__ = ["ShardedStore"]

@@ -10,15 +10,15 @@ from typing import Any, Literal, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from .distributed import active_group, check_distributed
-from .dual import solve_with_settings
-from .lifecycle import WindowState
-from .losses import check_losses
-from .low_memory import AutogramEngine
-from .numerics import no_autocast
-from .optim_base import WrappedOptimizer
-from .settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
-from .storage import GradientStore, make_store
+from ._distributed import active_group, check_distributed
+from ._dual import solve_with_settings
+from ._loss_checks import check_losses
+from ._low_memory import AutogramEngine
+from ._numerics import no_autocast
+from ._optim_base import WrappedOptimizer
+from ._settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
+from ._storage import GradientStore, make_store
+from ._window import WindowState
 
 __all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
 
@@ -99,7 +99,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             takes TorchJD's autogram Gramian and one weighted backward; without one, ``m <= 2`` takes
             three backward passes with per-parameter hooks. No gradient accumulation, one process
             (or ``distributed=False``).
-        engine: an :class:`~cagrad_clip.low_memory.AutogramEngine` on the modules that hold the
+        engine: an :class:`~cagrad_clip.AutogramEngine` on the modules that hold the
             shared parameters, built before the first forward; needed by ``memory="low"`` for
             ``m >= 3``.
         accumulate_dtype: ``None`` (default) keeps the per-objective gradient sums in the

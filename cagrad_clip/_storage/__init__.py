@@ -2,7 +2,7 @@
 
 Every way gradients reach the optimizer is a :class:`~.base.GradientStore`; :func:`make_store`
 picks one: :class:`~.direct.DirectStore` (the default: each gradient where autograd allocates it,
-the memory floor), :class:`~.dense.DenseStore` (``accumulate_dtype=`` or mixed dtypes: wider
+the memory floor), :class:`~.accumulator.AccumulatorStore` (``accumulate_dtype=`` or mixed dtypes: wider
 rows), :class:`~.sharded.ShardedStore` (FSDP2 shards) and :class:`~.passes.PassesStore`
 (``memory="low"``: none stored). The optimizer drives them all through the same calls; each owns
 its Gram reduction, its refusals and its non-finite report. A new store joins the contract suite
@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import sharded_layout
-from ..low_memory import AutogramEngine
-from ..numerics import GRAM_BLOCK
+from .._distributed import sharded_layout
+from .._low_memory import AutogramEngine
+from .._numerics import GRAM_BLOCK
+from .accumulator import AccumulatorStore
 from .base import GradientStore
 from .blocks import CHUNK
-from .dense import DenseStore
 from .direct import DirectStore
 from .passes import PassesStore
 from .sharded import ShardedStore
 
-__all__ = ["CHUNK", "GRAM_BLOCK", "DenseStore", "DirectStore", "GradientStore", "PassesStore", "ShardedStore", "make_store"]
+__all__ = ["CHUNK", "GRAM_BLOCK", "AccumulatorStore", "DirectStore", "GradientStore", "PassesStore", "ShardedStore", "make_store"]
 
 
 def make_store(
@@ -43,7 +43,7 @@ def make_store(
 
     ``memory="low"``: :class:`PassesStore` (no stored gradient). Otherwise DTensor shards (FSDP2)
     get :class:`ShardedStore`; one dtype and no ``accumulate_dtype``, :class:`DirectStore` (the
-    memory floor); else :class:`DenseStore` (wider rows).
+    memory floor); else :class:`AccumulatorStore` (wider rows).
     """
     devices = {p.device for p in params}
     if len(devices) > 1:
@@ -67,4 +67,4 @@ def make_store(
         return PassesStore(params, shared_count, engine, per_rank=not distributed)
     if accumulate_dtype is None and len({p.dtype for p in params}) == 1:
         return DirectStore(params, shared_count)
-    return DenseStore(params, shared_count, accumulate_dtype)
+    return AccumulatorStore(params, shared_count, accumulate_dtype)

@@ -38,11 +38,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from . import dual as _dual
-from .dual import CAGradSolution
-from .losses import check_losses
-from .numerics import blocked_dot, no_autocast, reduction_dtype
-from .settings import CAGradSettings
+from . import _dual
+from ._dual import CAGradSolution
+from ._loss_checks import check_losses
+from ._numerics import blocked_dot, no_autocast, reduction_dtype
+from ._settings import CAGradSettings
 
 __all__ = ["ROUTES", "AutogramEngine", "LowMemoryResult", "Route", "gram_of_rows", "low_memory_backward", "low_memory_passes"]
 

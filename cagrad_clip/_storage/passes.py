@@ -1,9 +1,9 @@
 """``memory="low"``: a store that keeps no per-objective gradient at all.
 
 The Gram comes from extra backward passes (per-parameter hooks, ``m <= 2``) or from TorchJD's
-autogram Gramian (an :class:`~cagrad_clip.low_memory.AutogramEngine`, any ``m``), and the
+autogram Gramian (an :class:`~cagrad_clip._low_memory.AutogramEngine`, any ``m``), and the
 combination ``sum_i a_i g_i`` from a weighted backward into ``.grad``
-(:func:`~cagrad_clip.low_memory.low_memory_passes`; measurements in ``docs/low_memory.md``). With
+(:func:`~cagrad_clip._low_memory.low_memory_passes`; measurements in ``docs/low_memory.md``). With
 nothing stored there is nothing to accumulate over micro-batches or to average over ranks: those
 calls are refused by :meth:`PassesStore.check_backward`, before anything changes.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..low_memory import AutogramEngine, low_memory_passes
-from ..numerics import reduction_dtype
+from .._low_memory import AutogramEngine, low_memory_passes
+from .._numerics import reduction_dtype
 from .base import GradientStore
 
 __all__ = ["PassesStore"]

@@ -1,7 +1,7 @@
 """Public entry points of the dual solver: input checks, option resolution, and the two solve functions.
 
 :func:`solve_cagrad` is the convenience API (weights as a list, a tensor or ``None``; options as
-keywords, validated through :class:`~cagrad_clip.settings.CAGradSettings`).
+keywords, validated through :class:`~cagrad_clip.CAGradSettings`).
 :func:`solve_with_settings` is the hot path: weights already normalised on the device, settings
 already validated, no host sync.
 """
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..numerics import reduction_dtype
-from ..settings import CAGradSettings, Rescale, Solver, check_solver, normalize_weights
+from .._numerics import reduction_dtype
+from .._settings import CAGradSettings, Rescale, Solver, check_solver, normalize_weights
 from .kernel import CAGradSolution, solve_kernel
 
 __all__ = [
@@ -70,7 +70,7 @@ def auto_solver(m: int, batch_size: int = 1) -> Solver:
 
 
 def resolve_solver(solver: str, m: int) -> Solver:
-    """Check ``solver`` (a key of :data:`~cagrad_clip.settings.SOLVER_OPTIONS`) for ``m`` objectives.
+    """Check ``solver`` (a key of :data:`~cagrad_clip.SOLVER_OPTIONS`) for ``m`` objectives.
 
     ``"exact"`` with ``m > EXACT_MAX_M`` raises ``ValueError``. ``"auto"`` stays ``"auto"``: the
     solve resolves it with :func:`auto_solver` once the batch size is known.

@@ -4,7 +4,7 @@ A store holds, for one accumulation window (from the first ``backward`` after a 
 to the ``step``), the sum of every objective's gradient over the trainable parameters, and forms
 their Gram over the shared parameters. Concrete stores differ in where those sums live and how a
 backward pass reaches them (:mod:`.direct`: in the tensors autograd allocates, ``m - 1`` kept aside
-and the home objective's in ``.grad``; :mod:`.dense`: flat ``(m, D)`` rows in a wider dtype;
+and the home objective's in ``.grad``; :mod:`.accumulator`: flat ``(m, D)`` rows in a wider dtype;
 :mod:`.sharded`: rows of FSDP2 shards; :mod:`.passes`: none, ``memory="low"``) and in how the
 combination reaches ``.grad``.
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import average_across_ranks, check_same_count
+from .._distributed import average_across_ranks, check_same_count
 from .blocks import blocked_gram, row_sumsq
 
 __all__ = ["GradientStore", "GradGuard", "fingerprint"]

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import reached_on_any_rank
-from ..numerics import reduction_dtype
+from .._distributed import reached_on_any_rank
+from .._numerics import reduction_dtype
 from .base import GradientStore
 
-__all__ = ["DenseStore", "ReachRecorder"]
+__all__ = ["AccumulatorStore", "ReachRecorder"]
 
 
 class ReachRecorder:
@@ -61,7 +61,7 @@ class ReachRecorder:
                 self.reached[j] = True
 
 
-class DenseStore(GradientStore):
+class AccumulatorStore(GradientStore):
     """Rows in a wider dtype than (some of) the parameters' (see the module doc)."""
 
     def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype | None = None) -> None:

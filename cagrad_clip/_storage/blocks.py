@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import GRAM_BLOCK, gram_of_block, reduction_dtype
+from .._numerics import GRAM_BLOCK, gram_of_block, reduction_dtype
 
 __all__ = ["CHUNK", "blocked_gram", "chunk_columns", "gather_columns", "row_sumsq"]
 

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import average_across_ranks, reached_on_any_rank
-from ..numerics import gram_of_block, reduction_dtype
+from .._distributed import average_across_ranks, reached_on_any_rank
+from .._numerics import gram_of_block, reduction_dtype
+from .accumulator import ReachRecorder
 from .base import GradGuard, GradientStore
 from .blocks import gather_columns
-from .dense import ReachRecorder
 
 __all__ = ["Chunk", "DirectStore", "plan_chunks"]
 
