@@ -169,11 +169,12 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
         #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
         self._state = _WrapperState(settings=settings, nonfinite=nonfinite)
-        self.distributed = distributed
-        self.process_group = process_group
-        self.accumulate_dtype = accumulate_dtype
-        self.memory = memory
-        self.engine = engine
+        # how gradients flow (the store is built from them): fixed at construction, read-only below
+        self._distributed = distributed
+        self._process_group = process_group
+        self._accumulate_dtype = accumulate_dtype
+        self._memory = memory
+        self._engine = engine
         self._shared_request = shared_request
         self._current_store()  # validates the parameters now (complex, devices, FSDP layout)
 
@@ -199,6 +200,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     solver = property(lambda self: self._state.settings.solver, lambda self, v: _read_only("solver"), doc="The dual solver.")
     max_iter = property(lambda self: self._state.settings.max_iter, lambda self, v: _read_only("max_iter"), doc="Frank-Wolfe budget.")
     nonfinite = property(lambda self: self._state.nonfinite, lambda self, v: _read_only("nonfinite"), doc="Non-finite policy.")
+    memory = property(lambda self: self._memory, lambda self, v: _fixed("memory"), doc="``'default'`` or ``'low'``.")
+    engine = property(lambda self: self._engine, lambda self, v: _fixed("engine"), doc="The low-memory mode's AutogramEngine.")
+    accumulate_dtype = property(
+        lambda self: self._accumulate_dtype, lambda self, v: _fixed("accumulate_dtype"), doc="The accumulator rows' dtype (or ``None``)."
+    )
+    distributed = property(lambda self: self._distributed, lambda self, v: _fixed("distributed"), doc="Average across ranks.")
+    process_group = property(lambda self: self._process_group, lambda self, v: _fixed("process_group"), doc="The group averaged over.")
 
     def configure(self, **changes: Any) -> CAGradSettings:
         """Change settings (``weights``, ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``).
@@ -341,11 +349,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         store = make_store(
             ordered,
             sum(id(p) in shared_ids for p in trainable),
-            accumulate_dtype=self.accumulate_dtype,
-            memory=self.memory,
-            engine=self.engine,
-            distributed=self.distributed,
-            process_group=self.process_group,
+            accumulate_dtype=self._accumulate_dtype,
+            memory=self._memory,
+            engine=self._engine,
+            distributed=self._distributed,
+            process_group=self._process_group,
         )
         if self._state.store is not None:
             self._state.store.close()
@@ -408,7 +416,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 f"got {m} losses, but {window.num_objectives} objectives were accumulated in this window; pass the same "
                 "objectives in every micro-batch (or call zero_grad() to start over)"
             )
-        store.check_backward(combine, continuing, active_group(self.distributed, self.process_group)[1])
+        store.check_backward(combine, continuing, active_group(self._distributed, self._process_group)[1])
         # validated: from here on the window changes
         if not continuing:
             store.start_window(m, self._home(m))
@@ -464,7 +472,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return last
 
     def _combine(self, store: GradientStore, m: int, edited: Tensor) -> StepDiagnostics:
-        group, world_size = active_group(self.distributed, self.process_group)
+        group, world_size = active_group(self._distributed, self._process_group)
         gram = store.gram_over_ranks(self._state.window, group, world_size)
         solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
         intact = ~edited.to(gram.device)
@@ -648,6 +656,13 @@ def _check_no_step_in_backward(params: Sequence[Tensor]) -> None:
                 "e.g. an optimizer step in backward): it would consume each objective's gradient as it is accumulated, "
                 "before the conflict-averse direction exists. Remove the hook and step this optimizer after backward"
             )
+
+
+def _fixed(name: str) -> None:
+    raise AttributeError(
+        f"{name} is fixed at construction (it decides where the per-objective gradients live): build a new "
+        f"ConflictAverseOptimizer(..., {name}=...) over the same base optimizer to change it"
+    )
 
 
 def _read_only(name: str) -> None:

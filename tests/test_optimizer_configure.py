@@ -159,3 +159,21 @@ def test_the_weights_reach_the_device_once_and_are_reused_by_every_step():
     opt.configure(weights=[0.5, 0.5])
     opt.step(losses_of(net, x))
     assert opt._state.device_weights[key] is not first and opt._state.device_weights[key].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("memory", "low"), ("engine", None), ("accumulate_dtype", torch.float32), ("distributed", False), ("process_group", None)],
+)
+def test_how_gradients_flow_is_fixed_at_construction(name, value):
+    """``memory``, ``engine``, ``accumulate_dtype``, ``distributed`` and ``process_group`` decide the gradient store:
+    readable, but an assignment raises (naming the way to change it) and changes nothing, as the settings do."""
+    net = trunk_and_heads()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), accumulate_dtype=torch.float64, distributed=True)
+    before = {n: getattr(opt, n) for n in ("memory", "engine", "accumulate_dtype", "distributed", "process_group")}
+    assert before == {"memory": "default", "engine": None, "accumulate_dtype": torch.float64, "distributed": True, "process_group": None}
+    with pytest.raises(AttributeError, match=f"{name} is fixed at construction.*ConflictAverseOptimizer"):
+        setattr(opt, name, value)
+    assert {n: getattr(opt, n) for n in before} == before
+    with pytest.raises(AttributeError, match="c is read-only: call opt.configure"):
+        opt.c = 0.9
