@@ -24,7 +24,6 @@ __all__ = [
     "NonfinitePolicy",
     "RESCALE_OPTIONS",
     "Rescale",
-    "SOLVER_OPTIONS",
     "Solver",
     "check_c",
     "check_max_iter",
@@ -36,7 +35,8 @@ __all__ = [
 ]
 
 Rescale = Literal["1+c", "1+c^2"] | None
-Solver = Literal["auto", "exact", "frank_wolfe"]
+#: A registered dual solver's name, or ``"auto"`` (``cagrad_clip._dual.registry``).
+Solver = str
 NonfinitePolicy = Literal["skip", "raise", "ignore"]
 
 #: Accepted values of ``rescale`` and what each means.
@@ -46,12 +46,6 @@ RESCALE_OPTIONS: dict[str | None, str] = {
     "1+c^2": "divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)",
 }
 
-#: Accepted values of ``solver`` and what each does.
-SOLVER_OPTIONS: dict[str, str] = {
-    "auto": "'exact' for small m and batches (auto_solver), else 'frank_wolfe'",
-    "exact": "closed-form KKT solve on every support of the simplex (2^m - 1 of them), best one wins",
-    "frank_wolfe": "pairwise Frank-Wolfe + Newton on the active face, max_iter iterations",
-}
 
 #: What the optimizer does when an objective's gradient or the written direction is not finite.
 NONFINITE_POLICIES: dict[str, str] = {
@@ -60,7 +54,6 @@ NONFINITE_POLICIES: dict[str, str] = {
     "ignore": "no check and no host sync (for GradScaler, which checks itself)",
 }
 
-assert set(get_args(Solver)) == set(SOLVER_OPTIONS)
 assert set(get_args(NonfinitePolicy)) == set(NONFINITE_POLICIES)
 
 
@@ -101,10 +94,12 @@ def rescale_divisor(rescale: Rescale, c: float) -> float:
 
 
 def check_solver(solver: Any) -> Solver:
-    """Validate ``solver`` (a key of :data:`SOLVER_OPTIONS`)."""
+    """Validate ``solver`` (a key of :data:`SOLVER_OPTIONS`: ``"auto"`` or a registered solver)."""
+    from ._dual.registry import SOLVER_OPTIONS  # the registry imports nothing of ours: no cycle at call time
+
     if not isinstance(solver, str) or solver not in SOLVER_OPTIONS:
         raise ValueError(f"unknown solver={solver!r}; choose one of {list(SOLVER_OPTIONS)}")
-    return solver  # type: ignore[return-value]
+    return solver
 
 
 def check_max_iter(max_iter: Any) -> int | None:
@@ -169,7 +164,7 @@ class CAGradSettings:
         c: trust-region radius, finite ``>= 0``; the direction is ``g0 + c ||g0|| G~/||G~||``.
         clip: RACO's clip ``p~ = min(p, w)``; ``False`` gives CAGrad with a weighted anchor.
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"`` (:data:`RESCALE_OPTIONS`).
-        solver: ``"auto"``, ``"exact"`` or ``"frank_wolfe"`` (:data:`SOLVER_OPTIONS`).
+        solver: ``"auto"`` or a registered solver, ``"exact"`` or ``"frank_wolfe"`` (:data:`SOLVER_OPTIONS`).
         max_iter: Frank-Wolfe iterations; ``None`` uses ``default_max_iter(m)``.
     """
 

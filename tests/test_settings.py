@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cagrad_clip import SOLVER_OPTIONS
 from cagrad_clip._settings import (
     RESCALE_OPTIONS,
-    SOLVER_OPTIONS,
     CAGradSettings,
     check_c,
     normalize_weights,

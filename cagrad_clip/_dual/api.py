@@ -16,7 +16,9 @@ from torch import Tensor
 
 from .._numerics import reduction_dtype
 from .._settings import CAGradSettings, Rescale, Solver, check_solver, normalize_weights
+from .exact import EXACT_MAX_M
 from .kernel import CAGradSolution, solve_kernel
+from .registry import SOLVERS
 
 __all__ = [
     "AUTO_EXACT_MAX_M",
@@ -35,8 +37,6 @@ AUTO_EXACT_MAX_M = 12
 # Frank-Wolfe that set these budgets are measured by ``python -m benchmarks.speed`` (docs/performance.md).
 _AUTO_EXACT_MAX_FACES_SMALL_M = 1 << 15
 _AUTO_EXACT_MAX_FACES_LARGE_M = 1 << 12
-#: ``solver="exact"`` refuses larger problems: 2^m - 1 linear systems of size m + 1 per Gram.
-EXACT_MAX_M = 12
 
 
 def default_max_iter(m: int) -> int:
@@ -76,11 +76,9 @@ def resolve_solver(solver: str, m: int) -> Solver:
     solve resolves it with :func:`auto_solver` once the batch size is known.
     """
     checked = check_solver(solver)
-    if checked == "exact" and m > EXACT_MAX_M:
-        raise ValueError(
-            f"solver='exact' enumerates 2^m - 1 supports and is limited to m <= {EXACT_MAX_M}, got m = {m}; "
-            "use solver='frank_wolfe' (or 'auto')"
-        )
+    limit = SOLVERS[checked].max_m if checked in SOLVERS else None
+    if limit is not None and m > limit:
+        raise ValueError(f"solver={checked!r} is limited to m <= {limit} objectives, got m = {m}; use solver='frank_wolfe' (or 'auto')")
     return checked
 
 

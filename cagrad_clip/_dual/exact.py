@@ -21,12 +21,16 @@ the candidate is exact and non-negative; the smallest ``b^T lambda`` (twice its 
 from __future__ import annotations
 
 from itertools import combinations
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .objective import numbers
+from .registry import DualSolver, register
+
+#: ``solver="exact"`` refuses larger problems: 2^m - 1 linear systems of size m + 1 per Gram.
+EXACT_MAX_M = 12
 
 __all__ = ["face_frame", "solve_by_supports", "solve_exact"]
 
@@ -198,3 +202,18 @@ def _solve_chunk(frame: FaceFrame, m: int, H_chunk: Tensor, b_chunk: Tensor, s_c
     if kink_tol is None:
         return [chosen[:, :1], best_value, chosen[:, 1:2]]
     return [chosen[:, 0], best_value, chosen[:, 1], chosen[:, 2]]
+
+
+def _solve_registered(problem: Any, *, max_iter: int, kink_tol: float, zero_tol: float) -> tuple[Tensor, Tensor]:
+    """The registry's signature (``max_iter`` and the tolerances are not needed: every support is solved)."""
+    return solve_exact(problem.Hn, problem.b, problem.s)
+
+
+register(
+    DualSolver(
+        "exact",
+        "closed-form KKT solve on every support of the simplex (2^m - 1 of them), best one wins",
+        _solve_registered,
+        max_m=EXACT_MAX_M,
+    )
+)

@@ -22,12 +22,15 @@ stacked with it, from the best small-face solution.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .exact import solve_by_supports
 from .line_search import exact_line_search
 from .objective import dual_gradient, dual_value
+from .registry import DualSolver, register
 from .stationary import stationary_problems, stationary_step
 
 __all__ = ["solve_frank_wolfe", "start_support_size"]
@@ -142,3 +145,12 @@ def face_newton_step(Hn: Tensor, b: Tensor, s: Tensor, p: Tensor, kink_tol: floa
     frozen = ((grad * p).sum(-1) - grad.amin(-1)) <= 4.0 * torch.finfo(p.dtype).eps
     idx = torch.arange(p.shape[-1], device=p.device)
     return move(Hn, b, s, p, Hp, q0, d, gamma_max, frozen, idx == blocking)
+
+
+def _solve_registered(problem: Any, *, max_iter: int, kink_tol: float, zero_tol: float) -> tuple[Tensor, Tensor]:
+    """The registry's signature; gradients above ``-add_tol`` count as 0 (``|<g_i, d>| <= ||g_i|| ||g0||``)."""
+    add_tol = zero_tol * problem.norms_n * problem.anchor_n
+    return solve_frank_wolfe(problem.Hn, problem.b, problem.s.squeeze(-1), problem.diag_n, max_iter, kink_tol, add_tol)
+
+
+register(DualSolver("frank_wolfe", "pairwise Frank-Wolfe + Newton on the active face, max_iter iterations", _solve_registered))

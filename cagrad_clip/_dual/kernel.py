@@ -22,10 +22,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .exact import solve_exact
-from .frank_wolfe import solve_frank_wolfe
+from . import exact, frank_wolfe  # noqa: F401  (each registers its solver)
 from .line_search import solve_edge
 from .objective import dual_gradient, matvec, numbers, quad_form
+from .registry import SOLVERS
 from .stationary import vertex_conflict_free
 
 __all__ = ["CAGradSolution", "share_ties", "solve_kernel"]
@@ -103,10 +103,9 @@ def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: f
     m = Hn.shape[-1]
     if m == 2 and max_iter > 0:
         return solve_edge(Hn, b, s, problem.diag_n), vertex_conflict_free(b, problem.diag_n)
-    if m > 2 and solver == "exact":
-        return solve_exact(Hn, b, s)
-    add_tol = zero_tol * problem.norms_n * problem.anchor_n  # |<g_i, d>| <= ||g_i|| ||g0||: gradients above -add_tol are 0
-    return solve_frank_wolfe(Hn, b, s.squeeze(-1), problem.diag_n, max_iter, kink_tol, add_tol)
+    # m = 1 and max_iter = 0: Frank-Wolfe's start (the best point of the small faces) for any solver
+    chosen = SOLVERS[solver] if m > 2 else SOLVERS["frank_wolfe"]
+    return chosen.solve(problem, max_iter=max_iter, kink_tol=kink_tol, zero_tol=zero_tol)
 
 
 def closure_steps(m: int) -> int:

@@ -11,12 +11,13 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from cagrad_clip._dual import SOLVERS as REGISTERED
 from cagrad_clip._dual import combination_coefficients, solve_cagrad
 from tests.properties import Solve, Solved
 from tests.reference import coefficients_from_dual, dual_value, problem_data, solve_dual_reference
 
 RESCALES = [None, "1+c", "1+c^2"]
-SOLVERS = ["exact", "frank_wolfe"]
+SOLVERS = list(REGISTERED)  # every registered solver gets the property suite
 DIVISOR = {None: lambda c: 1.0, "1+c": lambda c: 1.0 + c, "1+c^2": lambda c: 1.0 + c * c}
 
 # The default run (CI) is derandomized: the same examples per property every time, so a red CI means

@@ -117,9 +117,9 @@ def test_bad_max_iter(max_iter) -> None:
 def test_bad_solver() -> None:
     with pytest.raises(ValueError, match="unknown solver='newton'"):
         solve_cagrad(H3, solver="newton")
-    with pytest.raises(ValueError, match="limited to m <= 12, got m = 13"):
+    with pytest.raises(ValueError, match="limited to m <= 12 objectives, got m = 13"):
         solve_cagrad(torch.eye(13, dtype=torch.float64), solver="exact")
-    with pytest.raises(ValueError, match="limited to m <= 12, got m = 13"):
+    with pytest.raises(ValueError, match="limited to m <= 12 objectives, got m = 13"):
         solve_with_settings(
             torch.eye(13, dtype=torch.float64), torch.full((13,), 1 / 13, dtype=torch.float64), CAGradSettings(solver="exact")
         )
