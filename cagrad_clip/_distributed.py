@@ -145,13 +145,13 @@ class _CountMemory(Protocol):
     ranks_agree_on: int | None
 
 
-def check_same_count(memory: _CountMemory, m: int, group: Any, device: torch.device) -> None:
+def check_same_count(agreed: _CountMemory, m: int, group: Any, device: torch.device) -> None:
     """Raise on every rank if the ranks pass different numbers of losses (instead of a hang or an abort).
 
     One tiny all-reduce (MAX of ``m`` and of ``-m``) and a host read, only when ``m`` differs from
-    the count last confirmed (``memory.ranks_agree_on``): not per step.
+    the count last confirmed (``agreed.ranks_agree_on``): not per step.
     """
-    if memory.ranks_agree_on == m:
+    if agreed.ranks_agree_on == m:
         return
     counts = torch.tensor([m, -m], dtype=torch.int64, device=device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
@@ -161,4 +161,4 @@ def check_same_count(memory: _CountMemory, m: int, group: Any, device: torch.dev
             f"the ranks passed different numbers of losses (this rank {m}, others between {smallest} and {largest}); "
             "every rank must pass one loss per objective, in the same order"
         )
-    memory.ranks_agree_on = m
+    agreed.ranks_agree_on = m

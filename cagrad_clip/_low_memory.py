@@ -646,7 +646,7 @@ def low_memory_backward(
     *,
     route: Route = "auto",
     engine: AutogramEngine | None = None,
-    per_rank: bool = False,
+    distributed: bool = True,
 ) -> LowMemoryResult:
     """One CAGrad-Clip direction (RACO Algorithm 1) written into ``.grad`` without storing any gradient.
 
@@ -665,9 +665,10 @@ def low_memory_backward(
             for ``m <= 2``. See :data:`ROUTES`.
         engine: an :class:`AutogramEngine` on the modules holding exactly the shared parameters,
             created before the forward pass; needed by the autogram route.
-        per_rank: under ``torch.distributed`` with several ranks, accept that each rank combines
-            its own gradients (the default path averages the gradients first, which needs them
-            stored); otherwise ``NotImplementedError``. Not for modules wrapped in DDP/FSDP.
+        distributed: as the optimizer's ``distributed=``: under ``torch.distributed`` with several
+            ranks, ``True`` (default) asks for gradients averaged across ranks, which needs them
+            stored: ``NotImplementedError``; ``False`` lets each rank combine its own gradients.
+            Not for modules wrapped in DDP/FSDP.
 
     Returns:
         A :class:`LowMemoryResult`. Afterwards every parameter an objective reaches has
@@ -685,7 +686,7 @@ def low_memory_backward(
     """
     losses, params = _check_inputs(losses, params, shared_count)
     _check_solve_inputs(len(losses), weights, settings)
-    passes = low_memory_passes(losses, params, shared_count, route=route, engine=engine, per_rank=per_rank)
+    passes = low_memory_passes(losses, params, shared_count, route=route, engine=engine, distributed=distributed)
     gram = next(passes)
     solution = _solve(gram, weights, settings)
     try:
@@ -702,7 +703,7 @@ def low_memory_passes(
     *,
     route: Route = "auto",
     engine: AutogramEngine | None = None,
-    per_rank: bool = False,
+    distributed: bool = True,
 ) -> Generator[Tensor, Tensor, str]:
     """The backward passes of :func:`low_memory_backward`, in two phases around the solve.
 
@@ -736,11 +737,11 @@ def low_memory_passes(
                 f"the engine's modules hold {len(covered - shared_ids)} trainable parameter(s) outside params[:shared_count] and "
                 f"miss {len(shared_ids - covered)} of them: create the AutogramEngine on exactly the modules of the shared parameters"
             )
-    if not per_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
             raise NotImplementedError(
                 "the low-memory mode stores no per-objective gradient, so it cannot average them across ranks before the Gram; "
-                "pass per_rank=True to let each rank combine its own gradients, or use the default memory mode"
+                "pass distributed=False to let each rank combine its own gradients, or use the default memory mode"
             )
     if route == "autogram":
         assert engine is not None

@@ -125,8 +125,9 @@ class MultiObjectiveModule(pl.LightningModule):
             kwargs["nonfinite"] = default_nonfinite(getattr(trainer, "precision_plugin", None))
         return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, **kwargs)
 
+    @property
     def conflict_averse_optimizer(self) -> Any:
-        """The :class:`~cagrad_clip.ConflictAverseOptimizer` behind ``self.optimizers()``."""
+        """The :class:`~cagrad_clip.ConflictAverseOptimizer` behind ``self.optimizers()`` (a property, as in the HF mixin)."""
         return require_conflict_averse(
             self.optimizers(), type(self).__name__, "Return self.wrap_optimizer(base) from configure_optimizers (one optimizer)."
         )
@@ -139,7 +140,7 @@ class MultiObjectiveModule(pl.LightningModule):
         lopt = self.optimizers()
         if isinstance(lopt, list):
             raise TypeError(f"{type(self).__name__} trains with one optimizer; configure_optimizers returned {len(lopt)}")
-        opt = self.conflict_averse_optimizer()
+        opt = self.conflict_averse_optimizer
         losses = list(self.objective_losses(batch, batch_idx))
         k = self.accumulate_grad_batches
         last = (batch_idx + 1) % k == 0 or bool(self.trainer.is_last_batch)

@@ -97,7 +97,7 @@ def test_module_equals_hand_written_loop(accumulate, clip_val):
     metrics = trainer.callback_metrics
     for key in ("loss/fit", "loss/tie", "coef/fit", "coef/tie", "cos/fit|tie"):
         assert key in metrics, key
-    assert metrics["coef/fit"].item() == pytest.approx(module.conflict_averse_optimizer().last.coefficients[0].item())
+    assert metrics["coef/fit"].item() == pytest.approx(module.conflict_averse_optimizer.last.coefficients[0].item())
 
 
 def test_fp16_loss_scaling_unscales_before_clipping():
@@ -119,7 +119,7 @@ def test_fp16_loss_scaling_unscales_before_clipping():
 def test_bf16_autocast_runs_and_wrong_optimizer_is_refused():
     module = Module(net(), gradient_clip_val=1.0)
     fit(module, data(2), precision="bf16-mixed")
-    assert torch.isfinite(module.conflict_averse_optimizer().last.coefficients).all()
+    assert torch.isfinite(module.conflict_averse_optimizer.last.coefficients).all()
 
     class Plain(Module):
         def configure_optimizers(self):
@@ -138,8 +138,8 @@ def test_user_wrapper_is_used_as_is():
 
     module = Own(model)
     fit(module, data(2))
-    torch.testing.assert_close(module.conflict_averse_optimizer().last.coefficients, torch.tensor([0.1, 0.9]))
-    assert copy.deepcopy(module.conflict_averse_optimizer().weights).tolist() == pytest.approx([0.1, 0.9])
+    torch.testing.assert_close(module.conflict_averse_optimizer.last.coefficients, torch.tensor([0.1, 0.9]))
+    assert copy.deepcopy(module.conflict_averse_optimizer.weights).tolist() == pytest.approx([0.1, 0.9])
 
 
 # ------------------------------------------------------------------ non-finite losses (issue 15, item 9)
@@ -186,7 +186,7 @@ def test_nonfinite_loss_skips_the_step_in_fp32_and_bf16(precision):
     module = NaNAt(net())
     with pytest.warns(RuntimeWarning, match="step skipped"):
         fit(module, batches, precision=precision)
-    opt = module.conflict_averse_optimizer()
+    opt = module.conflict_averse_optimizer
     assert opt.nonfinite == "skip"
     assert opt.skipped_steps == 1
     snaps = module.snapshots
@@ -212,12 +212,12 @@ def test_users_nonfinite_wins(how):
         module.conflict_averse_kwargs["nonfinite"] = "raise"
     with pytest.raises(FloatingPointError, match="non-finite"):
         fit(module, data(4))
-    assert module.conflict_averse_optimizer().nonfinite == "raise"
+    assert module.conflict_averse_optimizer.nonfinite == "raise"
     assert len(module.snapshots) == BAD + 1  # it stopped at the bad batch
     # the user's choice wins over the fp16 default too
     module = Module(net(), nonfinite="skip")
     fit(module, data(1), plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
-    assert module.conflict_averse_optimizer().nonfinite == "skip"
+    assert module.conflict_averse_optimizer.nonfinite == "skip"
     with pytest.raises(ValueError, match="nonfinite"):
         Module(net(), nonfinite="sometimes")
 
@@ -229,7 +229,7 @@ def test_fp16_with_a_scaler_leaves_the_check_to_the_scaler():
     module = NaNAt(net())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     fit(module, data(4), plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    opt = module.conflict_averse_optimizer()
+    opt = module.conflict_averse_optimizer
     assert opt.nonfinite == "ignore" and opt.skipped_steps == 0
     snaps = module.snapshots
     assert all(torch.equal(a, b) for a, b in zip(snaps[BAD], snaps[BAD + 1]))  # the scaler skipped it

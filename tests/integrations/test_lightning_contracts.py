@@ -81,7 +81,7 @@ def test_the_unified_lightning_packages_optimizer_wrapper_is_looked_through_too(
 def test_fit_steps_the_optimizer_returned_by_configure_optimizers():
     module = Module(net())
     trainer = fit(module, data(2))
-    assert module.conflict_averse_optimizer() is trainer.optimizers[0]
+    assert module.conflict_averse_optimizer is trainer.optimizers[0]
     assert trainer.optimizers[0].last is not None
 
 
@@ -155,7 +155,7 @@ def test_training_step_returns_the_weighted_loss_of_its_batch(m, weights):
 def test_the_logged_coefficients_and_cosines_are_the_last_steps_one_per_objective_and_pair():
     module = Recording(3, objective_names=["a", "b", "c"])
     trainer = fit(module, data(3))
-    last = module.conflict_averse_optimizer().last
+    last = module.conflict_averse_optimizer.last
     metrics = trainer.callback_metrics
     assert {k for k in metrics if k.startswith(("coef/", "cos/"))} == {"coef/a", "coef/b", "coef/c", "cos/a|b", "cos/a|c", "cos/b|c"}
     for i, name in enumerate("abc"):
@@ -176,5 +176,5 @@ def test_every_scheduler_is_stepped_once_per_window_except_reduce_on_plateau():
 
     module = TwoSchedulers(net(), accumulate_grad_batches=2)
     fit(module, data(4))  # 2 windows
-    lr = module.conflict_averse_optimizer().param_groups[0]["lr"]
+    lr = module.conflict_averse_optimizer.param_groups[0]["lr"]
     assert lr == pytest.approx(LR * (0.5 / 3.0) ** 2)
