@@ -428,3 +428,29 @@ def test_a_stores_average_is_each_objectives_mean_over_the_ranks_on_the_paramete
             torch.testing.assert_close(dot_grad[0], want[1][0], rtol=0, atol=0)
             torch.testing.assert_close(dot_grad[1], want[1][1], rtol=0, atol=0)
             assert dot_grad[2] is None
+
+
+def test_low_memory_with_distributed_false_lets_each_rank_combine_its_own_gradients(world):
+    """``memory="low"`` cannot average gradients it does not store: on 2 ranks it refuses ``distributed=True``
+    up front, and with ``distributed=False`` each rank takes the step of its own half batch, equal to a
+    1-process low-memory step on that half (no collective runs)."""
+    fake = world(default_ok=True)
+    with pytest.raises(NotImplementedError, match="cannot average the objectives' gradients across ranks"):
+        fake.run(lambda rank: run_ranks_low(rank, distributed=True))
+    got = fake.run(lambda rank: run_ranks_low(rank, distributed=False))
+    for rank in range(WORLD):
+        want = run_ranks_low(rank, distributed=False, alone=True)
+        assert all(torch.equal(a, b) for a, b in zip(got[rank], want))
+    assert not all(torch.equal(a, b) for a, b in zip(got[0], got[1]))  # each rank its own direction
+
+
+def run_ranks_low(rank: int, *, distributed: bool, alone: bool = False) -> list[torch.Tensor]:
+    x, ya, yb = make_batch()
+    half = x.shape[0] // 2
+    model = make_model()
+    params = params_of(model)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.7, 0.3], c=0.4, memory="low", distributed=distributed)
+    part = slice(rank * half, (rank + 1) * half)
+    opt.zero_grad()
+    opt.step(rank_losses(model, x[part], ya[part], yb[part], extra_weight=float(rank)))
+    return [p.detach().clone() for p in params]

@@ -1098,3 +1098,23 @@ def test_engine_reset_forgets_the_recorded_forwards() -> None:
     engine.reset()
     assert not inner._target_edges._edges and all(c.remaining_counter == 0 for c in computers)
     engine.close()
+
+
+def test_a_half_precision_loss_gets_its_coefficient_in_its_own_dtype() -> None:
+    """Losses of mixed dtypes (float64, float32, bfloat16) are stacked and solved in float64 here: the
+    Gram is the reference's to rounding, but the one weighted backward hands each loss its coefficient
+    in the loss's dtype, so a bfloat16 loss's ``a_i`` is rounded to bfloat16 (relative 2^-9) and the
+    direction is within 2^-8 of the default mode's (docs/low_memory.md)."""
+    m, trunk, heads, x, y, engine = _route_case("autogram")
+    params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+    casts = [torch.float64, torch.float32, torch.bfloat16]
+    z = trunk(x)
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean().to(casts[i]) for i, head in enumerate(heads)]
+    settings = CAGradSettings(c=0.5)
+    w = settings.weights_tensor(m)
+    ref_gram, ref_a, ref_direction = reference(losses, params, 4, w, settings)
+    result = low_memory_backward(losses, params, 4, w, settings, route="autogram", engine=engine)
+    assert result.gram.dtype == torch.float64 and rel(result.gram, ref_gram) < 1e-10
+    assert rel(result.solution.coefficients, ref_a) < 1e-10
+    error = relative_error([p.grad for p in params], ref_direction)
+    assert 1e-6 < error < 2.0**-8  # the bfloat16 rounding of a_2 shows, and stays within its bound

@@ -135,3 +135,10 @@ def test_a_batch_of_weights_is_normalised_row_by_row() -> None:
     got = normalize_weights(torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 5.0]]))
     torch.testing.assert_close(got, torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64), rtol=0, atol=0)
     assert normalize_weights(torch.ones(2, 4, 3)).shape == (2, 4, 3)
+
+
+def test_rescale_divisor_checks_its_rescale() -> None:
+    """The divisor of each convention, and an unknown convention refused (not divided by 1 silently)."""
+    assert (rescale_divisor(None, 0.5), rescale_divisor("1+c", 0.5), rescale_divisor("1+c^2", 0.5)) == (1.0, 1.5, 1.25)
+    with pytest.raises(ValueError, match=r"unknown rescale='1\+2c'"):
+        rescale_divisor("1+2c", 0.5)  # type: ignore[arg-type]

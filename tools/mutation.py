@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import hashlib
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -258,14 +258,18 @@ SAMPLE = MUTANTS / "mutation-sample.json"
 
 
 def sampled(fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded random ``fraction`` of each module's mutants (at least one): a prefix of a fixed
-    shuffle, so a smaller fraction with the same seed is a subset of a larger one."""
+    """A seeded random ``fraction`` of each module's mutants (at least one per module).
+
+    Membership is decided per mutant by a hash of ``seed`` and its name, so it does not depend on the
+    other mutants: an edit elsewhere in a module leaves the sample of its other functions unchanged,
+    and a smaller fraction with the same seed is a subset of a larger one.
+    """
     chosen: dict[str, list[str]] = {}
     for module, codes in results().items():
-        names = sorted(codes)
-        random.Random(f"{seed}:{module}").shuffle(names)
-        if names:
-            chosen[module] = names[: max(1, round(fraction * len(names)))]
+        ranked = sorted(codes, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
+        if ranked:
+            keep = [name for name in ranked if int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16) < fraction * 2**32]
+            chosen[module] = keep or ranked[:1]
     return chosen
 
 
