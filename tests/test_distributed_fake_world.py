@@ -32,6 +32,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.dis
 
 WORLD = 2
 SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+#: The one group collectives may name, created once and kept for the whole session: a backend-less
+#: ``ProcessGroup`` freed by the garbage collector in the middle of a later test's real gloo collective
+#: crashed the process (seen under mutmut, which runs many test files in one process).
+_GROUP = dist.ProcessGroup(0, WORLD) if dist.is_available() else None
 
 
 class FakeWorld:
@@ -104,7 +108,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeWorld]:
     """``world(default_ok=False, device=cpu)``: install a fresh 2-rank :class:`FakeWorld` and return it."""
 
     def install(*, default_ok: bool = False, device: torch.device | str = "cpu") -> FakeWorld:
-        fake = FakeWorld(WORLD, dist.ProcessGroup(0, WORLD), default_ok=default_ok, device=torch.device(device))
+        fake = FakeWorld(WORLD, _GROUP, default_ok=default_ok, device=torch.device(device))
         monkeypatch.setattr(dist, "is_available", lambda: True)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_world_size", fake.get_world_size)

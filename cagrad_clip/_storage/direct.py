@@ -8,9 +8,9 @@ outside the optimizer get the plain sum of the objectives' gradients.
   this window (``None`` at the start), so autograd allocates each gradient only when the backward
   reaches it, exactly as in plain training; after the pass the
   tensors are taken out of ``.grad`` and kept as objective ``i``'s gradient, in the parameters'
-  dtype. Nothing is allocated ahead of the backward and nothing is copied. (A flat ``(m - 1, D)``
-  buffer allocated before the passes held a whole row during the first pass: +0.25 to +0.3
-  parameter copies over this on the benchmark GPT-2 at b1309a3, ``python -m benchmarks.speed --sections memory``.)
+  dtype. Nothing is allocated ahead of the backward and nothing is copied (a buffer allocated
+  before the passes would hold a whole row during the first pass; ``python -m benchmarks.speed
+  --sections memory`` measures the peak against the floor).
 * The *home* objective (the largest weight) goes last; its gradients stay in ``.grad``.
 * The Gram (RACO Algorithm 1's ``H``) and the combination ``sum_i a_i g_i`` are accumulated in
   float32 or better over :class:`Chunk` s: a few consecutive (pieces of) parameters gathered into
@@ -48,7 +48,7 @@ def _flat(t: Tensor) -> Tensor:
     parameter then has the same layout, so their memory orders match element for element.
     """
     if t.is_contiguous():
-        return t if t.dim() == 1 else t.view(-1)  # a 1-D tensor (a bias) is its own flat view: one op less
+        return t if t.dim() == 1 else t.view(-1)  # a 1-D tensor (a bias) is its own flat view
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 

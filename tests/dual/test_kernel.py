@@ -328,6 +328,7 @@ def test_non_finite_gram_poisons_only_its_problem(solver: str, bad: float, where
         np.testing.assert_allclose(a[k], clean[k], rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_compiled_fullgraph_agrees_with_eager(solver: str) -> None:
     """``solve_with_settings`` (the optimizer's hot path) compiles with fullgraph=True: no graph break,
