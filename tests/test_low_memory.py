@@ -1118,3 +1118,21 @@ def test_a_half_precision_loss_gets_its_coefficient_in_its_own_dtype() -> None:
     assert rel(result.solution.coefficients, ref_a) < 1e-10
     error = relative_error([p.grad for p in params], ref_direction)
     assert 1e-6 < error < 2.0**-8  # the bfloat16 rounding of a_2 shows, and stays within its bound
+
+
+def test_an_unused_parameter_of_a_module_called_twice_counts_as_a_zero_gradient() -> None:
+    """A module called twice takes an exact per-module pass (its Jacobians by a batched ``autograd.grad``);
+    a parameter of it that the losses never use gets zeros there (a zero Gram contribution, ``.grad``
+    left ``None`` as ``sum(losses).backward()`` leaves it), not a crash."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).double()
+    lin.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))
+    trunk = nn.Sequential(lin)
+    heads = nn.ModuleList(nn.Linear(4, 1).double() for _ in range(3))
+    engine = AutogramEngine(trunk)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    z = torch.tanh(trunk(torch.tanh(trunk(x))))  # lin called twice: the exact pass
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(heads)]
+    params = [*lin.parameters(), *[p for h in heads for p in h.parameters()]]
+    _check_against_reference(losses, params, 3, CAGradSettings(c=0.5), "autogram", engine)
+    assert lin.unused.grad is None

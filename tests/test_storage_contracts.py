@@ -369,3 +369,21 @@ def test_shared_parameters_with_no_elements_give_a_zero_gram() -> None:
     assert torch.equal(opt.last.gram, torch.zeros(2, 2, dtype=F64))
     assert opt.last.coefficients.tolist() == [0.25, 0.75]
     assert head.detach().tolist() == [1.0 - (0.25 * 2 + 0.75 * 2), -2.0 - (0.25 * 2 + 0.75 * -4)]
+
+
+@pytest.mark.skipif(not fsdp_available(), reason="needs torch.distributed (gloo) and DTensor")
+def test_a_replicated_or_two_dimensional_dtensor_parameter_is_refused_up_front() -> None:
+    """Only ``Shard(dim)`` on a 1-D mesh (what ``fully_shard`` makes) is supported: a ``Replicate`` placement
+    or a 2-D mesh (HSDP) is refused at construction, naming the placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    with one_rank_group():
+        mesh = init_device_mesh("cpu", (1,))
+        for placements in ([Replicate()], [Shard(0), Shard(0)]):
+            target = mesh if len(placements) == 1 else init_device_mesh("cpu", (1, 1))
+            p = nn.Parameter(distribute_tensor(torch.ones(4, dtype=F64), target, placements))
+            with pytest.raises(NotImplementedError, match=r"only Shard\(dim\) on a 1-D mesh"):
+                ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1))
+        sharded = nn.Parameter(distribute_tensor(torch.ones(4, dtype=F64), mesh, [Shard(0)]))
+        ConflictAverseOptimizer(torch.optim.SGD([sharded], lr=0.1))  # the supported layout

@@ -149,12 +149,13 @@ def changed_lines(name: str, module: str) -> tuple[str, str]:
     return removed, added
 
 
-def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[str, str]], table: str) -> str:
+def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[str, str]], table: str, scope: str) -> str:
     """The report as a page: the score table, then every undetected mutant with its verdict and diff."""
     lines = [
-        "# Mutation testing: the last full run",
+        "# Mutation testing: the last run",
         "",
         "Written by `python tools/mutation.py --markdown docs/mutation_report.md` (see `docs/development.md`).",
+        f"Scope: {scope}.",
         "",
         "```",
         table.rstrip(),
@@ -182,11 +183,13 @@ def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict
 
 def report(markdown_path: Path | None = None) -> int:
     by_module, judged = results(), verdicts()
+    scope = "every mutant of cagrad_clip/"
     if SAMPLE.exists():
         spec = json.loads(SAMPLE.read_text())
         keep = sampled(spec["fraction"], spec["seed"])
         by_module = {module: {name: codes[name] for name in keep.get(module, [])} for module, codes in by_module.items()}
-        print(f"scored on the sample: fraction {spec['fraction']} of every module, seed {spec['seed']}")
+        scope = f"a seeded sample of each module's mutants (fraction {spec['fraction']}, seed {spec['seed']}; `--sample`)"
+        print(f"scored on {scope}")
     judged, stale = current(judged, by_module)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -198,7 +201,7 @@ def report(markdown_path: Path | None = None) -> int:
             print(f"  {name}")
     if markdown_path is not None:
         table = out.getvalue().split("\nundetected:")[0]
-        markdown_path.write_text(markdown(by_module, judged, table))
+        markdown_path.write_text(markdown(by_module, judged, table, scope))
         print(f"wrote {markdown_path}")
     return 0
 

@@ -42,3 +42,9 @@ def test_a_registered_solver_is_accepted_by_the_settings_the_functions_and_the_o
     opt = ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1), w, c=0.6, solver="counting")
     opt.step([(g * p).sum() for g in G])
     assert len(calls) == 2 and torch.allclose(opt.last.coefficients, want)
+
+
+def test_solver_options_compare_as_the_dict_of_names_and_descriptions() -> None:
+    want = {"auto": SOLVER_OPTIONS["auto"], **{name: solver.description for name, solver in SOLVERS.items()}}
+    assert SOLVER_OPTIONS == want and not (SOLVER_OPTIONS != want) and SOLVER_OPTIONS != {"auto": "x"}
+    assert repr(SOLVER_OPTIONS) == repr(want) and len(SOLVER_OPTIONS) == len(want)
