@@ -4,6 +4,7 @@ RACO's clipped conflict-averse gradient (CAGrad-Clip, arXiv 2602.02495) as a dro
 around any ``torch.optim`` optimizer, with a batched, sync-free dual solver.
 """
 
+from ._diagnostics import StepDiagnostics
 from ._dual import (
     RESCALE_OPTIONS,
     SOLVER_OPTIONS,
@@ -13,7 +14,7 @@ from ._dual import (
     solve_cagrad,
 )
 from ._low_memory import AutogramEngine
-from ._optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer, StepDiagnostics
+from ._optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer
 from ._settings import CAGradSettings
 
 __all__ = [

@@ -5,11 +5,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 
+from ._arguments import check_base_optimizer, check_no_step_in_backward, check_shared, fixed, read_only, shared_list
+from ._diagnostics import StepDiagnostics, all_finite, step_diagnostics
 from ._distributed import active_group, check_distributed
 from ._dual import solve_with_settings
 from ._loss_checks import check_losses
@@ -20,38 +22,12 @@ from ._settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Resc
 from ._storage import GradientStore, make_store
 from ._window import WindowState
 
-__all__ = ["ConflictAverseOptimizer", "StepDiagnostics", "NONFINITE_POLICIES"]
+__all__ = ["NONFINITE_POLICIES", "ConflictAverseOptimizer"]
 
 # While a window's gradients are uncombined, GradScaler.step passes itself to step() (torch's protocol
 # for optimizers that handle scaled gradients, see _step_supports_amp_scaling) and warns that it will
 # one day pass tensors instead; the warning is about that protocol, not about the user's code.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
-
-
-class StepDiagnostics(NamedTuple):
-    """What the last combination computed; all on-device tensors, read them without a sync cost."""
-
-    gram: Tensor
-    """``(m, m)`` Gram of the per-objective gradients on the shared parameters (float32 or better)."""
-    cosines: Tensor
-    """``(m, m)`` pairwise cosine similarities of the objectives' gradients (0 for a zero gradient)."""
-    dual: Tensor
-    """``p``: the CAGrad dual solution on the simplex."""
-    clipped_dual: Tensor
-    """``p~ = min(p, w)`` (``p`` when ``clip=False``)."""
-    coefficients: Tensor
-    """``a``: the direction written into ``.grad`` is ``sum_i a_i g_i``."""
-    anchor_norm: Tensor
-    """``||g0||`` with ``g0 = sum_i w_i g_i`` on the shared parameters."""
-    fw_gap: Tensor
-    """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
-    finite: Tensor
-    """``(m,)`` bool: objective ``i``'s gradient is finite on every parameter (shared and not)."""
-    written_finite: Tensor
-    """0-d bool: every value written into ``.grad`` is finite in the parameters' dtype."""
-    window_intact: Tensor
-    """0-d bool: no tool edited ``.grad`` in place while this window's gradients waited for a later
-    call (``False``: the coefficients are NaN and :meth:`ConflictAverseOptimizer.step` refuses)."""
 
 
 @dataclass
@@ -155,7 +131,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         )
         nonfinite = check_nonfinite(nonfinite)
         check_distributed(distributed, process_group)
-        _check_base_optimizer(optimizer)
+        check_base_optimizer(optimizer)
         if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
         if memory not in ("default", "low"):
@@ -164,7 +140,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             raise ValueError("engine= is an AutogramEngine for memory='low'; pass it with memory='low' only")
         if memory == "low" and accumulate_dtype is not None:
             raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
-        shared_request = None if shared is None else _check_shared(_shared_list(shared), optimizer)
+        shared_request = None if shared is None else check_shared(shared_list(shared), optimizer)
         super().__init__(optimizer)
         #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
         #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
@@ -192,21 +168,21 @@ class ConflictAverseOptimizer(WrappedOptimizer):
 
     @weights.setter
     def weights(self, value: Any) -> None:
-        _read_only("weights")
+        read_only("weights")
 
-    c = property(lambda self: self._state.settings.c, lambda self, v: _read_only("c"), doc="Trust-region radius ``c``.")
-    clip = property(lambda self: self._state.settings.clip, lambda self, v: _read_only("clip"), doc="RACO's clip on or off.")
-    rescale = property(lambda self: self._state.settings.rescale, lambda self, v: _read_only("rescale"), doc="Rescaling convention.")
-    solver = property(lambda self: self._state.settings.solver, lambda self, v: _read_only("solver"), doc="The dual solver.")
-    max_iter = property(lambda self: self._state.settings.max_iter, lambda self, v: _read_only("max_iter"), doc="Frank-Wolfe budget.")
-    nonfinite = property(lambda self: self._state.nonfinite, lambda self, v: _read_only("nonfinite"), doc="Non-finite policy.")
-    memory = property(lambda self: self._memory, lambda self, v: _fixed("memory"), doc="``'default'`` or ``'low'``.")
-    engine = property(lambda self: self._engine, lambda self, v: _fixed("engine"), doc="The low-memory mode's AutogramEngine.")
+    c = property(lambda self: self._state.settings.c, lambda self, v: read_only("c"), doc="Trust-region radius ``c``.")
+    clip = property(lambda self: self._state.settings.clip, lambda self, v: read_only("clip"), doc="RACO's clip on or off.")
+    rescale = property(lambda self: self._state.settings.rescale, lambda self, v: read_only("rescale"), doc="Rescaling convention.")
+    solver = property(lambda self: self._state.settings.solver, lambda self, v: read_only("solver"), doc="The dual solver.")
+    max_iter = property(lambda self: self._state.settings.max_iter, lambda self, v: read_only("max_iter"), doc="Frank-Wolfe budget.")
+    nonfinite = property(lambda self: self._state.nonfinite, lambda self, v: read_only("nonfinite"), doc="Non-finite policy.")
+    memory = property(lambda self: self._memory, lambda self, v: fixed("memory"), doc="``'default'`` or ``'low'``.")
+    engine = property(lambda self: self._engine, lambda self, v: fixed("engine"), doc="The low-memory mode's AutogramEngine.")
     accumulate_dtype = property(
-        lambda self: self._accumulate_dtype, lambda self, v: _fixed("accumulate_dtype"), doc="The accumulator rows' dtype (or ``None``)."
+        lambda self: self._accumulate_dtype, lambda self, v: fixed("accumulate_dtype"), doc="The accumulator rows' dtype (or ``None``)."
     )
-    distributed = property(lambda self: self._distributed, lambda self, v: _fixed("distributed"), doc="Average across ranks.")
-    process_group = property(lambda self: self._process_group, lambda self, v: _fixed("process_group"), doc="The group averaged over.")
+    distributed = property(lambda self: self._distributed, lambda self, v: fixed("distributed"), doc="Average across ranks.")
+    process_group = property(lambda self: self._process_group, lambda self, v: fixed("process_group"), doc="The group averaged over.")
 
     def configure(self, **changes: Any) -> CAGradSettings:
         """Change settings (``weights``, ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``).
@@ -405,7 +381,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         m = len(losses)
         self._state.settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
-        _check_no_step_in_backward(store.params)
+        check_no_step_in_backward(store.params)
         window = self._state.window
         # .grad replaced: a new window. A combined direction written in place (clipped, zeroed by
         # zero_grad(set_to_none=False)): a new window that keeps it and adds its own direction. Values of
@@ -488,27 +464,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             # direction unless this bound overflows (float16 rows check what they wrote themselves)
             norms = (diag.clamp_min(0.0) + unshared.to(diag.dtype)).sqrt()
             written_finite = written_finite & torch.isfinite((solution.coefficients.abs() * norms).sum())
-        return self._diagnostics(gram, solution, finite, written_finite, intact)
-
-    @staticmethod
-    def _diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor, intact: Tensor) -> StepDiagnostics:
-        diag = gram.diagonal()
-        norms = diag.clamp_min(0.0).sqrt()
-        outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
-        positive = outer > 0
-        cosines = torch.where(positive, gram / torch.where(positive, outer, torch.ones_like(outer)), torch.zeros_like(gram))
-        return StepDiagnostics(
-            gram=gram,
-            cosines=cosines,
-            dual=solution.dual,
-            clipped_dual=solution.clipped_dual,
-            coefficients=solution.coefficients,
-            anchor_norm=solution.anchor_norm,
-            fw_gap=solution.fw_gap,
-            finite=finite,
-            written_finite=written_finite,
-            window_intact=intact,
-        )
+        return step_diagnostics(gram, solution, finite, written_finite, intact)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -569,7 +525,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 if self._scaler_allows_step(grad_scaler, diagnostics):
                     self.optimizer.step()
                 return result
-            if self._state.nonfinite != "ignore" and not self._all_finite(diagnostics):  # the one host read
+            if self._state.nonfinite != "ignore" and not bool(all_finite(diagnostics)):  # the one host read
                 if not bool(diagnostics.window_intact):
                     raise RuntimeError(_EDITED)
                 message = self._explain_nonfinite(diagnostics)
@@ -599,22 +555,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             # miss an Inf of another objective. Our own verdict is merged into the scaler's record (in place,
             # on the device), so the step is skipped and scaler.update() backs off as for any overflow.
             record = next(iter(per_device.values()))
-            record.copy_(torch.maximum(record, (~self._finite(diagnostics)).to(record)))
+            record.copy_(torch.maximum(record, (~all_finite(diagnostics)).to(record)))
         found = [t.to(device) for t in per_device.values()]
         found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
         skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
         if edited:
             raise RuntimeError(_EDITED)
         return not skip
-
-    @staticmethod
-    def _finite(d: StepDiagnostics) -> Tensor:
-        """Whether every gradient, the coefficients and the written direction are finite (on the device)."""
-        return d.finite.all() & torch.isfinite(d.coefficients).all() & d.written_finite
-
-    @classmethod
-    def _all_finite(cls, d: StepDiagnostics) -> bool:
-        return bool(cls._finite(d))
 
     def _explain_nonfinite(self, d: StepDiagnostics) -> str:
         """Name what is not finite (host reads: only on the error path)."""
@@ -644,69 +591,3 @@ def _host_weights(settings: CAGradSettings, m: int) -> list[float]:
     """The weights of ``m`` objectives as host floats (uniform when unset; only their order and zeros
     are read, so unnormalised is fine): no tensor is made or read."""
     return [1.0] * m if settings.weights is None else list(settings.weights)
-
-
-def _check_no_step_in_backward(params: Sequence[Tensor]) -> None:
-    """Refuse optimizer-in-backward hooks: they consume each gradient as it is accumulated, before the
-    other objectives' gradients exist (host-side attribute reads; nothing changes)."""
-    for j, p in enumerate(params):
-        if getattr(p, "_post_accumulate_grad_hooks", None):
-            raise RuntimeError(
-                f"parameter {j} (shape {tuple(p.shape)}) has a post-accumulate-grad hook (register_post_accumulate_grad_hook, "
-                "e.g. an optimizer step in backward): it would consume each objective's gradient as it is accumulated, "
-                "before the conflict-averse direction exists. Remove the hook and step this optimizer after backward"
-            )
-
-
-def _fixed(name: str) -> None:
-    raise AttributeError(
-        f"{name} is fixed at construction (it decides where the per-objective gradients live): build a new "
-        f"ConflictAverseOptimizer(..., {name}=...) over the same base optimizer to change it"
-    )
-
-
-def _read_only(name: str) -> None:
-    raise AttributeError(
-        f"{name} is read-only: call opt.configure({name}=...) to change it (validated; it takes effect at the next combination)"
-    )
-
-
-def _check_base_optimizer(optimizer: Any) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, ConflictAverseOptimizer):
-        raise TypeError("optimizer is already a ConflictAverseOptimizer; wrap the base optimizer once")
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise TypeError(
-            "LBFGS re-evaluates its closure several times per step, but ConflictAverseOptimizer combines one set of "
-            "losses per step; wrap a first-order optimizer (SGD, Adam, AdamW, ...)"
-        )
-    if isinstance(optimizer, torch.optim.SparseAdam):
-        raise TypeError(
-            "SparseAdam needs sparse gradients, but the combined direction is dense; wrap Adam/AdamW, or keep the sparse "
-            "embedding in its own SparseAdam outside this optimizer"
-        )
-
-
-def _shared_list(shared: Any) -> list[Any]:
-    """``shared`` as a list: a module's parameters, a single parameter, or an iterable of parameters."""
-    if isinstance(shared, torch.nn.Module):
-        return list(shared.parameters())
-    if isinstance(shared, Tensor):
-        return [shared]
-    try:
-        return list(shared)
-    except TypeError:
-        raise TypeError(f"shared must be a module, a parameter or an iterable of parameters, got {type(shared).__name__}") from None
-
-
-def _check_shared(shared: list[Any], optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for i, p in enumerate(shared):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"shared[{i}] is a {type(p).__name__}, not a parameter tensor")
-        if id(p) not in known:
-            raise ValueError(f"shared[{i}] (shape {tuple(p.shape)}) is not a parameter of the base optimizer")
-    if not any(p.requires_grad for p in shared):
-        raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
-    return shared
