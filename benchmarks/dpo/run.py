@@ -56,13 +56,11 @@ class RunResult:
 
 
 def _trainer_class():
-    from cagrad_clip import ConflictAverseOptimizer
     from cagrad_clip.integrations.trl import MultiObjectiveDPOTrainer
 
     class BenchTrainer(MultiObjectiveDPOTrainer):
         """The trainer, with MGDA / PCGrad optimizers allowed in place of ConflictAverseOptimizer."""
 
-        multi_objective_types = (ConflictAverseOptimizer, GramRuleOptimizer)
         baseline: str | None = None
         baseline_seed = 0
 

@@ -13,15 +13,36 @@ Import the submodule you need; this package itself imports nothing heavy:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["find_conflict_averse", "check_weights", "objective_names", "require_conflict_averse"]
+__all__ = ["MultiObjectiveOptimizer", "check_weights", "find_conflict_averse", "objective_names", "require_conflict_averse"]
+
+
+@runtime_checkable
+class MultiObjectiveOptimizer(Protocol):
+    """What the integrations drive: an optimizer that takes one loss per objective.
+
+    :class:`~cagrad_clip.ConflictAverseOptimizer` is one; another multi-objective rule (the DPO
+    benchmark's MGDA and PCGrad baselines) plugs into the trainers by having the same three members:
+    ``backward(losses, combine=...)`` accumulates every objective's gradient and, with ``combine=True``,
+    writes the combined direction into ``.grad``; ``last`` holds what the last combination computed
+    (``.coefficients`` at least, for the logs); ``weights`` the user weights (or ``None``).
+    """
+
+    def backward(self, losses: Sequence[Any], combine: bool = True) -> None: ...
+
+    @property
+    def last(self) -> Any: ...
+
+    @property
+    def weights(self) -> Any: ...
 
 
 def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = None) -> object | None:
     """The multi-objective optimizer inside ``optimizer``, or ``None``.
 
     Walks the chain of ``.optimizer`` attributes (accelerate's ``AcceleratedOptimizer``, ...) and returns
-    the first object that *is* one of ``types`` (default: :class:`~cagrad_clip.ConflictAverseOptimizer`).
+    the first object that *is* one of ``types`` (default: any :class:`MultiObjectiveOptimizer`).
     A ``hasattr(opt, "optimizer")`` test would return the *base* optimizer when nothing wrapped the
     wrapper, since the wrapper has an ``.optimizer`` too. Lightning's ``LightningOptimizer`` is looked
     through first: it passes ``isinstance`` for the class it wraps but holds a shallow *copy* of its
@@ -30,9 +51,7 @@ def find_conflict_averse(optimizer: object, types: tuple[type, ...] | None = Non
     import sys
 
     if types is None:
-        from cagrad_clip import ConflictAverseOptimizer
-
-        types = (ConflictAverseOptimizer,)
+        types = (MultiObjectiveOptimizer,)
     seen: set[int] = set()
     current = optimizer
     lightning = tuple(

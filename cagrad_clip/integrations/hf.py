@@ -40,7 +40,7 @@ from torch import Tensor
 from cagrad_clip import ConflictAverseOptimizer
 
 from .._settings import CAGradSettings, check_nonfinite
-from . import check_weights, find_conflict_averse, objective_names, require_conflict_averse
+from . import MultiObjectiveOptimizer, check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
 
@@ -55,10 +55,9 @@ class MultiObjectiveTrainerMixin:
     ``nonfinite`` the library's ``"skip"``, or ``"ignore"`` under ``fp16``, whose ``GradScaler`` checks).
     """
 
-    #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper).
-    #: A subclass may add an optimizer-shaped class with ``backward(losses, combine=)``, ``last`` and
-    #: ``weights`` (the DPO benchmark's MGDA/PCGrad baselines do).
-    multi_objective_types: tuple[type, ...] = (ConflictAverseOptimizer,)
+    #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper): any
+    #: :class:`~cagrad_clip.integrations.MultiObjectiveOptimizer` (a subclass may narrow it).
+    multi_objective_types: tuple[type, ...] = (MultiObjectiveOptimizer,)
 
     # Attributes the Trainer provides (declared for readers and type checkers).
     args: Any

@@ -435,3 +435,26 @@ def test_the_integrations_check_objective_weights_by_the_librarys_own_rule(weigh
     with pytest.raises(error, match=message):
         check_weights(weights, None)
     assert check_weights([1, 3], ["a", "b"]) == ([1.0, 3.0], ["a", "b"])
+
+
+def test_any_optimizer_with_the_multi_objective_members_is_found_through_wrappers() -> None:
+    """The integrations drive a :class:`MultiObjectiveOptimizer` (``backward(losses, combine=)``, ``last``,
+    ``weights``), not only ``ConflictAverseOptimizer``: another rule with those members is found through
+    wrappers; a torch optimizer (no ``backward``) is not."""
+    from cagrad_clip.integrations import MultiObjectiveOptimizer
+
+    class OtherRule(torch.optim.SGD):
+        last = None
+        weights = None
+
+        def backward(self, losses, combine=True):
+            torch.stack(list(losses)).sum().backward()
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    rule = OtherRule([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    assert isinstance(rule, MultiObjectiveOptimizer) and find_conflict_averse(Wrapper(rule)) is rule
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    assert not isinstance(plain, MultiObjectiveOptimizer) and find_conflict_averse(Wrapper(plain)) is None
