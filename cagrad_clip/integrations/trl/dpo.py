@@ -1,25 +1,8 @@
-"""Multi-objective DPO with TRL: ``MultiObjectiveDPOTrainer`` (``pip install "cagrad-clip[trl]"``).
-
-TRL's ``DPOTrainer`` with one DPO loss per objective, combined by
-:class:`~cagrad_clip.ConflictAverseOptimizer` (RACO's clipped conflict-averse gradient)::
-
-    args = MultiObjectiveDPOConfig(output_dir="out", objective_weights=[0.5, 0.3, 0.2], c=0.4, beta=0.2)
-    MultiObjectiveDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok).train()
-
-The dataset has TRL's preference columns (``prompt``, ``chosen``, ``rejected``) and ``objective_signs``:
-one number per objective, ``+1`` if ``chosen`` is better for that objective, ``-1`` if ``rejected`` is,
-``0`` for a tie. With ``Delta`` TRL's DPO margin against the reference (policy-minus-reference log-ratio
-of ``chosen`` minus that of ``rejected``), objective ``i``'s loss is ``-mean log sigmoid(s_i * beta * Delta)``:
-the objectives share one policy forward and one reference forward per batch and differ only in the
-signs (a tie gives no gradient). Everything else is TRL's: tokenisation, the collator, the reference
-(a ``ref_model``, a PEFT model with its adapter disabled, or ``precompute_ref_log_probs``), the
-optimizer and scheduler from the config, checkpoints, logging.
-"""
+"""TRL's ``DPOTrainer`` with one DPO loss per objective (see the package docstring)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +17,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import CAGradSettings
 
-from . import check_weights
-from .hf import MultiObjectiveTrainerMixin
+from .. import check_weights
+from ..hf import MultiObjectiveTrainerMixin
+from .signs import SignsCollator, check_dataset
 
-__all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer", "SignsCollator"]
+__all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer"]
 
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -107,79 +91,6 @@ def _expected_objectives(args: MultiObjectiveDPOConfig) -> tuple[int | None, str
     return None, ""
 
 
-def _signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = "objective_weights", where: str = "") -> Tensor:
-    """Validate a batch (or dataset) of sign rows: a ``(n, m)`` float tensor with entries in {-1, 0, 1}.
-
-    ``source`` names the config field that fixed ``m``; ``where`` (e.g. ``"train_dataset: "``) prefixes the messages.
-    """
-    try:
-        signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}column {column!r} must hold one list of numbers per example, all of the same length") from exc
-    if signs.dim() != 2 or signs.shape[1] == 0:
-        raise ValueError(f"{where}column {column!r} must hold one non-empty list of signs per example; got shape {tuple(signs.shape)}")
-    if m is not None and signs.shape[1] != m:
-        if source == "objective_names":
-            fix = "give one name per objective (one per sign, in the same order), or leave objective_names unset (objective_0, ...)"
-        else:
-            fix = "give one weight per objective (one per sign, in the same order)"
-        raise ValueError(f"{where}column {column!r} has {signs.shape[1]} signs per example but there are {m} {source}; {fix}")
-    bad = ~((signs == 1) | (signs == 0) | (signs == -1))
-    if bool(bad.any()):
-        raise ValueError(f"{where}column {column!r} holds {sorted(set(signs[bad].tolist()))}; signs must be +1, -1 or 0")
-    return signs
-
-
-class SignsCollator:
-    """Wraps a preference collator: takes ``column`` out of the examples, collates the rest, and adds
-    the validated signs as a ``(batch, m)`` float tensor (TRL's collator would drop them).
-
-    ``num_objectives`` (if known) is checked on every batch; ``source`` names the setting it comes from.
-    """
-
-    def __init__(self, collator: Any, column: str, num_objectives: int | None, source: str = "objective_weights") -> None:
-        self.collator, self.column, self.num_objectives, self.source = collator, column, num_objectives, source
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        missing = [i for i, ex in enumerate(examples) if self.column not in ex]
-        if missing:
-            raise KeyError(f"examples {missing} have no {self.column!r} (per-objective signs); keys: {sorted(examples[missing[0]])}")
-        signs = _signs_tensor([ex[self.column] for ex in examples], self.column, self.num_objectives, self.source, "a batch's ")
-        batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
-        batch[self.column] = signs
-        return batch
-
-
-def _check_dataset(dataset: Any, column: str, m: int | None, name: str, source: str = "objective_weights") -> None:
-    """Fail at construction on data without (valid) signs, or with a number of signs other than ``m``.
-
-    A map-style dataset is checked whole. A streamed one (no ``__len__``, e.g. an ``IterableDataset``)
-    can only tell its number of signs by iterating, so its *first example* is checked here: TRL's
-    ``DPOTrainer`` itself reads ``next(iter(dataset))`` of every dataset it prepares while it is built,
-    so this reads one example and assumes nothing about the stream that TRL does not (re-iterable).
-    The rest of a stream is checked batch by batch by :class:`SignsCollator` (``m`` included), which
-    runs before the batch's forward pass, so before any optimizer step or checkpoint.
-    """
-    column_names = getattr(dataset, "column_names", None)
-    if isinstance(column_names, dict):
-        return
-    missing = (
-        f"{name} has no {column!r} column (one sign per objective: +1 chosen better, -1 rejected better, 0 tie); "
-        f"its columns are {{}}. Set signs_column= to use another column."
-    )
-    if column_names is not None and column not in column_names:
-        raise ValueError(missing.format(column_names))
-    if hasattr(dataset, "__len__"):
-        if column_names is not None and len(dataset):
-            _signs_tensor(dataset[column], column, m, source, f"{name}: ")
-        return
-    first = next(iter(dataset), None)
-    if isinstance(first, dict):
-        if column not in first:
-            raise ValueError(missing.format(sorted(first)))
-        _signs_tensor([first[column]], column, m, source, f"{name}: ")
-
-
 class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with one DPO loss per objective and a conflict-averse combination.
 
@@ -209,11 +120,11 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         # signs' length sets it, so mismatched names must be refused against the data, not at the first log).
         m, source = _expected_objectives(args)
         if train_dataset is not None:
-            _check_dataset(train_dataset, args.signs_column, m, "train_dataset", source)
+            check_dataset(train_dataset, args.signs_column, m, "train_dataset", source)
         evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
         for name, ds in evals:
             if ds is not None:
-                _check_dataset(ds, args.signs_column, m, str(name), source)
+                check_dataset(ds, args.signs_column, m, str(name), source)
         super().__init__(
             model,
             ref_model=ref_model,
