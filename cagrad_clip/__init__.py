@@ -14,6 +14,7 @@ from ._dual import (
     solve_cagrad,
 )
 from ._low_memory import AutogramEngine
+from ._nonfinite import NonfinitePolicy
 from ._optimizer import NONFINITE_POLICIES, ConflictAverseOptimizer
 from ._settings import CAGradSettings
 
@@ -24,6 +25,7 @@ __all__ = [
     "AutogramEngine",
     "CAGradSettings",
     "CAGradSolution",
+    "NonfinitePolicy",
     "ConflictAverseOptimizer",
     "StepDiagnostics",
     "combination_coefficients",

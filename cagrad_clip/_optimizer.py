@@ -16,9 +16,10 @@ from ._distributed import active_group, check_distributed
 from ._dual import solve_with_settings
 from ._loss_checks import check_losses
 from ._low_memory import AutogramEngine
+from ._nonfinite import NONFINITE_POLICIES, NonfinitePolicy, resolve_nonfinite
 from ._numerics import no_autocast
 from ._optim_base import WrappedOptimizer
-from ._settings import NONFINITE_POLICIES, CAGradSettings, NonfinitePolicy, Rescale, Solver, check_nonfinite
+from ._settings import CAGradSettings, Rescale, Solver
 from ._storage import GradientStore, make_store
 from ._window import WindowState
 
@@ -86,6 +87,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             untouched, warns and counts it in :attr:`skipped_steps`; ``"raise"`` raises
             ``FloatingPointError``; ``"ignore"`` steps anyway (no check, no host sync; use it with
             ``GradScaler``, which checks itself). The non-finite direction stays visible in ``.grad``.
+            A :class:`~cagrad_clip.NonfinitePolicy` of your own (a subclass) is accepted too.
         distributed: with ``torch.distributed`` initialised and a world size above one, average
             every objective's gradient across ranks before the Gram, so every rank takes the step of
             one process on the full batch (see ``docs/distributed.md``). FSDP2 shards are detected.
@@ -117,7 +119,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         memory: Literal["default", "low"] = "default",
         engine: AutogramEngine | None = None,
         accumulate_dtype: torch.dtype | None = None,
-        nonfinite: NonfinitePolicy = "skip",
+        nonfinite: str | NonfinitePolicy = "skip",
         distributed: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -129,7 +131,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             solver=solver,
             max_iter=max_iter,
         )
-        nonfinite = check_nonfinite(nonfinite)
+        nonfinite = resolve_nonfinite(nonfinite)
         check_distributed(distributed, process_group)
         check_base_optimizer(optimizer)
         if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
@@ -175,7 +177,9 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     rescale = property(lambda self: self._state.settings.rescale, lambda self, v: read_only("rescale"), doc="Rescaling convention.")
     solver = property(lambda self: self._state.settings.solver, lambda self, v: read_only("solver"), doc="The dual solver.")
     max_iter = property(lambda self: self._state.settings.max_iter, lambda self, v: read_only("max_iter"), doc="Frank-Wolfe budget.")
-    nonfinite = property(lambda self: self._state.nonfinite, lambda self, v: read_only("nonfinite"), doc="Non-finite policy.")
+    nonfinite = property(
+        lambda self: self._state.nonfinite.name, lambda self, v: read_only("nonfinite"), doc="The non-finite policy's name."
+    )
     memory = property(lambda self: self._memory, lambda self, v: fixed("memory"), doc="``'default'`` or ``'low'``.")
     engine = property(lambda self: self._engine, lambda self, v: fixed("engine"), doc="The low-memory mode's AutogramEngine.")
     accumulate_dtype = property(
@@ -191,7 +195,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         combination (a direction already in ``.grad`` stays as it was computed). Returns the new
         :attr:`settings`. Typical use: anneal ``c`` or switch weights between training phases.
         """
-        nonfinite = check_nonfinite(changes.pop("nonfinite", self._state.nonfinite))
+        nonfinite = resolve_nonfinite(changes.pop("nonfinite", self._state.nonfinite))
         if "weights" in changes and isinstance(changes["weights"], Tensor):
             changes["weights"] = changes["weights"].detach().cpu().tolist()
         settings = self._state.settings.replace(**changes)
@@ -215,7 +219,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return settings
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {**self._state.settings.to_dict(), "nonfinite": self._state.nonfinite, "skipped_steps": self._state.skipped_steps}
+        return {**self._state.settings.to_dict(), "nonfinite": self._state.nonfinite.name, "skipped_steps": self._state.skipped_steps}
 
     def _load_wrapper_state(self, state: dict[str, Any] | None) -> Callable[[], None]:
         """The checkpoint's settings replace the current ones, with a warning naming every difference."""
@@ -227,11 +231,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         skipped = values.pop("skipped_steps", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"saved skipped_steps must be an int >= 0, got {skipped!r}")
-        nonfinite = check_nonfinite(values.pop("nonfinite", self._state.nonfinite))
+        name = values.pop("nonfinite", self._state.nonfinite.name)
+        # the policy this optimizer holds under that name (a custom one included), else a built-in's
+        nonfinite = self._state.nonfinite if name == self._state.nonfinite.name else resolve_nonfinite(name)
         settings = CAGradSettings.from_dict(values)
         changed = {k: (v, settings.to_dict()[k]) for k, v in self._state.settings.to_dict().items() if settings.to_dict()[k] != v}
-        if nonfinite != self._state.nonfinite:
-            changed["nonfinite"] = (self._state.nonfinite, nonfinite)
+        if nonfinite is not self._state.nonfinite:
+            changed["nonfinite"] = (self._state.nonfinite.name, nonfinite.name)
 
         def apply() -> None:
             if changed:
@@ -255,7 +261,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         base = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"{type(self).__name__}(weights={weights}, c={s.c}, clip={s.clip}, rescale={s.rescale!r}, "
-            f"max_iter={s.max_iter}, solver={s.solver!r}, nonfinite={self._state.nonfinite!r},\n  optimizer=\n{base}\n)"
+            f"max_iter={s.max_iter}, solver={s.solver!r}, nonfinite={self._state.nonfinite.name!r},\n  optimizer=\n{base}\n)"
         )
 
     # ------------------------------------------------------------------ torch.optim citizenship
@@ -457,7 +463,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         diag = gram.diagonal()
         finite = torch.isfinite(diag)
         written_finite = store.write(solution.coefficients)
-        if self._state.nonfinite != "ignore":
+        if self._state.nonfinite.checks:
             unshared = store.unshared_sumsq()
             finite = finite & torch.isfinite(unshared)
             # |d_j| <= sum_i |a_i| ||g_i||: finite gradients and coefficients give a finite float32
@@ -525,14 +531,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 if self._scaler_allows_step(grad_scaler, diagnostics):
                     self.optimizer.step()
                 return result
-            if self._state.nonfinite != "ignore" and not bool(all_finite(diagnostics)):  # the one host read
+            if self._state.nonfinite.checks and not bool(all_finite(diagnostics)):  # the one host read
                 if not bool(diagnostics.window_intact):
                     raise RuntimeError(_EDITED)
-                message = self._explain_nonfinite(diagnostics)
-                if self._state.nonfinite == "raise":
-                    raise FloatingPointError(message + "; the parameters were not updated")
+                self._state.nonfinite.handle(self._explain_nonfinite(diagnostics))  # returns to skip, raises to stop
                 self._state.skipped_steps += 1
-                warnings.warn(message + "; step skipped, parameters unchanged", RuntimeWarning, stacklevel=3)
                 return result
             self.optimizer.step()
             return result
@@ -550,7 +553,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                 raise
         device = diagnostics.coefficients.device
         per_device: dict[Any, Tensor] = scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-        if per_device and self._state.nonfinite != "ignore":
+        if per_device and self._state.nonfinite.checks:
             # An unscale_ before the combination saw .grad without the gradients kept aside: its verdict can
             # miss an Inf of another objective. Our own verdict is merged into the scaler's record (in place,
             # on the device), so the step is skipped and scaler.update() backs off as for any overflow.

@@ -13,21 +13,18 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "CAGradSettings",
-    "NONFINITE_POLICIES",
-    "NonfinitePolicy",
     "RESCALE_OPTIONS",
     "Rescale",
     "Solver",
     "check_c",
     "check_max_iter",
-    "check_nonfinite",
     "check_rescale",
     "check_solver",
     "normalize_weights",
@@ -37,7 +34,6 @@ __all__ = [
 Rescale = Literal["1+c", "1+c^2"] | None
 #: A registered dual solver's name, or ``"auto"`` (``cagrad_clip._dual.registry``).
 Solver = str
-NonfinitePolicy = Literal["skip", "raise", "ignore"]
 
 #: Accepted values of ``rescale`` and what each means.
 RESCALE_OPTIONS: dict[str | None, str] = {
@@ -45,16 +41,6 @@ RESCALE_OPTIONS: dict[str | None, str] = {
     "1+c": "divide by 1 + c (official CAGrad toy script)",
     "1+c^2": "divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)",
 }
-
-
-#: What the optimizer does when an objective's gradient or the written direction is not finite.
-NONFINITE_POLICIES: dict[str, str] = {
-    "skip": "skip the step: parameters and optimizer state untouched, a warning, skipped_steps counts it",
-    "raise": "raise FloatingPointError before the base optimizer steps",
-    "ignore": "no check and no host sync (for GradScaler, which checks itself)",
-}
-
-assert set(get_args(NonfinitePolicy)) == set(NONFINITE_POLICIES)
 
 
 def _real_number(value: Any, name: str) -> float:
@@ -109,13 +95,6 @@ def check_max_iter(max_iter: Any) -> int | None:
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValueError(f"max_iter must be None or an int >= 0, got {max_iter!r}")
     return int(max_iter)
-
-
-def check_nonfinite(nonfinite: Any) -> NonfinitePolicy:
-    """Validate ``nonfinite`` (a key of :data:`NONFINITE_POLICIES`)."""
-    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"unknown nonfinite={nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
-    return nonfinite  # type: ignore[return-value]
 
 
 def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = None) -> Tensor:

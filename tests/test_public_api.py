@@ -19,6 +19,7 @@ PUBLIC = {
     "CAGradSolution",
     "ConflictAverseOptimizer",
     "NONFINITE_POLICIES",
+    "NonfinitePolicy",
     "RESCALE_OPTIONS",
     "SOLVER_OPTIONS",
     "StepDiagnostics",

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from .._settings import CAGradSettings, check_nonfinite
+from .._nonfinite import resolve_nonfinite
+from .._settings import CAGradSettings
 from . import MultiObjectiveOptimizer, check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
@@ -73,14 +74,15 @@ class MultiObjectiveTrainerMixin:
         c: float = 0.4,
         clip: bool = True,
         rescale: str | None = None,
-        nonfinite: str | None = None,
+        nonfinite: Any = None,
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
         checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if nonfinite is not None:  # the user's policy wins over the fp16 default of wrap_optimizer
-            self.conflict_averse_kwargs["nonfinite"] = check_nonfinite(nonfinite)
+            resolve_nonfinite(nonfinite)  # refused here, early, if unknown
+            self.conflict_averse_kwargs["nonfinite"] = nonfinite
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
         self._objective_store: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)

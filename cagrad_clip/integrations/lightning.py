@@ -42,7 +42,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from .._settings import CAGradSettings, NonfinitePolicy, check_nonfinite
+from .._nonfinite import NonfinitePolicy, resolve_nonfinite
+from .._settings import CAGradSettings
 from . import check_weights, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveModule", "default_nonfinite"]
@@ -52,7 +53,7 @@ __all__ = ["MultiObjectiveModule", "default_nonfinite"]
 _SELF_CHECKING_PRECISIONS = ("16-mixed", "16")
 
 
-def default_nonfinite(precision_plugin: Any) -> NonfinitePolicy:
+def default_nonfinite(precision_plugin: Any) -> str:
     """The ``nonfinite`` policy :meth:`MultiObjectiveModule.wrap_optimizer` uses when the user gives none.
 
     ``"ignore"`` when the precision plugin checks for Inf/NaN itself (fp16 mixed precision: a
@@ -90,7 +91,7 @@ class MultiObjectiveModule(pl.LightningModule):
         c: float = 0.4,
         clip: bool = True,
         rescale: str | None = None,
-        nonfinite: NonfinitePolicy | None = None,
+        nonfinite: str | NonfinitePolicy | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
     ) -> None:
@@ -100,7 +101,8 @@ class MultiObjectiveModule(pl.LightningModule):
         checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if nonfinite is not None:  # the user's choice wins over the precision-dependent default
-            self.conflict_averse_kwargs["nonfinite"] = check_nonfinite(nonfinite)
+            resolve_nonfinite(nonfinite)  # refused here, early, if unknown
+            self.conflict_averse_kwargs["nonfinite"] = nonfinite
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
