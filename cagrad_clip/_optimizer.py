@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 
+from ._accumulation import WrapperState, accumulate, combine_window, host_weights
 from ._arguments import check_base_optimizer, check_no_step_in_backward, check_shared, fixed, read_only, shared_list
-from ._diagnostics import StepDiagnostics, all_finite, step_diagnostics
+from ._diagnostics import StepDiagnostics, all_finite
 from ._distributed import active_group, check_distributed
-from ._dual import solve_with_settings
 from ._loss_checks import check_losses
 from ._low_memory import AutogramEngine
 from ._nonfinite import NONFINITE_POLICIES, NonfinitePolicy, resolve_nonfinite
-from ._numerics import no_autocast
 from ._optim_base import WrappedOptimizer
 from ._settings import CAGradSettings, Rescale, Solver
 from ._storage import GradientStore, make_store
-from ._window import WindowState
 
 __all__ = ["NONFINITE_POLICIES", "ConflictAverseOptimizer"]
 
@@ -29,20 +26,6 @@ __all__ = ["NONFINITE_POLICIES", "ConflictAverseOptimizer"]
 # for optimizers that handle scaled gradients, see _step_supports_amp_scaling) and warns that it will
 # one day pass tensors instead; the warning is about that protocol, not about the user's code.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
-
-
-@dataclass
-class _WrapperState:
-    """The optimizer's mutable state (see ``ConflictAverseOptimizer._state``)."""
-
-    settings: CAGradSettings
-    nonfinite: NonfinitePolicy
-    window: WindowState = field(default_factory=WindowState)
-    store: GradientStore | None = None
-    layout_key: tuple[int, ...] = ()
-    device_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = field(default_factory=dict)
-    last: StepDiagnostics | None = None
-    skipped_steps: int = 0
 
 
 class ConflictAverseOptimizer(WrappedOptimizer):
@@ -146,7 +129,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         super().__init__(optimizer)
         #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
         #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
-        self._state = _WrapperState(settings=settings, nonfinite=nonfinite)
+        self._state = WrapperState(settings=settings, nonfinite=nonfinite)
         # how gradients flow (the store is built from them): fixed at construction, read-only below
         self._distributed = distributed
         self._process_group = process_group
@@ -207,7 +190,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
                     f"{settings.num_objectives} weights given while {m} objectives are accumulated; call step() or zero_grad() first"
                 )
             assert m is not None
-            if _host_weights(settings, m)[store.home] == 0:
+            if host_weights(settings, m)[store.home] == 0:
                 raise ValueError(
                     f"weight 0 for objective {store.home} while this window accumulates: its gradient is the one kept in "
                     ".grad and scaled by its coefficient, which weight 0 can make 0, so the accumulated gradients could not "
@@ -268,7 +251,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         kept = self._state
-        state["_state"] = _WrapperState(settings=kept.settings, nonfinite=kept.nonfinite, skipped_steps=kept.skipped_steps)
+        state["_state"] = WrapperState(settings=kept.settings, nonfinite=kept.nonfinite, skipped_steps=kept.skipped_steps)
         return state
 
     @property
@@ -344,19 +327,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return store
 
     # ------------------------------------------------------------------ the work
-    def _home(self, m: int) -> int:
-        """The objective whose gradient stays in ``.grad``: the largest weight (the last of ties)."""
-        w = _host_weights(self._state.settings, m)
-        return max(range(m), key=lambda i: (w[i], i))
-
-    def _weights_on(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (device, dtype, m)
-        w = self._state.device_weights.get(key)
-        if w is None:
-            w = self._state.settings.weights_tensor(m).to(device=device, dtype=dtype)
-            self._state.device_weights[key] = w
-        return w
-
     @torch.compiler.disable
     def backward(self, losses: Sequence[Tensor] | Tensor, combine: bool = True) -> None:
         """Accumulate every objective's gradient of ``losses`` (one backward pass each).
@@ -388,36 +358,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self._state.settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
         check_no_step_in_backward(store.params)
-        window = self._state.window
-        # .grad replaced: a new window. A combined direction written in place (clipped, zeroed by
-        # zero_grad(set_to_none=False)): a new window that keeps it and adds its own direction. Values of
-        # an uncombined window (or a combined one, without a version bump) are checked on the device.
-        continuing = window.open and store.grads_intact() and (window.phase == "accumulating" or store.guard.intact(store.params))
-        if continuing and window.num_objectives != m:
-            raise ValueError(
-                f"got {m} losses, but {window.num_objectives} objectives were accumulated in this window; pass the same "
-                "objectives in every micro-batch (or call zero_grad() to start over)"
-            )
-        store.check_backward(combine, continuing, active_group(self._distributed, self._process_group)[1])
-        # validated: from here on the window changes
-        if not continuing:
-            store.start_window(m, self._home(m))
-            window.begin(m)
-        else:
-            window.note_edited(store.guard.edited(store.params, store.device))
-            if window.phase == "combined":
-                store.unwrite()
-                window.reopen()
-        try:
-            store.accumulate(losses)
-        except BaseException:
-            store.abandon()
-            window.reset()
-            raise
-        if combine:
-            self._combine_window(seal=seal)
-        else:
-            store.guard.seal(store.params)
+        accumulate(self._state, store, losses, combine=combine, seal=seal, ranks=active_group(self._distributed, self._process_group))
 
     @torch.compiler.disable
     def combine(self) -> StepDiagnostics:
@@ -425,52 +366,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
 
         Idempotent: a second call without new gradients returns :attr:`last`. Sync-free.
         """
-        return self._combine_window(seal=True)
-
-    @torch.no_grad()
-    def _combine_window(self, seal: bool) -> StepDiagnostics:
-        """``seal``: fingerprint the written direction, for a later ``backward`` that continues the window."""
-        window = self._state.window
-        if window.phase == "combined":
-            assert self.last is not None
-            return self.last
-        store = self._state.store
-        if window.phase != "accumulating" or store is None:
-            raise RuntimeError("no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()")
-        if not store.grads_intact():
-            store.abandon()
-            window.reset()
-            raise RuntimeError(
-                ".grad was replaced (zero_grad, set_to_none or an assignment) after backward(..., combine=False), so the "
-                "accumulated gradients are lost; run backward(losses) again"
-            )
-        assert window.num_objectives is not None
-        edited = window.note_edited(store.guard.edited(store.params, store.device))
-        with no_autocast(store.device):
-            last = self._state.last = self._combine(store, window.num_objectives, edited)
-        if seal:
-            store.guard.seal(store.params)
-        window.combined()
-        return last
-
-    def _combine(self, store: GradientStore, m: int, edited: Tensor) -> StepDiagnostics:
-        group, world_size = active_group(self._distributed, self._process_group)
-        gram = store.gram_over_ranks(self._state.window, group, world_size)
-        solution = solve_with_settings(gram, self._weights_on(m, gram.device, gram.dtype), self._state.settings)
-        intact = ~edited.to(gram.device)
-        # an edited window writes NaN, never a mix (step() refuses it with the reason)
-        solution = solution._replace(coefficients=torch.where(intact, solution.coefficients, torch.nan))
-        diag = gram.diagonal()
-        finite = torch.isfinite(diag)
-        written_finite = store.write(solution.coefficients)
-        if self._state.nonfinite.checks:
-            unshared = store.unshared_sumsq()
-            finite = finite & torch.isfinite(unshared)
-            # |d_j| <= sum_i |a_i| ||g_i||: finite gradients and coefficients give a finite float32
-            # direction unless this bound overflows (float16 rows check what they wrote themselves)
-            norms = (diag.clamp_min(0.0) + unshared.to(diag.dtype)).sqrt()
-            written_finite = written_finite & torch.isfinite((solution.coefficients.abs() * norms).sum())
-        return step_diagnostics(gram, solution, finite, written_finite, intact)
+        return combine_window(self._state, seal=True, ranks=active_group(self._distributed, self._process_group))
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -524,7 +420,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             losses = result
         if losses is not None:
             self._backward(cast("Sequence[Tensor] | Tensor", losses), combine=True, seal=False)
-        diagnostics = self._combine_window(seal=False)
+        diagnostics = combine_window(self._state, seal=False, ranks=active_group(self._distributed, self._process_group))
         self._state.window.reset()  # whatever happens below, this window is over
         try:
             if grad_scaler is not None:
@@ -588,9 +484,3 @@ _EDITED = (
     ".grad (clip_grad_norm_, GradScaler.unscale_, ...) only after the window's last backward with combine=True (or "
     "opt.combine()) and before step(); call zero_grad() to start over"
 )
-
-
-def _host_weights(settings: CAGradSettings, m: int) -> list[float]:
-    """The weights of ``m`` objectives as host floats (uniform when unset; only their order and zeros
-    are read, so unnormalised is fine): no tensor is made or read."""
-    return [1.0] * m if settings.weights is None else list(settings.weights)
