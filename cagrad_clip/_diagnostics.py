@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ._dual import CAGradSolution
 
 __all__ = ["StepDiagnostics", "all_finite", "step_diagnostics"]
 
 
 class StepDiagnostics(NamedTuple):
-    """What the last combination computed; all on-device tensors, read them without a sync cost."""
+    """What the last combination computed: the dual solve (:class:`~cagrad_clip.CAGradSolution`, the
+    type ``solve_cagrad`` returns, under :attr:`solution` and through the same attribute names:
+    ``coefficients``, ``dual``, ``clipped_dual``, ``weights``, ``anchor_norm``, ``dual_value``,
+    ``fw_gap``) plus what only a step knows. All on-device tensors: read them without a sync cost."""
 
     gram: Tensor
     """``(m, m)`` Gram of the per-objective gradients on the shared parameters (float32 or better)."""
     cosines: Tensor
     """``(m, m)`` pairwise cosine similarities of the objectives' gradients (0 for a zero gradient)."""
-    dual: Tensor
-    """``p``: the CAGrad dual solution on the simplex."""
-    clipped_dual: Tensor
-    """``p~ = min(p, w)`` (``p`` when ``clip=False``)."""
-    coefficients: Tensor
-    """``a``: the direction written into ``.grad`` is ``sum_i a_i g_i``."""
-    anchor_norm: Tensor
-    """``||g0||`` with ``g0 = sum_i w_i g_i`` on the shared parameters."""
-    fw_gap: Tensor
-    """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
+    solution: CAGradSolution
+    """The dual solve of this Gram (its coefficients NaN if the window was edited: see ``window_intact``)."""
     finite: Tensor
     """``(m,)`` bool: objective ``i``'s gradient is finite on every parameter (shared and not)."""
     written_finite: Tensor
@@ -35,26 +32,52 @@ class StepDiagnostics(NamedTuple):
     """0-d bool: no tool edited ``.grad`` in place while this window's gradients waited for a later
     call (``False``: the coefficients are NaN and :meth:`ConflictAverseOptimizer.step` refuses)."""
 
+    @property
+    def coefficients(self) -> Tensor:
+        """``a``: the direction written into ``.grad`` is ``sum_i a_i g_i``."""
+        return self.solution.coefficients
 
-def step_diagnostics(gram: Tensor, solution: Any, finite: Tensor, written_finite: Tensor, intact: Tensor) -> StepDiagnostics:
-    """The diagnostics of one combination: the solve's fields, the cosines of the Gram (0 for a zero
-    gradient) and the finiteness flags."""
+    @property
+    def dual(self) -> Tensor:
+        """``p``: the CAGrad dual solution on the simplex."""
+        return self.solution.dual
+
+    @property
+    def clipped_dual(self) -> Tensor:
+        """``p~ = min(p, w)`` (``p`` when ``clip=False``)."""
+        return self.solution.clipped_dual
+
+    @property
+    def weights(self) -> Tensor:
+        """The normalised user weights ``w``."""
+        return self.solution.weights
+
+    @property
+    def anchor_norm(self) -> Tensor:
+        """``||g0||`` with ``g0 = sum_i w_i g_i`` on the shared parameters."""
+        return self.solution.anchor_norm
+
+    @property
+    def dual_value(self) -> Tensor:
+        """``F(p)``, the dual objective at ``p``."""
+        return self.solution.dual_value
+
+    @property
+    def fw_gap(self) -> Tensor:
+        """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
+        return self.solution.fw_gap
+
+
+def step_diagnostics(gram: Tensor, solution: CAGradSolution, finite: Tensor, written_finite: Tensor, intact: Tensor) -> StepDiagnostics:
+    """The diagnostics of one combination: the solve, the cosines of the Gram (0 for a zero gradient)
+    and the finiteness flags."""
     diag = gram.diagonal()
     norms = diag.clamp_min(0.0).sqrt()
     outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
     positive = outer > 0
     cosines = torch.where(positive, gram / torch.where(positive, outer, torch.ones_like(outer)), torch.zeros_like(gram))
     return StepDiagnostics(
-        gram=gram,
-        cosines=cosines,
-        dual=solution.dual,
-        clipped_dual=solution.clipped_dual,
-        coefficients=solution.coefficients,
-        anchor_norm=solution.anchor_norm,
-        fw_gap=solution.fw_gap,
-        finite=finite,
-        written_finite=written_finite,
-        window_intact=intact,
+        gram=gram, cosines=cosines, solution=solution, finite=finite, written_finite=written_finite, window_intact=intact
     )
 
 

@@ -249,8 +249,10 @@ def test_diagnostics_are_on_device_and_consistent():
     torch.testing.assert_close(last.anchor_norm, (0.8 * g[0] + 0.2 * g[1]).norm())
     torch.testing.assert_close(last.clipped_dual, torch.minimum(last.dual, torch.tensor([0.8, 0.2])))
     assert last.finite.all() and last.fw_gap >= 0
-    for t in last:
+    for t in [*last._replace(solution=torch.zeros(())), *last.solution]:  # every field a tensor, the solve's too
         assert isinstance(t, torch.Tensor)
+    for name in last.solution._fields:  # the solve's fields read through the diagnostics by the same names
+        assert getattr(last, name) is getattr(last.solution, name)
 
 
 def test_backward_then_step_equals_step_with_losses_and_combine_is_idempotent():
