@@ -210,13 +210,13 @@ def test_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
 
 
 def test_two_ranks_average_not_sum_the_gradients_under_sgd(runs):
-    """Case 22: a sum instead of a mean is invisible to AdamW and to the coefficients; SGD sees it."""
+    """a sum instead of a mean is invisible to AdamW and to the coefficients; SGD sees it."""
     ranks, _, (single_params, single_coefs) = runs
     assert_ranks_match_one_process(ranks, "sgd", single_params, single_coefs)
 
 
 def test_ranks_passing_different_numbers_of_losses_all_get_a_clear_error(runs):
-    """Case 15: gloo aborted (SIGABRT) and NCCL would hang or corrupt."""
+    """gloo aborted (SIGABRT) and NCCL would hang or corrupt."""
     ranks, _, _ = runs
     for rank in ranks:
         assert "the ranks passed different numbers of losses" in rank["count_mismatch"]

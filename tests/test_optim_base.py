@@ -38,7 +38,7 @@ def trained(seed=0, steps=2):
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_deepcopy_and_pickle_give_an_optimizer_that_continues_identically(how):
-    """Case 12: ``copy.deepcopy(opt)`` and pickle raised ``AttributeError: ... 'optimizer'``."""
+    """``copy.deepcopy(opt)`` and pickle raised ``AttributeError: ... 'optimizer'``."""
     model, losses, opt = trained()
     if how == "deepcopy":
         twin_model, twin = copy.deepcopy((model, opt))
@@ -57,7 +57,7 @@ def test_deepcopy_and_pickle_give_an_optimizer_that_continues_identically(how):
 
 
 def test_state_dict_and_load_state_dict_hooks_fire():
-    """Case 12: the four registries registered but never fired."""
+    """the four registries registered but never fired."""
     model, losses, opt = trained()
     calls = []
     opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
@@ -123,7 +123,7 @@ def test_a_base_load_that_fails_leaves_the_wrappers_settings_unchanged():
 
 
 def test_the_wrappers_state_dict_loads_into_a_plain_optimizer_and_back():
-    """Case 16: the wrapper's state loaded into a plain optimizer raised ``KeyError``; a plain
+    """the wrapper's state loaded into a plain optimizer raised ``KeyError``; a plain
     optimizer's state loads into the wrapper and keeps the wrapper's settings."""
     model, losses, opt = trained()
     plain = torch.optim.Adam(model.parameters(), lr=0.5)
@@ -137,7 +137,7 @@ def test_the_wrappers_state_dict_loads_into_a_plain_optimizer_and_back():
 
 
 def test_unknown_saved_setting_is_a_clear_error_and_nothing_is_loaded():
-    """Case 16: an unknown key raised ``TypeError: _configure()``; a failed load changes nothing."""
+    """an unknown key raised ``TypeError: _configure()``; a failed load changes nothing."""
     model, losses, opt = trained()
     state = opt.state_dict()
     state["conflict_averse"]["temperature"] = 2.0
@@ -149,7 +149,7 @@ def test_unknown_saved_setting_is_a_clear_error_and_nothing_is_loaded():
 
 @pytest.mark.parametrize("keyword", [False, True])
 def test_step_with_a_closure_returns_its_value_positionally_or_by_keyword(keyword):
-    """Case 16: ``step(closure)`` positionally raised "losses must be a sequence ... got function";
+    """``step(closure)`` positionally raised "losses must be a sequence ... got function";
     ``step(closure=...)`` returned ``None``; torch returns the closure's value."""
     model, losses = model_and_losses()
     opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))

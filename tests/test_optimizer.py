@@ -511,7 +511,7 @@ def test_blocked_gram_matches_float64_reference(dtype, store, monkeypatch):
 # regressions: each case of the trust review, named by what it guards
 # ----------------------------------------------------------------------------------------------
 def test_reductions_never_run_under_the_callers_autocast():
-    """Case 3: ``opt.backward`` under ``torch.autocast`` (Lightning's bf16-mixed) ran the Gram and the
+    """``opt.backward`` under ``torch.autocast`` (Lightning's bf16-mixed) ran the Gram and the
     solve in bf16 and lost the correction. The backward passes behave as the caller's own
     ``backward`` would under autocast; the Gram and the solve must be float32-exact on those gradients."""
     torch.set_default_dtype(torch.float32)
@@ -534,7 +534,7 @@ def test_reductions_never_run_under_the_callers_autocast():
 
 @pytest.mark.parametrize("call", ["step", "backward"])
 def test_torch_compile_around_step_applies_the_direction_once(call):
-    """Case 4: Dynamo dropped attribute writes, so the direction landed twice (2x SGD step) and
+    """Dynamo dropped attribute writes, so the direction landed twice (2x SGD step) and
     ``opt.last`` stayed ``None``. The optimizer's methods run eagerly (a graph break)."""
     torch.set_default_dtype(torch.float32)
     trunk, heads = mlp_with_heads()
@@ -561,7 +561,7 @@ def test_torch_compile_around_step_applies_the_direction_once(call):
 
 
 def test_a_rejected_backward_changes_nothing():
-    """Case 6: a different number of losses mid-accumulation raised only after the previous direction
+    """a different number of losses mid-accumulation raised only after the previous direction
     was taken out of .grad, and step() then applied zero while Adam's step count advanced."""
     trunk, heads = mlp_with_heads()
     params = list(trunk.parameters()) + list(heads.parameters())
@@ -588,7 +588,7 @@ def test_a_rejected_backward_changes_nothing():
 
 
 def test_settings_change_only_through_configure_and_take_effect():
-    """Case 10: ``opt.c = 0.8`` kept the old rescale divisor and ``opt.c = -3`` was accepted."""
+    """``opt.c = 0.8`` kept the old rescale divisor and ``opt.c = -3`` was accepted."""
     opt, trunk, heads = make_opt(c=0.2, rescale="1+c")
     with pytest.raises(AttributeError, match=r"configure\(c=...\)"):
         opt.c = 0.8
@@ -673,7 +673,7 @@ def test_load_state_dict_restores_the_nonfinite_policy_and_the_skipped_steps():
 
 
 def test_construction_refuses_what_cannot_work_naming_the_cause():
-    """Case 13: complex parameters failed inside the solver, LBFGS with a missing 'closure'."""
+    """complex parameters failed inside the solver, LBFGS with a missing 'closure'."""
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(TypeError, match="complex"):
         ConflictAverseOptimizer(torch.optim.SGD([z], lr=0.1))
@@ -685,7 +685,7 @@ def test_construction_refuses_what_cannot_work_naming_the_cause():
 
 
 def test_sparse_embedding_gradients_are_combined_densely():
-    """Case 13: ``nn.Embedding(sparse=True)`` failed with ``copy_() between dense and sparse``;
+    """``nn.Embedding(sparse=True)`` failed with ``copy_() between dense and sparse``;
     its gradients are now accumulated densely and combined like the rest."""
     torch.manual_seed(0)
     sparse = torch.nn.Embedding(10, 4, sparse=True)
@@ -705,7 +705,7 @@ def test_sparse_embedding_gradients_are_combined_densely():
 
 
 def test_friendly_setting_types_and_frictions():
-    """Case 16: numpy / 0-d tensor ``c`` rejected, ``weights='ab'`` an internal TypeError,
+    """numpy / 0-d tensor ``c`` rejected, ``weights='ab'`` an internal TypeError,
     ``add_param_group`` refused right after ``step()``."""
     opt, trunk, heads = make_opt(c=np.float32(0.5))
     assert opt.c == 0.5
@@ -722,7 +722,7 @@ def test_friendly_setting_types_and_frictions():
 
 
 def test_graph_is_freed_as_soon_as_the_last_objective_is_done():
-    """Case 17: probe right after backward (before any parameter update): a retained graph would let
+    """probe right after backward (before any parameter update): a retained graph would let
     a further backward through the last loss succeed."""
     opt, trunk, heads = make_opt()
     x, y = torch.randn(8, 4), torch.randn(8, 1)
@@ -734,7 +734,7 @@ def test_graph_is_freed_as_soon_as_the_last_objective_is_done():
 
 
 def test_the_solver_setting_is_honoured():
-    """Case 18: ignoring ``solver=`` passed the suite (the old test only checked that both solvers
+    """ignoring ``solver=`` passed the suite (the old test only checked that both solvers
     agree). With a zero Frank-Wolfe budget they differ on a problem whose optimum has 4 active
     objectives: the exact solver is exact, Frank-Wolfe stops at its start (best face of <= 3)."""
     g = torch.Generator().manual_seed(2)
@@ -755,7 +755,7 @@ def test_the_solver_setting_is_honoured():
 
 
 def test_freezing_or_unfreezing_after_construction_rebuilds_the_layout():
-    """Case 19: nothing unfroze a parameter after construction; a skipped rebuild would leave the
+    """nothing unfroze a parameter after construction; a skipped rebuild would leave the
     unfrozen parameter untrained (and a frozen one still in the Gram)."""
     trunk, heads = mlp_with_heads()
     trunk[0].weight.requires_grad_(False)

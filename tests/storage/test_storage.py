@@ -165,7 +165,7 @@ def test_accumulate_dtype_float32_sums_bf16_gradients_in_float32():
 # ------------------------------------------------------------------------------------------ case 7
 @pytest.mark.parametrize("options", [{}, {"accumulate_dtype": torch.float32}], ids=["direct", "accumulator"])
 def test_a_parameter_no_objective_reaches_keeps_grad_none(options):
-    """Case 7: as loss.backward() leaves it (AdamW would otherwise decay it, momentum move it)."""
+    """as loss.backward() leaves it (AdamW would otherwise decay it, momentum move it)."""
     trunk, heads = trunk_and_heads()
     unused = nn.Linear(3, 3)
     params = params_of(trunk, heads, unused)
@@ -180,7 +180,7 @@ def test_a_parameter_no_objective_reaches_keeps_grad_none(options):
 # ------------------------------------------------------------------------------------------ case 1
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_nonfinite_gradient_in_a_head_outside_shared_is_caught(policy):
-    """Case 1: the Gram is over ``shared`` only; a NaN that reaches only a head must still stop the step."""
+    """the Gram is over ``shared`` only; a NaN that reaches only a head must still stop the step."""
     trunk, heads = trunk_and_heads()
     params = params_of(trunk, heads)
     opt = ConflictAverseOptimizer(torch.optim.Adam(params, lr=0.1), shared=trunk.parameters(), nonfinite=policy)
@@ -221,7 +221,7 @@ def test_a_nan_only_in_the_first_head_parameter_refuses_the_step_naming_that_obj
 # ------------------------------------------------------------------------------------------ case 2
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_combination_that_overflows_float16_is_not_applied(policy):
-    """Case 2: finite fp16 gradients whose combination exceeds 65504 must not reach the weights."""
+    """finite fp16 gradients whose combination exceeds 65504 must not reach the weights."""
     w = nn.Parameter(torch.zeros(2, dtype=torch.float16))
     # orthogonal gradients of norm 5e4 (finite in float16); with c = 2 the coefficients are
     # a = (0.5 + 0.5 c) = (1.5, 1.5), so the direction is 7.5e4 > 65504 per entry
@@ -248,7 +248,7 @@ def test_finite_gradients_whose_combination_overflows_float32_or_bf16_are_not_ap
 
 # ------------------------------------------------------------------------------------------ case 14
 def test_a_finite_but_huge_gradient_is_reported_as_an_overflow():
-    """Case 14: |g| ~ 1e22 squares past float32; the message must not call the gradient non-finite."""
+    """|g| ~ 1e22 squares past float32; the message must not call the gradient non-finite."""
     w = nn.Parameter(torch.ones(3))
     opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), nonfinite="raise")
     with pytest.raises(FloatingPointError, match=r"objective\(s\) \[0\] have finite gradients whose squared norm overflows"):
@@ -257,7 +257,7 @@ def test_a_finite_but_huge_gradient_is_reported_as_an_overflow():
 
 # ------------------------------------------------------------------------------------------ case 5
 def test_model_zero_grad_without_set_to_none_between_backwards_starts_over():
-    """Case 5: ``model.zero_grad(set_to_none=False)`` zeroes .grad in place; the next backward must
+    """``model.zero_grad(set_to_none=False)`` zeroes .grad in place; the next backward must
     give d(b) (a fresh window), not d(a + b) - d(a)."""
     trunk, heads = trunk_and_heads(torch.float64)
     params = params_of(trunk, heads)
@@ -305,7 +305,7 @@ def test_grad_scaler_recovers_after_one_overflow_with_zero_grad_set_to_none_fals
 
 # ------------------------------------------------------------------------------------------ case 8
 def test_reentrant_checkpointing_gives_the_same_direction_as_no_checkpointing():
-    """Case 8: ``use_reentrant=True`` with inputs that require grad runs its own backward into
+    """``use_reentrant=True`` with inputs that require grad runs its own backward into
     ``.grad``; the stores take every objective's gradient with ``backward()``, so the checkpointed
     block is trained exactly. (With no input requiring grad, torch itself gives the block no
     gradient and warns; that is torch's documented behaviour.)"""
