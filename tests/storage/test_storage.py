@@ -280,7 +280,7 @@ def test_model_zero_grad_without_set_to_none_between_backwards_starts_over():
 
 
 def test_grad_scaler_recovers_after_one_overflow_with_zero_grad_set_to_none_false():
-    """Case 5 (GradScaler): after one overflow the NaN direction must not poison every later step."""
+    """after one overflow the NaN direction must not poison every later step."""
     trunk, heads = trunk_and_heads()
     params = params_of(trunk, heads)
     opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.01), nonfinite="ignore")
@@ -329,7 +329,7 @@ def test_reentrant_checkpointing_gives_the_same_direction_as_no_checkpointing():
 
 # ------------------------------------------------------------------------------------------ case 9
 def test_leaves_outside_the_optimizer_get_the_plain_sum_like_backward():
-    """Case 9 (decided): a leaf that requires grad but is not in the wrapped optimizer (a SparseAdam
+    """a leaf that requires grad but is not in the wrapped optimizer (a SparseAdam
     embedding next to the model) receives the plain sum of the objectives' gradients, exactly what
     ``sum(losses).backward()`` gives it, on the dense path as on the FSDP path; it is not combined."""
     torch.manual_seed(0)
