@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,16 +31,21 @@ __all__ = [
     "rescale_divisor",
 ]
 
-Rescale = Literal["1+c", "1+c^2"] | None
+#: A key of :data:`RESCALE_OPTIONS`.
+Rescale = str | None
 #: A registered dual solver's name, or ``"auto"`` (``cagrad_clip._dual.registry``).
 Solver = str
 
-#: Accepted values of ``rescale`` and what each means.
-RESCALE_OPTIONS: dict[str | None, str] = {
-    None: "no rescaling (RACO paper, TorchJD)",
-    "1+c": "divide by 1 + c (official CAGrad toy script)",
-    "1+c^2": "divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)",
+#: The rescaling conventions: name -> (what it means, the divisor of the direction as a function of ``c``).
+#: A new convention is one entry here.
+_RESCALES: dict[str | None, tuple[str, Callable[[float], float]]] = {
+    None: ("no rescaling (RACO paper, TorchJD)", lambda c: 1.0),
+    "1+c": ("divide by 1 + c (official CAGrad toy script)", lambda c: 1.0 + c),
+    "1+c^2": ("divide by 1 + c^2 (official CAGrad code for NYUv2/Cityscapes, LibMTL)", lambda c: 1.0 + c * c),
 }
+
+#: Accepted values of ``rescale`` and what each means.
+RESCALE_OPTIONS: dict[str | None, str] = {name: description for name, (description, _) in _RESCALES.items()}
 
 
 def _real_number(value: Any, name: str) -> float:
@@ -66,17 +71,12 @@ def check_rescale(rescale: Any) -> Rescale:
     """Validate ``rescale`` (a key of :data:`RESCALE_OPTIONS`)."""
     if not (rescale is None or (isinstance(rescale, str) and rescale in RESCALE_OPTIONS)):
         raise ValueError(f"unknown rescale={rescale!r}; choose one of {list(RESCALE_OPTIONS)}")
-    return rescale  # type: ignore[return-value]
+    return rescale
 
 
 def rescale_divisor(rescale: Rescale, c: float) -> float:
     """The factor the direction is divided by for ``rescale`` and ``c``."""
-    check_rescale(rescale)
-    if rescale == "1+c":
-        return 1.0 + c
-    if rescale == "1+c^2":
-        return 1.0 + c * c
-    return 1.0
+    return _RESCALES[check_rescale(rescale)][1](c)
 
 
 def check_solver(solver: Any) -> Solver:

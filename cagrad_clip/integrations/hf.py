@@ -78,7 +78,7 @@ class MultiObjectiveTrainerMixin:
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
-        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
+        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if nonfinite is not None:  # the user's policy wins over the fp16 default of wrap_optimizer
             resolve_nonfinite(nonfinite)  # refused here, early, if unknown

@@ -98,7 +98,7 @@ class MultiObjectiveModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
-        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # type: ignore[arg-type]  # bad values raise here, early
+        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if nonfinite is not None:  # the user's choice wins over the precision-dependent default
             resolve_nonfinite(nonfinite)  # refused here, early, if unknown

@@ -50,7 +50,7 @@ class MultiObjectiveDPOConfig(DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.objective_weights, self.objective_names = check_weights(self.objective_weights, self.objective_names)
-        checked = CAGradSettings(c=self.c, clip=self.clip, rescale=self.rescale)  # type: ignore[arg-type]  # bad values raise here
+        checked = CAGradSettings(c=self.c, clip=self.clip, rescale=self.rescale)  # bad values raise here
         self.c, self.clip, self.rescale = checked.c, checked.clip, checked.rescale
         unsupported = []
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
