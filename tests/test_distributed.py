@@ -1,4 +1,4 @@
-"""Exact data parallelism: 2 gloo ranks (forked CPU processes) against one process on the full batch."""
+"""Exact data parallelism: 2 gloo ranks (spawned CPU processes) against one process on the full batch."""
 
 from __future__ import annotations
 
@@ -178,15 +178,16 @@ def partly_reached(options, x, ya, yb, rank: int | None):
 
 @pytest.fixture(scope="module")
 def runs():
-    # The single-process reference first: it also warms up the lazy imports of torch.optim, which
-    # the forked ranks then inherit (fork, not spawn: a fresh interpreter costs seconds per rank).
+    # The single-process reference first.
     model = make_model()
     single = train(model, list(model.parameters()), make_data())
     model = make_model()
     single_sgd = train(model, list(model.parameters()), make_data(), sgd=True)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, never fork: once anything in this process has used autograd's threads (or torch.compile), a
+    # forked rank can fail ("Unable to handle autograd's threading in combination with fork-based
+    # multiprocessing", torch 2.10 and later); a fresh interpreter per rank costs a few seconds once.
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     return ranks, single, single_sgd
 

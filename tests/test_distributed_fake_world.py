@@ -1,6 +1,6 @@
 """Data parallelism in one process: a faked 2-rank ``torch.distributed`` world, one thread per rank.
 
-The 2-rank tests of ``tests/test_distributed.py`` fork gloo workers; what runs in them is out of
+The 2-rank tests of ``tests/test_distributed.py`` spawn gloo workers; what runs in them is out of
 sight of an in-process tool (coverage, mutation testing). Here ``torch.distributed`` is replaced
 (``monkeypatch``) by :class:`FakeWorld`: ``is_initialized`` is true, the world has two ranks, and
 ``all_reduce`` is a real collective between two Python threads, each running its own optimizer on

@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``, DTensor shards): 2 gloo ranks (forked CPU processes) against one process."""
+"""FSDP2 (``fully_shard``, DTensor shards): 2 gloo ranks (spawned CPU processes) against one process."""
 
 from __future__ import annotations
 
@@ -120,9 +120,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs():
     single = {name: train(make_model(), make_data(), **cfg) for name, cfg in SINGLE.items()}
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, never fork: once anything in this process has used autograd's threads (or torch.compile), a
+    # forked rank can fail ("Unable to handle autograd's threading in combination with fork-based
+    # multiprocessing", torch 2.10 and later); a fresh interpreter per rank costs a few seconds once.
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method=method)
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     return ranks, single
 

@@ -110,7 +110,10 @@ def _dual_solution(problem: _Problem, *, max_iter: int, solver: str, kink_tol: f
 
 def closure_steps(m: int) -> int:
     """Squarings that close the tie relation of ``m`` objectives transitively: a path within a group has at most ``m - 1`` edges."""
-    return max(m - 2, 0).bit_length()  # the smallest k with 2^k >= m - 1
+    k = 0  # the smallest k with 2^k >= m - 1 (a loop, not int.bit_length, which Dynamo traces only from torch 2.5)
+    while (1 << k) < m - 1:
+        k += 1
+    return k
 
 
 def share_ties(problem: _Problem, p: Tensor, tie_tol: float) -> Tensor:

@@ -232,3 +232,13 @@ def test_a_weights_tensor_of_the_wrong_shape_is_refused_naming_its_shape() -> No
         solve_with_settings(gram, torch.ones(2, dtype=torch.float64), CAGradSettings())
     with pytest.raises(ValueError, match=r"got list"):
         solve_with_settings(gram, [1.0, 1.0, 1.0], CAGradSettings())  # type: ignore[arg-type]
+
+
+def test_the_tie_closure_takes_the_fewest_squarings_that_cover_every_path() -> None:
+    """``closure_steps(m)``: the smallest ``k`` with ``2^k >= m - 1`` (a path among ``m`` objectives has at most
+    ``m - 1`` edges), computed without ``int.bit_length``."""
+    from cagrad_clip._dual.kernel import closure_steps
+
+    for m in range(1, 200):
+        want = max(m - 2, 0).bit_length()
+        assert closure_steps(m) == want and (m <= 2 or 2 ** closure_steps(m) >= m - 1 > 2 ** (closure_steps(m) - 1))
