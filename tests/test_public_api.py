@@ -85,14 +85,16 @@ def test_the_integrations_take_the_options_in_the_same_order() -> None:
     mixin = _keyword_only(hf.MultiObjectiveTrainerMixin.__init__)
     assert mixin[0] == "objective_weights"
     assert _in_order(mixin) == sorted(_in_order(mixin), key=ORDER.index)
-    lightning = pytest.importorskip("cagrad_clip.integrations.lightning", reason="needs pytorch_lightning")
+    pytest.importorskip("pytorch_lightning", reason="needs the lightning extra")
+    lightning = importlib.import_module("cagrad_clip.integrations.lightning")
     names = list(inspect.signature(lightning.MultiObjectiveModule.__init__).parameters)
     assert names[:2] == ["self", "objective_weights"] and _keyword_only(lightning.MultiObjectiveModule.__init__) == names[2:]
     assert _in_order(names) == sorted(_in_order(names), key=ORDER.index)
 
 
 def test_the_trl_config_lists_the_options_in_the_same_order() -> None:
-    trl = pytest.importorskip("cagrad_clip.integrations.trl", reason="needs trl")
+    pytest.importorskip("trl", reason="needs the trl extra")
+    trl = importlib.import_module("cagrad_clip.integrations.trl")
     own = [f.name for f in dataclasses.fields(trl.MultiObjectiveDPOConfig) if f.name in {"objective_weights", "signs_column", *ORDER}]
     assert own[0] == "objective_weights" and own[-1] == "signs_column"
     assert _in_order(own) == sorted(_in_order(own), key=ORDER.index)

@@ -9,6 +9,9 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+pytest.importorskip("tqdm", reason='needs the bench extra: pip install -e ".[bench]"')
+pytest.importorskip("matplotlib", reason='needs the bench extra: pip install -e ".[bench]"')
+
 from benchmarks.pareto import engine, preference, quadratic, toy, vlmop2
 from benchmarks.pareto.__main__ import main
 from benchmarks.pareto.hypervolume import hypervolume, hypervolume_2d, hypervolume_3d

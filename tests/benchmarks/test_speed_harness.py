@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+pytest.importorskip("torchjd", reason='needs the bench extra: pip install -e ".[bench]"')
+
 from benchmarks.speed import __main__ as cli
 from benchmarks.speed import memory, report
 from benchmarks.speed.models import MemoryCase, make_memory_case, param_bytes

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("torchjd", reason='needs the bench extra: pip install -e ".[bench]"')
+
 from benchmarks.speed import levers, models, peers, step
 from benchmarks.speed.common import C
 from benchmarks.speed.solver import closed_form_m2, random_grams, solve
