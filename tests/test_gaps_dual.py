@@ -137,7 +137,8 @@ def test_a_zero_gradient_keeps_its_weight_at_a_pareto_stationary_optimum(solver)
         pytest.param(
             "exact",
             marks=pytest.mark.xfail(
-                strict=True, reason="known gap: the exact solver's least squares does not certify this optimum; it returns a = w"
+                strict=False,  # whether the certificate holds rides on rounding: torch 2.4's build certifies it, 2.13's not
+                reason="known gap: the exact solver's least squares does not certify this optimum (torch 2.13: it returns a = w)",
             ),
         ),
         "frank_wolfe",
