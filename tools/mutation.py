@@ -269,9 +269,10 @@ def sampled(fraction: float, seed: int) -> dict[str, list[str]]:
     """
     chosen: dict[str, list[str]] = {}
     for module, codes in results().items():
-        ranked = sorted(codes, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
+        digest = {name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest() for name in codes}
+        ranked = sorted(codes, key=digest.__getitem__)
         if ranked:
-            keep = [name for name in ranked if int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16) < fraction * 2**32]
+            keep = [name for name in ranked if int(digest[name][:8], 16) < fraction * 2**32]
             chosen[module] = keep or ranked[:1]
     return chosen
 
