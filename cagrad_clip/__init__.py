@@ -4,6 +4,12 @@ RACO's clipped conflict-averse gradient (CAGrad-Clip, arXiv 2602.02495) as a dro
 around any ``torch.optim`` optimizer, with a batched, sync-free dual solver.
 """
 
+import torch as _torch
+
+from ._torch_version import check_torch_version as _check_torch_version
+
+_check_torch_version(str(_torch.__version__))  # before anything that needs the floor's features
+
 from ._diagnostics import StepDiagnostics
 from ._dual import (
     RESCALE_OPTIONS,

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._torch_version import FSDP2_MIN_TORCH, torch_at_least
+
 __all__ = [
     "active_group",
     "average_across_ranks",
@@ -87,8 +89,11 @@ def _dtensor_types() -> tuple[Any, Any] | None:
         return None
     try:
         from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - builds without DTensor
-        return None
+    except ImportError:  # pragma: no cover - torch 2.4 keeps DTensor in a private module
+        try:
+            from torch.distributed._tensor import DTensor, Shard
+        except ImportError:  # builds without DTensor
+            return None
     return DTensor, Shard
 
 
@@ -107,6 +112,13 @@ def sharded_layout(params: Sequence[Tensor]) -> Any:
     flags = [isinstance(p, dtensor) for p in params]
     if not any(flags):
         return None
+    if not torch_at_least(FSDP2_MIN_TORCH):
+        floor = ".".join(map(str, FSDP2_MIN_TORCH))
+        raise NotImplementedError(
+            f"the parameters are DTensors (FSDP2 fully_shard), which cagrad-clip supports from torch {floor} (the "
+            f"oldest release its FSDP2 tests run on); torch {torch.__version__} is installed: upgrade torch, or "
+            "train without fully_shard"
+        )
     if not all(flags):
         plain = flags.index(False)
         raise ValueError(

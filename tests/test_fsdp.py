@@ -12,11 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
+from tests.process_groups import fsdp2_missing
 
+pytestmark = pytest.mark.skipif(fsdp2_missing() is not None, reason=fsdp2_missing() or "")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available() or not hasattr(fsdp, "fully_shard"), reason="needs gloo and FSDP2"
-)
 
 from tests.test_distributed import (  # noqa: E402 - after the skip: same data as DDP
     BATCH,
@@ -138,7 +137,12 @@ def test_fsdp_two_ranks_equal_one_process_on_the_full_batch(runs, scenario):
     # Both ranks solved the same all-reduced Gram: bit-identical coefficients and parameters.
     assert_ranks_match_one_process(ranks, scenario, single_params, single_coefs)
     for rank in ranks:
-        torch.testing.assert_close(rank[scenario][2], single_grams, rtol=0, atol=1e-12)
+        grams = rank[scenario][2]
+        # The first Gram is of the same parameters: equal up to the order of float64 sums. Later Grams
+        # follow parameters that may differ from the 1-process run by the parameters' own tolerance (torch's
+        # clip_grad_norm_ sums sharded squares in another order: 1.6e-9 on torch 2.7 and 2.8).
+        torch.testing.assert_close(grams[0], single_grams[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(grams, single_grams, rtol=1e-6, atol=1e-8)
 
 
 def test_fsdp_unsupported_mixes_are_rejected(runs):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from tests.process_groups import fsdp2_missing, gloo_missing
 
 __all__ = ["PATHS", "WORLDS", "GradientPath", "by_name", "dtype_name"]
 
@@ -72,13 +73,9 @@ class GradientPath:
             for pattern, reason in self.torch_limits.items():
                 if pattern == case or fnmatch.fnmatchcase(key, pattern):
                     return reason
-        if (world > 1 or self.fsdp) and not (dist.is_available() and dist.is_gloo_available()):
-            return "torch.distributed with the gloo backend is not available in this torch build"
-        if self.fsdp:
-            try:
-                from torch.distributed.fsdp import fully_shard  # noqa: F401
-            except ImportError:
-                return "torch.distributed.fsdp.fully_shard (FSDP2) is not available in this torch build"
+        missing = (fsdp2_missing() if self.fsdp else None) or (gloo_missing() if world > 1 else None)
+        if missing is not None:
+            return missing
         if self.build is _autogram:
             try:
                 import torchjd.autogram  # noqa: F401

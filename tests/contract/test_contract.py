@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
+from tests.process_groups import one_rank_group
 from tests.reference import reference_coefficients
 
 from .cases import BATCH, CASES, CLIP_MAX_NORM, MICRO, SCALER_INIT, TRUST_RADIUS, WEIGHTS, Case, execute, losses_of, make_data, make_model
@@ -40,28 +38,13 @@ def _matrix() -> Iterator[Any]:
                     yield pytest.param(path, case, dtype, world, id=f"{path.name}-{case.name}-{dtype_name(dtype)}-{world}proc")
 
 
-@contextlib.contextmanager
-def _one_rank_group(needed: bool) -> Iterator[None]:
-    """A 1-rank gloo group around a 1-process FSDP2 run (fully_shard needs a process group)."""
-    if not needed:
-        yield
-        return
-    assert not dist.is_initialized(), "a process group is already initialised in the test process"
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "init"), rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 @pytest.mark.parametrize(("path", "case", "dtype", "world"), list(_matrix()))
 def test_contract(path: GradientPath, case: Case, dtype: torch.dtype, world: int, two_rank_outcomes: Callable[..., Any]) -> None:
     reason = path.missing(world, case.name, dtype)
     if reason is not None:
         pytest.skip(reason)
     if world == 1:
-        with _one_rank_group(path.fsdp):
+        with one_rank_group() if path.fsdp else contextlib.nullcontext():
             outcomes = [execute(path, case, dtype)]
     else:
         outcomes = two_rank_outcomes(path, dtype)[case.name]

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
 from cagrad_clip._storage import make_store
+from tests.process_groups import fsdp2_missing, one_rank_group
 
 F64 = torch.float64
 
@@ -63,26 +60,8 @@ def batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)) for _ in range(n)]
 
 
-@contextlib.contextmanager
-def one_rank_group() -> Iterator[None]:
-    """A 1-rank gloo process group (``fully_shard`` needs one), destroyed afterwards."""
-    assert not dist.is_initialized()
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "init"), rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 def fsdp_available() -> bool:
-    if not dist.is_available() or not dist.is_gloo_available():
-        return False
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return fsdp2_missing() is None
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -387,3 +366,20 @@ def test_a_replicated_or_two_dimensional_dtensor_parameter_is_refused_up_front()
                 ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1))
         sharded = nn.Parameter(distribute_tensor(torch.ones(4, dtype=F64), mesh, [Shard(0)]))
         ConflictAverseOptimizer(torch.optim.SGD([sharded], lr=0.1))  # the supported layout
+
+
+@pytest.mark.skipif(not fsdp_available(), reason="needs torch.distributed (gloo) and DTensor")
+def test_dtensor_parameters_on_a_torch_older_than_the_fsdp2_floor_are_refused_up_front(monkeypatch) -> None:
+    """The FSDP2 path is tested from torch 2.7 (FSDP2 on CPU/gloo); an older torch is refused at
+    construction, naming the release, rather than trusted untested."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with one_rank_group():
+        mesh = init_device_mesh("cpu", (1,))
+        p = nn.Parameter(distribute_tensor(torch.ones(4, dtype=F64), mesh, [Shard(0)]))
+        monkeypatch.setattr(torch, "__version__", "2.6.0")
+        with pytest.raises(NotImplementedError, match=r"supports from torch 2\.7 .*torch 2\.6\.0 is installed"):
+            ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1))
+        plain = nn.Parameter(torch.ones(4, dtype=F64))
+        ConflictAverseOptimizer(torch.optim.SGD([plain], lr=0.1))  # plain parameters are not gated
