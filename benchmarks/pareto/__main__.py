@@ -12,12 +12,14 @@ import torch
 from . import preference, quadratic, report, toy, vlmop2
 from .common import Config, Section
 from .methods import DEFAULT_METHODS, build_methods, get_methods, torchjd_available
+from .problem import Problem, run_problem
 
-PROBLEMS = {"toy": toy.run, "quadratic": quadratic.run, "vlmop2": vlmop2.run, "preference": preference.run}
+#: The problems, in report order (a new one: a module with an object satisfying ``problem.Problem``).
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (toy.PROBLEM, quadratic.PROBLEM, vlmop2.PROBLEM, preference.PROBLEM)}
 #: Problems where the TorchJD peers join the default method list. They aggregate one Jacobian
 #: at a time (a Python loop over runs, cvxpy for CAGrad), which makes the 20k-step toy and the
 #: DPO sweeps take hours; name them with --methods to run them there anyway.
-PEER_PROBLEMS = ("quadratic", "vlmop2")
+PEER_PROBLEMS = tuple(name for name, p in PROBLEMS.items() if p.peers)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[Section]:
     )
     for name in problems:
         cfg.methods = methods_with_peers if name in PEER_PROBLEMS else methods
-        sections.append(PROBLEMS[name](cfg))
+        sections.append(run_problem(PROBLEMS[name], cfg))
         path = report.write_report(args.out, sections, header, time.perf_counter() - start)  # incremental
     wall = time.perf_counter() - start
     path = report.write_report(args.out, sections, header, wall)

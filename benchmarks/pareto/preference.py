@@ -12,15 +12,16 @@ pass); each objective labels it by Bradley-Terry on its own reward, and has its 
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import engine
 from .common import Config, Section, md_table
+from .engine import RunResult
 from .hypervolume import hypervolume
+from .problem import Batch
 
 K, Y, D = 16, 8, 8
 N_PAIRS = 1024
@@ -97,43 +98,51 @@ def weight_sweep(m: int, quick: bool) -> list[list[float]]:
     return base if quick else base + [[1 / 3] * 3, [0.4, 0.4, 0.2], [0.4, 0.2, 0.4], [0.2, 0.4, 0.4]]
 
 
-def run(cfg: Config) -> Section:
-    t0 = time.perf_counter()
-    steps = 150 if cfg.quick else 300
-    md = [
-        f"K = {K} contexts x Y = {Y} responses, d = {D} features, linear softmax policy, reference = uniform "
-        f"(theta = 0, also the start), {N_PAIRS} shared preference pairs per task labelled per objective by "
-        f"Bradley-Terry, DPO beta = {BETA}; Adam lr {LR}, {steps} full-batch steps, c = {cfg.c}; seeds {cfg.seeds}. "
-        f"J = exact expected true reward (unit-RMS rewards). Hypervolume (maximisation) of the final J of one weight "
-        f"sweep, reference point = the worst achievable J (mean over contexts of min_y r_i), mean over seeds; "
-        f"'gap' = ||J(theta_T) - J(theta*(w))|| with theta*(w) the exact minimiser of L_w (mean over runs).\n\n"
-    ]
-    header = ["m", "rho", "method", "hypervolume", "HV of theta*(w) sweep", "gap to w-optimal J", "mean J (sum)"]
-    table, panels = [], []
-    hv_wins: dict[str, int] = {}
-    gap_all: dict[str, list[float]] = {}
-    for m, rhos in RHOS.items():
-        sweep = weight_sweep(m, cfg.quick)
-        for rho in rhos:
-            tasks = {s: make_task(m, rho, s) for s in cfg.seeds}
-            runs = [(s, w) for s in cfg.seeds for w in range(len(sweep))]
-            task = {k: torch.stack([tasks[s][k] for s, _ in runs]) for k in tasks[cfg.seeds[0]]}
-            task["phi"] = task["phi"]
-            W = torch.tensor([sweep[w] for _, w in runs], dtype=torch.float64)
-            x0 = torch.zeros(len(runs), D, dtype=torch.float64)
-            res = engine.run(
-                lambda th, task=task: dpo_losses(task, th),
-                x0,
-                W,
-                cfg.methods,
-                steps,
-                optimizer="adam",
-                lr=LR,
-                log_points=20,
-                seed=cfg.seeds[0],
-                desc=f"preference m={m} rho={rho}",
-                progress=cfg.progress,
-            )
+class Preference:
+    """One batch per (m, rho): every seed's task under the whole weight sweep, from theta = 0."""
+
+    name = "preference"
+    peers = False
+
+    def batches(self, cfg: Config) -> Iterator[Batch]:
+        steps = 150 if cfg.quick else 300
+        for m, rhos in RHOS.items():
+            sweep = weight_sweep(m, cfg.quick)
+            for rho in rhos:
+                tasks = {s: make_task(m, rho, s) for s in cfg.seeds}
+                runs = [(s, w) for s in cfg.seeds for w in range(len(sweep))]
+                task = {k: torch.stack([tasks[s][k] for s, _ in runs]) for k in tasks[cfg.seeds[0]]}
+                W = torch.tensor([sweep[w] for _, w in runs], dtype=torch.float64)
+                x0 = torch.zeros(len(runs), D, dtype=torch.float64)
+                yield Batch(
+                    lambda th, task=task: dpo_losses(task, th),
+                    x0,
+                    W,
+                    steps,
+                    optimizer="adam",
+                    lr=LR,
+                    log_points=20,
+                    desc=f"preference m={m} rho={rho}",
+                    context=dict(m=m, rho=rho, runs=runs, task=task),
+                )
+
+    def report(self, cfg: Config, batches: list[tuple[Batch, RunResult]]) -> Section:
+        steps = batches[0][0].steps
+        md = [
+            f"K = {K} contexts x Y = {Y} responses, d = {D} features, linear softmax policy, reference = uniform "
+            f"(theta = 0, also the start), {N_PAIRS} shared preference pairs per task labelled per objective by "
+            f"Bradley-Terry, DPO beta = {BETA}; Adam lr {LR}, {steps} full-batch steps, c = {cfg.c}; seeds {cfg.seeds}. "
+            f"J = exact expected true reward (unit-RMS rewards). Hypervolume (maximisation) of the final J of one weight "
+            f"sweep, reference point = the worst achievable J (mean over contexts of min_y r_i), mean over seeds; "
+            f"'gap' = ||J(theta_T) - J(theta*(w))|| with theta*(w) the exact minimiser of L_w (mean over runs).\n\n"
+        ]
+        header = ["m", "rho", "method", "hypervolume", "HV of theta*(w) sweep", "gap to w-optimal J", "mean J (sum)"]
+        table, panels = [], []
+        hv_wins: dict[str, int] = {}
+        gap_all: dict[str, list[float]] = {}
+        for batch, res in batches:
+            m, rho, runs, task = (batch.context[k] for k in ("m", "rho", "runs", "task"))
+            W = batch.weights
             J = expected_reward(task, res.final)  # (M, R, m)
             theta_star = weighted_optimum(task, W)
             Jstar = expected_reward(task, theta_star)  # (R, m)
@@ -169,29 +178,31 @@ def run(cfg: Config) -> Section:
                 panels.append(
                     (f"m=2, rho={rho}", None, {meth.label: J[k, s0].numpy() for k, meth in enumerate(cfg.methods)}, Jstar[s0].numpy())
                 )
-    md.append(md_table(header, table))
-    from . import report
+        md.append(md_table(header, table))
+        from . import report
 
-    report.fronts_figure(
-        cfg.out / "preference_fronts.png",
-        panels,
-        "J_1 (true reward)",
-        "J_2 (true reward)",
-        f"Synthetic DPO, m = 2: final true rewards over the w sweep (seed {cfg.seeds[0]}; +: J(theta*(w)))",
-    )
-    gaps = {k: float(np.mean(v)) for k, v in gap_all.items()}
-    best_gap = min(gaps, key=gaps.get)
-    summary = (
-        "preference — highest hypervolume per (m, rho): "
-        + ", ".join(f"{k} {v}x" for k, v in hv_wins.items())
-        + f"; smallest mean gap to the w-optimal trade-off: {best_gap} ({gaps[best_gap]:.3g}); "
-        + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items())
-    )
-    return Section(
-        "4. Synthetic preference alignment (DPO)",
-        "".join(md),
-        ["preference_fronts.png"],
-        summary,
-        time.perf_counter() - t0,
-        {"table": table},
-    )
+        report.fronts_figure(
+            cfg.out / "preference_fronts.png",
+            panels,
+            "J_1 (true reward)",
+            "J_2 (true reward)",
+            f"Synthetic DPO, m = 2: final true rewards over the w sweep (seed {cfg.seeds[0]}; +: J(theta*(w)))",
+        )
+        gaps = {k: float(np.mean(v)) for k, v in gap_all.items()}
+        best_gap = min(gaps, key=gaps.get)
+        summary = (
+            "preference — highest hypervolume per (m, rho): "
+            + ", ".join(f"{k} {v}x" for k, v in hv_wins.items())
+            + f"; smallest mean gap to the w-optimal trade-off: {best_gap} ({gaps[best_gap]:.3g}); "
+            + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items())
+        )
+        return Section(
+            "4. Synthetic preference alignment (DPO)",
+            "".join(md),
+            ["preference_fronts.png"],
+            summary,
+            data={"table": table},
+        )
+
+
+PROBLEM = Preference()

@@ -8,7 +8,7 @@ minimum over a dense set of ``x*(lam)`` (an upper bound, tight up to the samplin
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ from torch import Tensor
 
 from . import engine
 from .common import Config, Section, md_table
+from .engine import RunResult
 from .methods import min_norm_coefficients
+from .problem import Batch
 
 DIM = 10
 M_VALUES = (2, 3, 5)
@@ -75,68 +77,76 @@ def losses(A: Tensor, u: Tensor, x: Tensor) -> Tensor:
     return (diff * (A @ diff.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
-def run(cfg: Config) -> Section:
-    t0 = time.perf_counter()
-    steps = 150 if cfg.quick else 400
-    md = [
-        f"n = {DIM}, plain gradient descent with lr {LR} for every method (eigenvalues of each A_i in "
-        f"[1/kappa, 1], so every L_w is 2-smooth), {steps} steps, c = {cfg.c}, seeds {cfg.seeds} "
-        f"(one instance and start per seed). 'Pareto dist' is the distance to the nearest of "
-        f"thousands of x*(lambda) (upper bound); 'stationarity' = min_p ||sum p_i g_i||.\n\n"
-    ]
-    header = [
-        "m",
-        "kappa",
-        "method",
-        "dist x*(w) start",
-        "dist x*(w) end (median)",
-        "dist x*(w) end (max)",
-        "Pareto dist end (median)",
-        "Pareto dist end (max)",
-        "stationarity end (median)",
-    ]
-    table = []
-    panels_w, panels_p = [], []
-    data = {}
-    for m in M_VALUES:
-        for cname, kappa in CONDITIONS.items():
-            W1 = weight_set(m, cfg.quick)
-            inst = [make_instance(m, kappa, s) for s in cfg.seeds]
-            runs = [(si, wi) for si in range(len(cfg.seeds)) for wi in range(len(W1))]
-            A = torch.stack([inst[si][0] for si, _ in runs])
-            u = torch.stack([inst[si][1] for si, _ in runs])
-            x0 = torch.stack([inst[si][2] for si, _ in runs])
-            W = torch.stack([W1[wi] for _, wi in runs])
-            xstar = weighted_optimum(A, u, W)
-            # x*(w) of the runs' own weights are Pareto points too: add them to the candidates.
-            lam = torch.cat([lambda_grid(m), W1])
-            front = torch.stack(
-                [weighted_optimum(a.expand(len(lam), *a.shape), uu.expand(len(lam), *uu.shape), lam) for a, uu, _ in inst]
-            )  # (S, K, n)
-            front_r = front[[si for si, _ in runs]]  # (R, K, n)
+class Quadratics:
+    """One batch per (m, condition): every seed's instance and start under every user weight."""
 
-            def metrics(x: Tensor, A=A, u=u, xstar=xstar, front_r=front_r) -> dict[str, Tensor]:
-                _, G = engine.per_objective_grads(lambda z: losses(A, u, z), x)
-                H = G @ G.mT
-                p = min_norm_coefficients(H)
-                stat = torch.einsum("...m,...mn->...n", p, G).norm(dim=-1)
-                pd = torch.cdist(x.transpose(0, 1), front_r).amin(-1).transpose(0, 1)
-                return {"dist_w": (x - xstar).norm(dim=-1), "pareto": pd, "stat": stat}
+    name = "quadratic"
+    peers = True
 
-            res = engine.run(
-                lambda z, A=A, u=u: losses(A, u, z),
-                x0,
-                W,
-                cfg.methods,
-                steps,
-                optimizer="sgd",
-                lr=LR,
-                log_points=50,
-                metric_fn=metrics,
-                seed=cfg.seeds[0],
-                desc=f"quadratic m={m} {cname}",
-                progress=cfg.progress,
-            )
+    def batches(self, cfg: Config) -> Iterator[Batch]:
+        steps = 150 if cfg.quick else 400
+        for m in M_VALUES:
+            for cname, kappa in CONDITIONS.items():
+                W1 = weight_set(m, cfg.quick)
+                inst = [make_instance(m, kappa, s) for s in cfg.seeds]
+                runs = [(si, wi) for si in range(len(cfg.seeds)) for wi in range(len(W1))]
+                A = torch.stack([inst[si][0] for si, _ in runs])
+                u = torch.stack([inst[si][1] for si, _ in runs])
+                x0 = torch.stack([inst[si][2] for si, _ in runs])
+                W = torch.stack([W1[wi] for _, wi in runs])
+                xstar = weighted_optimum(A, u, W)
+                # x*(w) of the runs' own weights are Pareto points too: add them to the candidates.
+                lam = torch.cat([lambda_grid(m), W1])
+                front = torch.stack(
+                    [weighted_optimum(a.expand(len(lam), *a.shape), uu.expand(len(lam), *uu.shape), lam) for a, uu, _ in inst]
+                )  # (S, K, n)
+                front_r = front[[si for si, _ in runs]]  # (R, K, n)
+
+                def metrics(x: Tensor, A=A, u=u, xstar=xstar, front_r=front_r) -> dict[str, Tensor]:
+                    _, G = engine.per_objective_grads(lambda z: losses(A, u, z), x)
+                    H = G @ G.mT
+                    p = min_norm_coefficients(H)
+                    stat = torch.einsum("...m,...mn->...n", p, G).norm(dim=-1)
+                    pd = torch.cdist(x.transpose(0, 1), front_r).amin(-1).transpose(0, 1)
+                    return {"dist_w": (x - xstar).norm(dim=-1), "pareto": pd, "stat": stat}
+
+                yield Batch(
+                    lambda z, A=A, u=u: losses(A, u, z),
+                    x0,
+                    W,
+                    steps,
+                    optimizer="sgd",
+                    lr=LR,
+                    log_points=50,
+                    desc=f"quadratic m={m} {cname}",
+                    metric_fn=metrics,
+                    context=dict(m=m, cname=cname, kappa=kappa),
+                )
+
+    def report(self, cfg: Config, runs: list[tuple[Batch, RunResult]]) -> Section:
+        steps = runs[0][0].steps
+        md = [
+            f"n = {DIM}, plain gradient descent with lr {LR} for every method (eigenvalues of each A_i in "
+            f"[1/kappa, 1], so every L_w is 2-smooth), {steps} steps, c = {cfg.c}, seeds {cfg.seeds} "
+            f"(one instance and start per seed). 'Pareto dist' is the distance to the nearest of "
+            f"thousands of x*(lambda) (upper bound); 'stationarity' = min_p ||sum p_i g_i||.\n\n"
+        ]
+        header = [
+            "m",
+            "kappa",
+            "method",
+            "dist x*(w) start",
+            "dist x*(w) end (median)",
+            "dist x*(w) end (max)",
+            "Pareto dist end (median)",
+            "Pareto dist end (max)",
+            "stationarity end (median)",
+        ]
+        table = []
+        panels_w, panels_p = [], []
+        data = {}
+        for batch, res in runs:
+            m, cname, kappa = (batch.context[k] for k in ("m", "cname", "kappa"))
             data[(m, cname)] = res
             lg = res.logs
             for k, meth in enumerate(cfg.methods):
@@ -164,28 +174,30 @@ def run(cfg: Config) -> Section:
                     {meth.label: lg["pareto"][:, k].numpy() + 1e-12 for k, meth in enumerate(cfg.methods)},
                 )
             )
-    md.append(md_table(header, table))
-    from . import report
+        md.append(md_table(header, table))
+        from . import report
 
-    report.curves_figure(
-        cfg.out / "quadratic_dist_xw.png",
-        panels_w,
-        "||x - x*(w)||",
-        "Convex quadratics: distance to the w-weighted optimum (median, 25-75 % band)",
-    )
-    report.curves_figure(
-        cfg.out / "quadratic_dist_pareto.png",
-        panels_p,
-        "dist to Pareto set",
-        "Convex quadratics: distance to the Pareto set (median, 25-75 % band)",
-    )
-    # headline: which method is closest to x*(w) at the end, over all configs
-    labels = [m.label for m in cfg.methods]
-    med = {lab: float(np.median([r[4] for r in table if r[2] == lab])) for lab in labels}
-    best = min(med, key=med.get)
-    summary = f"quadratics — median final ||x - x*(w)|| over all (m, kappa): best {best} ({med[best]:.2e}); " + ", ".join(
-        f"{k} {v:.2e}" for k, v in med.items()
-    )
-    return Section(
-        "2. Convex quadratics", "".join(md), ["quadratic_dist_xw.png", "quadratic_dist_pareto.png"], summary, time.perf_counter() - t0, data
-    )
+        report.curves_figure(
+            cfg.out / "quadratic_dist_xw.png",
+            panels_w,
+            "||x - x*(w)||",
+            "Convex quadratics: distance to the w-weighted optimum (median, 25-75 % band)",
+        )
+        report.curves_figure(
+            cfg.out / "quadratic_dist_pareto.png",
+            panels_p,
+            "dist to Pareto set",
+            "Convex quadratics: distance to the Pareto set (median, 25-75 % band)",
+        )
+        # headline: which method is closest to x*(w) at the end, over all configs
+        labels = [m.label for m in cfg.methods]
+        med = {lab: float(np.median([r[4] for r in table if r[2] == lab])) for lab in labels}
+        best = min(med, key=med.get)
+        summary = f"quadratics — median final ||x - x*(w)|| over all (m, kappa): best {best} ({med[best]:.2e}); " + ", ".join(
+            f"{k} {v:.2e}" for k, v in med.items()
+        )
+        figures = ["quadratic_dist_xw.png", "quadratic_dist_pareto.png"]
+        return Section("2. Convex quadratics", "".join(md), figures, summary, data=data)
+
+
+PROBLEM = Quadratics()

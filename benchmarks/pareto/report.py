@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,46 +22,6 @@ def save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-
-
-def toy_figure(
-    path: Path,
-    traj: torch.Tensor,
-    rows: list,
-    variant: int,
-    methods: Sequence,
-    w1_values: Sequence[float],
-    scale1: float,
-    opt_pts: torch.Tensor,
-    pset: np.ndarray,
-    contour: Callable,
-    title: str,
-) -> None:
-    """Rows: user weights; columns: methods; each panel: contours of L_w and every start's path."""
-    nr, nc = len(w1_values), len(methods)
-    fig, axes = plt.subplots(nr, nc, figsize=(2.0 * nc, 2.0 * nr), sharex=True, sharey=True, squeeze=False)
-    for a, w1 in enumerate(w1_values):
-        sel = [i for i, r in enumerate(rows) if r[0] == variant and r[2] == w1]
-        for k, meth in enumerate(methods):
-            ax = axes[a, k]
-            contour(ax, w1, scale1)
-            ax.plot(pset[:, 0], pset[:, 1], color="tab:green", lw=2)
-            for j, i in enumerate(sel):
-                path_ = traj[:, k, i].numpy()
-                ax.plot(path_[:, 0], path_[:, 1], color=COLORS[j % len(COLORS)], lw=1)
-                ax.plot(path_[0, 0], path_[0, 1], "o", color=COLORS[j % len(COLORS)], ms=3)
-                ax.plot(path_[-1, 0], path_[-1, 1], "x", color="k", ms=4)
-            o = opt_pts[sel[0]].numpy()
-            ax.plot(o[0], o[1], "*", color="red", ms=8)
-            ax.set_xlim(-10, 10)
-            ax.set_ylim(-10, 10)
-            ax.tick_params(labelsize=6)
-            if a == 0:
-                ax.set_title(meth.label, fontsize=7)
-            if k == 0:
-                ax.set_ylabel(f"w1 = {w1}", fontsize=8)
-    fig.suptitle(title + " (green: Pareto set, red star: x*(w), x: end)", fontsize=9)
-    save(fig, path)
 
 
 def curves_figure(
