@@ -45,3 +45,10 @@ def test_the_summary_reads_pytests_counts_and_failed_ids() -> None:
     assert counts == "2 failed, 1084 passed, 160 skipped, 1 xfailed, 1 error"
     assert failures == ["tests/test_fsdp.py::test_x[fsdp]", "tests/test_distributed.py::test_y"]
     assert torch_versions.summarise("Traceback ...")[0] == "no pytest summary (see the log)"
+
+
+def test_the_floor_the_tool_reads_is_the_packages() -> None:
+    from cagrad_clip._torch_version import MIN_TORCH
+
+    assert torch_versions.floor(Path(__file__).resolve().parents[1]) == MIN_TORCH
+    assert torch_versions.release("2.13.0+cpu") == (2, 13)

@@ -10,8 +10,9 @@ as ``python3.10`` on PATH or under pyenv) or a path to an interpreter.
 
 For every pair the tool makes a venv under ``--workdir`` (kept and reused, ``--fresh`` remakes it),
 installs ``torch==TORCH`` and then this repository's committed tree (``git archive HEAD``, so edits
-in the working copy do not leak into a run) with the ``test`` extra only, checks that
-``import cagrad_clip`` works (below the floor it must be refused with the floor's message), runs
+in the working copy do not leak into a run) with the ``test`` extra only, keeping that torch,
+checks that ``import cagrad_clip`` works (below the floor in ``pyproject.toml`` the tree is
+installed without dependencies and the import must fail with the floor's message), runs
 ``python -m pytest`` there and prints a Markdown table of the outcomes. pip's machine-wide
 constraints (a cap on torch) and local wheel directories are switched off for the tool's own pip
 calls so that any release on the package index can be asked for; nothing outside ``--workdir``
@@ -78,6 +79,19 @@ def find_python(version_or_path: str) -> str:
     raise SystemExit(f"no Python {version_or_path} found (neither python{version_or_path} on PATH nor under {root}/versions)")
 
 
+def release(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()  # type: ignore[union-attr]
+    return int(major), int(minor)
+
+
+def floor(src: Path) -> tuple[int, int]:
+    """The torch floor the tree's pyproject.toml states (``torch>=X.Y``)."""
+    match = re.search(r'"torch>=(\d+\.\d+)', (src / "pyproject.toml").read_text())
+    if match is None:
+        raise SystemExit(f"no torch>= requirement in {src / 'pyproject.toml'}")
+    return release(match.group(1))
+
+
 def pip_env(spec: Spec) -> dict[str, str]:
     """pip without the machine's torch cap; without local wheel directories unless a local build is asked for."""
     env = dict(os.environ, PIP_CONSTRAINT="", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -138,8 +152,15 @@ def check(spec: Spec, src: Path, workdir: Path, args: argparse.Namespace) -> Out
         if run([str(py), "-m", "pip", "install", "--quiet", f"torch=={spec.torch}"], log, env=env, timeout=args.install_timeout) != 0:
             outcome.result = "torch install failed"
             return outcome
-        package = f"{src}[{args.extras}]"
-        if run([str(py), "-m", "pip", "install", "--quiet", "-e", package], log, env=env, timeout=args.install_timeout) != 0:
+        # The torch just installed stays: a constraint keeps pip from "fixing" a release below the floor.
+        pin = venv / "torch-constraint.txt"
+        pin.write_text(f"torch=={spec.torch}\n")
+        env = dict(env, PIP_CONSTRAINT=str(pin))
+        below_floor = release(spec.torch) < floor(src)
+        # Below the floor pip would refuse the package's own requirement: install it without dependencies,
+        # to see the import refuse that torch.
+        install = ["-e", str(src), "--no-deps"] if below_floor else ["-e", f"{src}[{args.extras}]"]
+        if run([str(py), "-m", "pip", "install", "--quiet", *install], log, env=env, timeout=args.install_timeout) != 0:
             outcome.result = f"install of .[{args.extras}] failed"
             return outcome
         probe = subprocess.run(
@@ -153,9 +174,9 @@ def check(spec: Spec, src: Path, workdir: Path, args: argparse.Namespace) -> Out
             outcome.build = "CPU" if cuda == "None" else f"CUDA {cuda} wheel, on CPU"
         imported = subprocess.run([str(py), "-c", "import cagrad_clip"], capture_output=True, text=True, cwd=src)
         log.write(f"\n$ python -c 'import cagrad_clip'\n{imported.stderr}")
-        if imported.returncode != 0:
-            message = (imported.stderr.strip().splitlines() or ["?"])[-1]
-            outcome.ok = "needs torch>=" in message
+        if imported.returncode != 0 or below_floor:
+            message = (imported.stderr.strip().splitlines() or ["imported (below the floor!)"])[-1]
+            outcome.ok = below_floor and "needs torch>=" in message
             outcome.result = "refused at import: " + message.split(": ", 1)[-1][:120]
         else:
             env = dict(os.environ, PYTHONHASHSEED="0")
