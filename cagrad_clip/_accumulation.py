@@ -92,7 +92,7 @@ def accumulate(
     try:
         store.accumulate(losses)
     except BaseException:
-        store.abandon()
+        store.discard_window()
         window.reset()
         raise
     if combine:
@@ -115,7 +115,7 @@ def combine_window(state: WrapperState, *, seal: bool, ranks: tuple[Any, int]) -
     if window.phase != "accumulating" or store is None:
         raise RuntimeError("no per-objective gradients are accumulated: call backward(losses) or step(losses) after zero_grad()")
     if not store.grads_intact():
-        store.abandon()
+        store.discard_window()
         window.reset()
         raise RuntimeError(
             ".grad was replaced (zero_grad, set_to_none or an assignment) after backward(..., combine=False), so the "

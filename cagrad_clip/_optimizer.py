@@ -280,7 +280,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._state.window.reset()
         if self._state.store is not None:
-            self._state.store.abandon()
+            self._state.store.discard_window()
             if not set_to_none:
                 self._state.store.mark_zeroed()
 
@@ -320,8 +320,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             distributed=self._distributed,
             process_group=self._process_group,
         )
-        if self._state.store is not None:
-            self._state.store.close()
         self._state.store, self._state.layout_key = store, key
         self._state.window.reset()
         return store
@@ -437,7 +435,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             return result
         finally:
             if self._state.store is not None:  # .grad is the user's now: keep no reference to it
-                self._state.store.release()
+                self._state.store.end_window()
 
     def _scaler_allows_step(self, scaler: Any, diagnostics: StepDiagnostics) -> bool:
         """Unscale the combined direction through ``scaler`` and read its Inf/NaN verdict (one host read,

@@ -72,13 +72,6 @@ class AccumulatorStore(GradientStore):
                 dtype = torch.promote_types(dtype, d)
         super().__init__(params, shared_count, [p.shape for p in params], dtype)
         self.recorder = ReachRecorder(self.params)
-        self.external: list[Tensor | None] = [None] * len(self.params)
-        self.coefficients: Tensor | None = None
-
-    def release(self) -> None:
-        super().release()
-        self.external = [None] * len(self.params)
-        self.coefficients = None
 
     # ------------------------------------------------------------------ window
     def start_window(self, m: int, home: int) -> None:

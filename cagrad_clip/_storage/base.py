@@ -128,6 +128,10 @@ class GradientStore:
         self.rows: Tensor | None = None
         self.home = 0
         self.guard = GradGuard()
+        #: what ``.grad`` held when the window began (kept; the combination is added to it)
+        self.external: list[Tensor | None] = [None] * len(self.params)
+        #: the coefficients of the combination in ``.grad`` (``None`` until one is written)
+        self.coefficients: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -226,23 +230,23 @@ class GradientStore:
         assert self.rows is not None
         average_across_ranks(self.rows, group, world_size)
 
-    def close(self) -> None:
-        """Release what the store registered (hooks) before the layout is rebuilt."""
-
     def mark_zeroed(self) -> None:
         """``zero_grad(set_to_none=False)`` just zeroed ``.grad`` in place (stores that can reuse those zeros override)."""
 
-    def abandon(self) -> None:
+    def discard_window(self) -> None:
         """Forget the window (after a failed pass or a reset); ``.grad`` is left as it is."""
         self.guard.clear()
-        self.release()
+        self.end_window()
 
-    def release(self) -> None:
+    def end_window(self) -> None:
         """Drop this window's references to gradients the user now owns (the window is over).
 
         Whatever ``.grad`` held before the window and the home objective's gradients belong to
         ``.grad`` after the step; a reference kept here would keep them alive after ``zero_grad()``
         (``set_to_none``) and add a whole parameter copy to the next forward's peak. The rows go too
         (the next window allocates them again; CUDA's caching allocator hands the same memory back).
+        Stores that hold more per window extend this.
         """
         self.rows = None
+        self.external = [None] * len(self.params)
+        self.coefficients = None

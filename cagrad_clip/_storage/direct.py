@@ -91,10 +91,8 @@ class DirectStore(GradientStore):
         super().__init__(params, shared_count, [p.shape for p in params], params[0].dtype)
         self.acc = reduction_dtype(self.dtype)
         self.recorder = ReachRecorder(self.params)
-        self.external: list[Tensor | None] = [None] * len(self.params)
         self.grads: list[list[Tensor | None]] = []  # grads[i][j]: objective i, parameter j (grads[home] is .grad)
         self.fresh = [False] * len(self.params)  # home gradient allocated by write() (home did not reach it)
-        self.coefficients: Tensor | None = None
         #: The home objective's squared norm over the non-shared parameters, taken by :meth:`write` before
         #: its gradients became the direction (``None``: not written, read them from ``grads``).
         self._home_unshared: Tensor | None = None
@@ -107,12 +105,10 @@ class DirectStore(GradientStore):
     def mark_zeroed(self) -> None:
         self._zeroed.record(self.params)
 
-    def release(self) -> None:
-        super().release()
-        self.external = [None] * len(self.params)
+    def end_window(self) -> None:
+        super().end_window()
         self.grads = []
         self.fresh = [False] * len(self.params)
-        self.coefficients = None
         self._home_unshared = None
         self._zeros = None
         self._buffer = None

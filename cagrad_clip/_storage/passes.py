@@ -110,12 +110,12 @@ class PassesStore(GradientStore):
     def unwrite(self) -> None:  # pragma: no cover - check_backward refuses every continued window
         raise RuntimeError("memory='low' cannot take a combination back out of .grad")
 
-    def abandon(self) -> None:
+    def discard_window(self) -> None:
         if self._passes is not None:
             self._passes.close()  # .grad back to None, the engine forgets the forward
             self._passes = None
-        super().abandon()
+        super().discard_window()
 
-    def release(self) -> None:
-        super().release()
+    def end_window(self) -> None:
+        super().end_window()
         self._gram = None

@@ -36,9 +36,7 @@ class ShardedStore(GradientStore):
                 dtype = torch.promote_types(dtype, d)
         super().__init__(params, shared_count, [t.shape for t in local], dtype)
         self.shard_group = group
-        self.external: list[Tensor | None] = [None] * len(self.params)
         self.reached = [False] * len(self.params)
-        self.coefficients: Tensor | None = None
 
     def gram_over_ranks(self, counter: Any, group: Any, world_size: int) -> Tensor:
         """The shard Grams summed over the mesh's group (FSDP already averaged the gradients)."""
@@ -49,11 +47,6 @@ class ShardedStore(GradientStore):
 
     def kept_row(self, i: int) -> bool:
         return False  # a shard's row says nothing about the other ranks' shards
-
-    def release(self) -> None:
-        super().release()
-        self.external = [None] * len(self.params)
-        self.coefficients = None
 
     def start_window(self, m: int, home: int) -> None:
         self.external = [p.grad for p in self.params]

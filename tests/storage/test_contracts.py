@@ -176,7 +176,7 @@ def test_the_low_memory_store_gram_is_the_gram_of_the_objectives_gradients():
         torch.testing.assert_close(store.gram(), G @ G.T, rtol=1e-12, atol=1e-14)
         assert store.gram_over_ranks(None, None, 1) is store.gram()
     finally:
-        store.abandon()
+        store.discard_window()
     assert all(p.grad is None for p in params)
 
 
