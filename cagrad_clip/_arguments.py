@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,15 @@ from torch import Tensor
 
 from ._optim_base import WrappedOptimizer
 
-__all__ = ["check_base_optimizer", "check_no_step_in_backward", "check_shared", "fixed", "read_only", "shared_list"]
+__all__ = [
+    "check_base_optimizer",
+    "check_no_step_in_backward",
+    "check_shared",
+    "fixed",
+    "read_only",
+    "shared_list",
+    "split_step_arguments",
+]
 
 
 def check_no_step_in_backward(params: Sequence[Tensor]) -> None:
@@ -78,3 +86,15 @@ def check_shared(shared: list[Any], optimizer: torch.optim.Optimizer) -> list[Te
     if not any(p.requires_grad for p in shared):
         raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
     return shared
+
+
+def split_step_arguments(losses: Any, closure: Callable[[], Any] | None) -> tuple[Any, Callable[[], Any] | None]:
+    """``step(losses)``, ``step(closure)`` and ``step(closure=closure)`` as ``(losses, closure)``, at most
+    one of them set."""
+    if callable(losses) and not isinstance(losses, Tensor):
+        if closure is not None:
+            raise ValueError("pass either losses or closure, not both")
+        return None, losses
+    if closure is not None and losses is not None:
+        raise ValueError("pass either losses or closure, not both")
+    return losses, closure

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._dual import CAGradSolution
 
-__all__ = ["StepDiagnostics", "all_finite", "step_diagnostics"]
+__all__ = ["StepDiagnostics", "all_finite", "explain_nonfinite", "step_diagnostics"]
 
 
 class StepDiagnostics(NamedTuple):
@@ -84,3 +84,18 @@ def step_diagnostics(gram: Tensor, solution: CAGradSolution, finite: Tensor, wri
 def all_finite(d: StepDiagnostics) -> Tensor:
     """0-d bool on the device: every gradient, the coefficients and the written direction are finite."""
     return d.finite.all() & torch.isfinite(d.coefficients).all() & d.written_finite
+
+
+def explain_nonfinite(d: StepDiagnostics, store: Any) -> str:
+    """Name what is not finite in a combination (host reads: only on the error path); ``store`` is
+    the :class:`~cagrad_clip._storage.GradientStore` that held the window, or ``None``."""
+    bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
+    if bad and store is not None:
+        return store.explain_nonfinite(bad, d.gram)
+    if not bool(torch.isfinite(d.coefficients).all()):
+        return "the combination overflowed (the Gram of finite gradients is not finite)"
+    dtypes = sorted({str(p.dtype) for p in (store.params if store is not None else [])})
+    return (
+        f"the combined direction overflows the parameters' dtype ({', '.join(dtypes)}) although every objective's "
+        "gradient is finite; scale the losses down"
+    )

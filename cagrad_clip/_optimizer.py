@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
@@ -10,22 +9,20 @@ import torch
 from torch import Tensor
 
 from ._accumulation import WrapperState, accumulate, combine_window, host_weights
-from ._arguments import check_base_optimizer, check_no_step_in_backward, check_shared, fixed, read_only, shared_list
-from ._diagnostics import StepDiagnostics, all_finite
-from ._distributed import active_group, check_distributed
+from ._arguments import check_base_optimizer, check_no_step_in_backward, check_shared, fixed, read_only, shared_list, split_step_arguments
+from ._checkpoint import restore_wrapper_state, saved_wrapper_state
+from ._diagnostics import StepDiagnostics, all_finite, explain_nonfinite
+from ._distributed import active_group
+from ._grad_scaler import EDITED, check_grad_scaler, scaler_allows_step
+from ._layout import GradientFlow, current_store
 from ._loss_checks import check_losses
 from ._low_memory import AutogramEngine
 from ._nonfinite import NONFINITE_POLICIES, NonfinitePolicy, resolve_nonfinite
 from ._optim_base import WrappedOptimizer
 from ._settings import CAGradSettings, Rescale, Solver
-from ._storage import GradientStore, make_store
+from ._storage import GradientStore
 
 __all__ = ["NONFINITE_POLICIES", "ConflictAverseOptimizer"]
-
-# While a window's gradients are uncombined, GradScaler.step passes itself to step() (torch's protocol
-# for optimizers that handle scaled gradients, see _step_supports_amp_scaling) and warns that it will
-# one day pass tensors instead; the warning is about that protocol, not about the user's code.
-warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
 class ConflictAverseOptimizer(WrappedOptimizer):
@@ -115,28 +112,14 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             max_iter=max_iter,
         )
         nonfinite = resolve_nonfinite(nonfinite)
-        check_distributed(distributed, process_group)
         check_base_optimizer(optimizer)
-        if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
-        if memory not in ("default", "low"):
-            raise ValueError(f"unknown memory={memory!r}; choose 'default' or 'low'")
-        if engine is not None and (memory != "low" or not isinstance(engine, AutogramEngine)):
-            raise ValueError("engine= is an AutogramEngine for memory='low'; pass it with memory='low' only")
-        if memory == "low" and accumulate_dtype is not None:
-            raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
         shared_request = None if shared is None else check_shared(shared_list(shared), optimizer)
+        # how gradients flow (the store is built from it): validated here, fixed for the optimizer's life
+        self._flow = GradientFlow(memory, engine, accumulate_dtype, distributed, process_group, shared_request)
         super().__init__(optimizer)
         #: Every piece of mutable state, in one object: shallow copies of this optimizer (Lightning's
         #: LightningOptimizer copies ``__dict__``) then share it instead of diverging.
         self._state = WrapperState(settings=settings, nonfinite=nonfinite)
-        # how gradients flow (the store is built from them): fixed at construction, read-only below
-        self._distributed = distributed
-        self._process_group = process_group
-        self._accumulate_dtype = accumulate_dtype
-        self._memory = memory
-        self._engine = engine
-        self._shared_request = shared_request
         self._current_store()  # validates the parameters now (complex, devices, FSDP layout)
 
     # ------------------------------------------------------------------ settings
@@ -163,13 +146,13 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     nonfinite = property(
         lambda self: self._state.nonfinite.name, lambda self, v: read_only("nonfinite"), doc="The non-finite policy's name."
     )
-    memory = property(lambda self: self._memory, lambda self, v: fixed("memory"), doc="``'default'`` or ``'low'``.")
-    engine = property(lambda self: self._engine, lambda self, v: fixed("engine"), doc="The low-memory mode's AutogramEngine.")
+    memory = property(lambda self: self._flow.memory, lambda self, v: fixed("memory"), doc="``'default'`` or ``'low'``.")
+    engine = property(lambda self: self._flow.engine, lambda self, v: fixed("engine"), doc="The low-memory mode's AutogramEngine.")
     accumulate_dtype = property(
-        lambda self: self._accumulate_dtype, lambda self, v: fixed("accumulate_dtype"), doc="The accumulator rows' dtype (or ``None``)."
+        lambda self: self._flow.accumulate_dtype, lambda self, v: fixed("accumulate_dtype"), doc="The accumulator rows' dtype (or None)."
     )
-    distributed = property(lambda self: self._distributed, lambda self, v: fixed("distributed"), doc="Average across ranks.")
-    process_group = property(lambda self: self._process_group, lambda self, v: fixed("process_group"), doc="The group averaged over.")
+    distributed = property(lambda self: self._flow.distributed, lambda self, v: fixed("distributed"), doc="Average across ranks.")
+    process_group = property(lambda self: self._flow.process_group, lambda self, v: fixed("process_group"), doc="The group averaged over.")
 
     def configure(self, **changes: Any) -> CAGradSettings:
         """Change settings (``weights``, ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``).
@@ -202,41 +185,11 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         return settings
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {**self._state.settings.to_dict(), "nonfinite": self._state.nonfinite.name, "skipped_steps": self._state.skipped_steps}
+        return saved_wrapper_state(self._state)
 
     def _load_wrapper_state(self, state: dict[str, Any] | None) -> Callable[[], None]:
         """The checkpoint's settings replace the current ones, with a warning naming every difference."""
-        if state is None:  # a plain optimizer's state dict: keep this wrapper's settings
-            return lambda: None
-        if not isinstance(state, dict):
-            raise TypeError(f"the saved '{self.STATE_KEY}' entry must be a dict, got {type(state).__name__}")
-        values = dict(state)
-        skipped = values.pop("skipped_steps", 0)
-        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
-            raise ValueError(f"saved skipped_steps must be an int >= 0, got {skipped!r}")
-        name = values.pop("nonfinite", self._state.nonfinite.name)
-        # the policy this optimizer holds under that name (a custom one included), else a built-in's
-        nonfinite = self._state.nonfinite if name == self._state.nonfinite.name else resolve_nonfinite(name)
-        settings = CAGradSettings.from_dict(values)
-        changed = {k: (v, settings.to_dict()[k]) for k, v in self._state.settings.to_dict().items() if settings.to_dict()[k] != v}
-        if nonfinite is not self._state.nonfinite:
-            changed["nonfinite"] = (self._state.nonfinite.name, nonfinite.name)
-
-        def apply() -> None:
-            if changed:
-                listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                warnings.warn(
-                    f"load_state_dict replaced this optimizer's settings with the checkpoint's ({listed}); to keep "
-                    "new settings (a new training phase), call opt.configure(...) after loading",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            self._state.settings = settings
-            self._state.nonfinite = nonfinite
-            self._state.skipped_steps = skipped
-            self._state.device_weights.clear()
-
-        return apply
+        return restore_wrapper_state(self._state, state, self.STATE_KEY)
 
     def __repr__(self) -> str:
         s = self._state.settings
@@ -284,45 +237,8 @@ class ConflictAverseOptimizer(WrappedOptimizer):
             if not set_to_none:
                 self._state.store.mark_zeroed()
 
-    # ------------------------------------------------------------------ layout
-    def _trainable(self) -> list[Tensor]:
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        return list({id(p): p for p in params}.values())
-
     def _current_store(self) -> GradientStore:
-        """The gradient store for the parameters that require grad *now*; rebuilt when they changed."""
-        trainable = self._trainable()
-        key = tuple(id(p) for p in trainable)
-        if self._state.store is not None and key == self._state.layout_key:
-            return self._state.store
-        if self._state.window.open and self._state.store is not None and self._state.store.grads_intact():
-            raise RuntimeError("the trainable parameters changed during gradient accumulation; call zero_grad() first")
-        if not trainable:
-            raise ValueError("the base optimizer has no parameter with requires_grad=True; nothing to train")
-        for j, p in enumerate(trainable):
-            if p.is_complex():
-                raise TypeError(f"parameter {j} (shape {tuple(p.shape)}) is complex; complex parameters are not supported")
-            if p.layout != torch.strided:
-                raise TypeError(f"parameter {j} has layout {p.layout}; only dense (strided) parameters are supported")
-        if self._shared_request is None:
-            shared_ids = set(key)
-        else:
-            shared_ids = {id(p) for p in self._shared_request if p.requires_grad}
-            if not shared_ids:
-                raise ValueError("shared contains no parameter with requires_grad=True; the Gram would be empty")
-        ordered = [p for p in trainable if id(p) in shared_ids] + [p for p in trainable if id(p) not in shared_ids]
-        store = make_store(
-            ordered,
-            sum(id(p) in shared_ids for p in trainable),
-            accumulate_dtype=self._accumulate_dtype,
-            memory=self._memory,
-            engine=self._engine,
-            distributed=self._distributed,
-            process_group=self._process_group,
-        )
-        self._state.store, self._state.layout_key = store, key
-        self._state.window.reset()
-        return store
+        return current_store(self._state, self.optimizer, self._flow)
 
     # ------------------------------------------------------------------ the work
     @torch.compiler.disable
@@ -356,7 +272,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         self._state.settings.weights_tensor(m)  # raises if the number of weights differs
         store = self._current_store()
         check_no_step_in_backward(store.params)
-        accumulate(self._state, store, losses, combine=combine, seal=seal, ranks=active_group(self._distributed, self._process_group))
+        accumulate(self._state, store, losses, combine=combine, seal=seal, ranks=self._ranks())
 
     @torch.compiler.disable
     def combine(self) -> StepDiagnostics:
@@ -364,7 +280,10 @@ class ConflictAverseOptimizer(WrappedOptimizer):
 
         Idempotent: a second call without new gradients returns :attr:`last`. Sync-free.
         """
-        return combine_window(self._state, seal=True, ranks=active_group(self._distributed, self._process_group))
+        return combine_window(self._state, seal=True, ranks=self._ranks())
+
+    def _ranks(self) -> tuple[Any, int]:
+        return active_group(self._flow.distributed, self._flow.process_group)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -399,36 +318,26 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         After a step the next :meth:`backward` starts a new window even without ``zero_grad``;
         its direction is then added to ``.grad`` as torch adds gradients.
         """
-        if grad_scaler is not None and not (
-            isinstance(getattr(grad_scaler, "_per_optimizer_states", None), dict) and callable(getattr(grad_scaler, "unscale_", None))
-        ):
-            raise TypeError(
-                f"grad_scaler is passed by torch.amp.GradScaler.step(opt) itself (call scaler.step(opt)); got {type(grad_scaler).__name__}"
-            )
-        if callable(losses) and not isinstance(losses, Tensor):
-            if closure is not None:
-                raise ValueError("pass either losses or closure, not both")
-            losses, closure = None, losses
+        check_grad_scaler(grad_scaler)
+        losses, closure = split_step_arguments(losses, closure)
         result = None
         if closure is not None:
-            if losses is not None:
-                raise ValueError("pass either losses or closure, not both")
             with torch.enable_grad():
                 result = closure()
             losses = result
         if losses is not None:
             self._backward(cast("Sequence[Tensor] | Tensor", losses), combine=True, seal=False)
-        diagnostics = combine_window(self._state, seal=False, ranks=active_group(self._distributed, self._process_group))
+        diagnostics = combine_window(self._state, seal=False, ranks=self._ranks())
         self._state.window.reset()  # whatever happens below, this window is over
         try:
             if grad_scaler is not None:
-                if self._scaler_allows_step(grad_scaler, diagnostics):
+                if scaler_allows_step(self, grad_scaler, diagnostics, self._state.nonfinite.checks):
                     self.optimizer.step()
                 return result
             if self._state.nonfinite.checks and not bool(all_finite(diagnostics)):  # the one host read
                 if not bool(diagnostics.window_intact):
-                    raise RuntimeError(_EDITED)
-                self._state.nonfinite.handle(self._explain_nonfinite(diagnostics))  # returns to skip, raises to stop
+                    raise RuntimeError(EDITED)
+                self._state.nonfinite.handle(explain_nonfinite(diagnostics, self._state.store))  # returns to skip, raises to stop
                 self._state.skipped_steps += 1
                 return result
             self.optimizer.step()
@@ -436,49 +345,3 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         finally:
             if self._state.store is not None:  # .grad is the user's now: keep no reference to it
                 self._state.store.end_window()
-
-    def _scaler_allows_step(self, scaler: Any, diagnostics: StepDiagnostics) -> bool:
-        """Unscale the combined direction through ``scaler`` and read its Inf/NaN verdict (one host read,
-        as ``GradScaler.step`` makes itself); refuse an edited window."""
-        try:
-            scaler.unscale_(self)
-        except RuntimeError as error:  # scaler.unscale_(opt) ran before step(): .grad is unscaled already
-            if "already been called" not in str(error):
-                raise
-        device = diagnostics.coefficients.device
-        per_device: dict[Any, Tensor] = scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-        if per_device and self._state.nonfinite.checks:
-            # An unscale_ before the combination saw .grad without the gradients kept aside: its verdict can
-            # miss an Inf of another objective. Our own verdict is merged into the scaler's record (in place,
-            # on the device), so the step is skipped and scaler.update() backs off as for any overflow.
-            record = next(iter(per_device.values()))
-            record.copy_(torch.maximum(record, (~all_finite(diagnostics)).to(record)))
-        found = [t.to(device) for t in per_device.values()]
-        found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
-        skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
-        if edited:
-            raise RuntimeError(_EDITED)
-        return not skip
-
-    def _explain_nonfinite(self, d: StepDiagnostics) -> str:
-        """Name what is not finite (host reads: only on the error path)."""
-        store = self._state.store
-        bad = [i for i, ok in enumerate(d.finite.tolist()) if not ok]
-        if bad and store is not None:
-            return store.explain_nonfinite(bad, d.gram)
-        if not bool(torch.isfinite(d.coefficients).all()):
-            return "the combination overflowed (the Gram of finite gradients is not finite)"
-        dtypes = sorted({str(p.dtype) for p in (store.params if store is not None else [])})
-        return (
-            f"the combined direction overflows the parameters' dtype ({', '.join(dtypes)}) although every objective's "
-            "gradient is finite; scale the losses down"
-        )
-
-
-_EDITED = (
-    ".grad was changed in place while this window's per-objective gradients waited for a later call (after "
-    "backward(..., combine=False), or after a combination that a further backward continued): the edit cannot be "
-    "taken apart from the objectives' gradients, so the step is refused and the parameters were not updated. Edit "
-    ".grad (clip_grad_norm_, GradScaler.unscale_, ...) only after the window's last backward with combine=True (or "
-    "opt.combine()) and before step(); call zero_grad() to start over"
-)

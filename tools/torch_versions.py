@@ -66,16 +66,16 @@ class Outcome:
 
 
 def find_python(version_or_path: str) -> str:
-    """An interpreter for ``3.10`` (``python3.10`` on PATH, else pyenv's newest 3.10.x) or a given path."""
+    """An interpreter for ``3.10`` (``python3.10`` on PATH if it runs, else pyenv's newest 3.10.x) or a given path."""
     if os.sep in version_or_path:
         return version_or_path
-    found = shutil.which(f"python{version_or_path}")
-    if found:
-        return found
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    candidates = sorted(glob.glob(os.path.join(root, "versions", f"{version_or_path}.*", "bin", "python")))
-    if candidates:
-        return candidates[-1]
+    candidates = [shutil.which(f"python{version_or_path}")]
+    candidates += sorted(glob.glob(os.path.join(root, "versions", f"{version_or_path}.*", "bin", "python")), reverse=True)
+    for candidate in candidates:
+        # a pyenv shim is on PATH even when its version is not active, and then fails: try it
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
     raise SystemExit(f"no Python {version_or_path} found (neither python{version_or_path} on PATH nor under {root}/versions)")
 
 
