@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cagrad_clip import ConflictAverseOptimizer
+from tests.models import TwoHeads, make_two_heads
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -21,22 +22,8 @@ BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
 WEIGHTS = [0.8, 0.2]
 
 
-class TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        f64 = dict(dtype=torch.float64)  # explicit: init draws must not depend on the default dtype
-        self.trunk = nn.Sequential(nn.Linear(5, 8, **f64), nn.Tanh(), nn.Linear(8, 6, **f64), nn.Tanh())
-        self.head_a = nn.Linear(6, 1, **f64)
-        self.head_b = nn.Linear(6, 1, **f64)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(x)
-        return self.head_a(h), self.head_b(h)
-
-
 def make_model() -> TwoHeads:
-    torch.manual_seed(0)
-    return TwoHeads()
+    return make_two_heads(0)
 
 
 def make_data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -27,6 +27,7 @@ from torch import nn
 from cagrad_clip import ConflictAverseOptimizer
 from cagrad_clip._distributed import average_across_ranks, check_same_count, reached_on_any_rank, sum_across_ranks
 from cagrad_clip._storage import direct, make_store
+from tests.models import TwoHeads, make_two_heads
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -209,20 +210,9 @@ def test_check_same_count_raises_on_every_rank_when_the_counts_differ(world):
 
 
 # ------------------------------------------------------------------------------------------ the optimizer
-class TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        f64 = dict(dtype=torch.float64)
-        self.trunk = nn.Sequential(nn.Linear(5, 8, **f64), nn.Tanh(), nn.Linear(8, 6, **f64), nn.Tanh())
-        self.head_a = nn.Linear(6, 1, **f64)
-        self.head_b = nn.Linear(6, 1, **f64)
-        self.extra = nn.Parameter(torch.tensor([1.0, -0.5], dtype=torch.float64))  # only rank 1's batch reaches it
-        self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))  # no loss reaches it
-
-
 def make_model() -> TwoHeads:
-    torch.manual_seed(0)
-    return TwoHeads()
+    """The shared two-head model with ``extra`` (only rank 1's batch reaches it) and ``unused`` (no loss does)."""
+    return make_two_heads(0, stray=True)
 
 
 def make_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
