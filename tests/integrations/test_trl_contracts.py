@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from cagrad_clip.integrations.trl import MultiObjectiveDPOTrainer, SignsCollator  # noqa: E402
+from cagrad_clip.integrations.trl.signs import signs_tensor  # noqa: E402
 
 from . import tiny  # noqa: E402
 from .test_trl import BETA, config, run_trainer  # noqa: E402
@@ -110,6 +112,22 @@ def test_signs_collator_refuses_bad_signs(rows):
     collator = SignsCollator(inner_collator([]), "s", 2 if rows != [[]] else None)
     with pytest.raises(ValueError):
         collator([{"s": r} for r in rows])
+
+
+@pytest.mark.parametrize("rows", [[[1, -1], [True, False]], [[1, 1], [1, 0], [False, False]]], ids=["bool_row_1", "bool_row_2"])
+def test_boolean_signs_are_refused_naming_the_row_because_false_would_read_as_a_tie(rows):
+    collator = SignsCollator(inner_collator([]), "s", 2)
+    row = next(i for i, r in enumerate(rows) if isinstance(r[0], bool))
+    with pytest.raises(ValueError, match=rf"column 's', row {row}: \[.*\] holds booleans;.*False is not a tie"):
+        collator([{"s": r} for r in rows])
+    with pytest.raises(ValueError, match="holds booleans"):  # numpy's booleans (a datasets numpy format) too
+        signs_tensor([np.array(r) for r in rows], "s", 2)
+
+
+def test_a_sign_outside_plus_minus_one_and_zero_names_its_row_and_values():
+    with pytest.raises(ValueError, match=r"column 's', row 2: \[1.0, 0.5\] holds \[0.5\]; signs must be \+1 \(chosen better\)"):
+        signs_tensor([[1, 0], [0, -1], [1, 0.5], [2, 2]], "s", 2)
+    assert signs_tensor([[1, 0], [0, -1]], "s", 2).tolist() == [[1.0, 0.0], [0.0, -1.0]]
 
 
 def test_signs_collator_refuses_examples_without_signs():

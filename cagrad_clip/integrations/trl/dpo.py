@@ -181,7 +181,7 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
         chosen_rewards = self.beta * (chosen_logps - ref_chosen)
         rejected_rewards = self.beta * (rejected_logps - ref_rejected)
         logits = chosen_rewards - rejected_rewards  # beta * Delta, (B,)

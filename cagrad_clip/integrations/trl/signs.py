@@ -19,8 +19,24 @@ __all__ = ["SignsCollator", "check_dataset", "signs_tensor"]
 def signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = "objective_weights", where: str = "") -> Tensor:
     """Validate a batch (or dataset) of sign rows: a ``(n, m)`` float tensor with entries in {-1, 0, 1}.
 
+    Booleans are refused (``False`` would read as 0, a tie, and silently drop every pair whose rejected
+    response is better), and so is any value outside {-1, 0, +1}; both errors name the first bad row.
     ``source`` names the config field that fixed ``m``; ``where`` (e.g. ``"train_dataset: "``) prefixes the messages.
     """
+    for r, row in enumerate(rows):
+        try:
+            values = [] if isinstance(row, (str, bytes)) else list(row)
+        except TypeError:
+            values = []
+        if not values and not (isinstance(row, Sequence) and len(row) == 0):
+            raise ValueError(f"{where}column {column!r}, row {r}: {row!r} is not a list of signs (one per objective)")
+        for x in values:
+            # Python's and numpy's booleans, and boolean tensors
+            if type(x).__name__ in ("bool", "bool_") or (isinstance(x, Tensor) and x.dtype == torch.bool):
+                raise ValueError(
+                    f"{where}column {column!r}, row {r}: {values!r} holds booleans; signs are numbers: +1 (chosen better), "
+                    "-1 (rejected better) or 0 (a tie). Map them explicitly (e.g. 1 if chosen_better else -1): False is not a tie"
+                )
     try:
         signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32)
     except (TypeError, ValueError) as exc:
@@ -35,7 +51,11 @@ def signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = 
         raise ValueError(f"{where}column {column!r} has {signs.shape[1]} signs per example but there are {m} {source}; {fix}")
     bad = ~((signs == 1) | (signs == 0) | (signs == -1))
     if bool(bad.any()):
-        raise ValueError(f"{where}column {column!r} holds {sorted(set(signs[bad].tolist()))}; signs must be +1, -1 or 0")
+        r = int(bad.any(1).nonzero()[0, 0])
+        raise ValueError(
+            f"{where}column {column!r}, row {r}: {signs[r].tolist()} holds {sorted(set(signs[r][bad[r]].tolist()))}; "
+            "signs must be +1 (chosen better), -1 (rejected better) or 0 (a tie)"
+        )
     return signs
 
 
