@@ -84,7 +84,8 @@ class MultiObjectiveTrainerMixin:
             resolve_nonfinite(nonfinite)  # refused here, early, if unknown
             self.conflict_averse_kwargs["nonfinite"] = nonfinite
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
-        self._objective_store: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        #: per mode and key, this process's (total, count) of every step since the last log
+        self._objective_store: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
         if self.optimizer is not None and find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
             self.optimizer = self.wrap_optimizer(self.optimizer)
@@ -170,7 +171,7 @@ class MultiObjectiveTrainerMixin:
         with no_sync:
             with self.compute_loss_context_manager():  # type: ignore[attr-defined]
                 losses = list(self.objective_losses(model, inputs))
-            self._record_losses("train", losses)
+            self._record_losses("train", losses, inputs)
             scaled = [loss * share for loss in losses]
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None:  # fp16: scale every objective (exact: d(s g) = s d(g))
@@ -184,7 +185,7 @@ class MultiObjectiveTrainerMixin:
     ) -> Any:
         """The ``w``-weighted sum of :meth:`objective_losses` (what evaluation reports)."""
         losses = list(self.objective_losses(model, inputs))
-        self._record_losses("train" if model.training else "eval", losses)
+        self._record_losses("train" if model.training else "eval", losses, inputs)
         w = self._weights(len(losses), losses[0])
         loss = torch.stack(losses).to(w.dtype) @ w
         return (loss, None) if return_outputs else loss
@@ -199,27 +200,52 @@ class MultiObjectiveTrainerMixin:
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------ logging
-    def _record_losses(self, mode: str, losses: Sequence[Tensor]) -> None:
-        self.record_objective_metric(mode, "loss/{}", torch.stack([loss.detach().float() for loss in losses]))
+    def _record_losses(self, mode: str, losses: Sequence[Tensor], inputs: dict[str, Any]) -> None:
+        n = self.objective_batch_size(inputs)
+        totals = torch.stack([loss.detach().float() for loss in losses]) * n
+        self.record_objective_metric(mode, "loss/{}", totals, torch.full_like(totals, n))
 
-    def record_objective_metric(self, mode: str, key: str, value: Tensor) -> None:
-        """Keep a detached tensor for the next log: a vector (one per objective; ``key`` has a ``{}`` for
-        the objective's name) or a scalar. Averaged over the steps since the last log, read once."""
-        self._objective_store[mode][key].append(value.detach())
+    def record_objective_metric(self, mode: str, key: str, total: Tensor, count: Tensor | float) -> None:
+        """Keep this step's ``total`` over ``count`` items (examples, pairs or tokens) for the next log: a
+        vector (one per objective; ``key`` has a ``{}`` for the objective's name) or a scalar. No host read.
+
+        At the log, totals and counts are summed over the processes (one all-reduce per log), so each
+        step's value, ``total / count``, is over every process's items, as TRL's own metrics are (0 where
+        the count is 0); the logged number is the mean of those values over the steps since the last log.
+        """
+        total = total.detach().float()
+        self._objective_store[mode][key].append((total, torch.as_tensor(count, dtype=total.dtype, device=total.device).expand_as(total)))
+
+    def _reduced_objective_metrics(self, mode: str) -> dict[str, Tensor]:
+        """Every stored key's value, over all processes' items, averaged over the stored steps; clears the store."""
+        store = self._objective_store[mode]
+        keys = sorted(store)  # the same order on every process
+        if not keys:
+            return {}
+        flat = [torch.stack([torch.stack(pair) for pair in store[key]]).flatten() for key in keys]  # (steps, 2, ...) each
+        sizes = [t.numel() for t in flat]
+        summed = torch.cat(flat)
+        if getattr(self.accelerator, "num_processes", 1) > 1:
+            summed = self.accelerator.reduce(summed, reduction="sum")
+        out = {}
+        for key, part in zip(keys, summed.split(sizes)):
+            steps = len(store[key])
+            pairs = part.view(steps, 2, *store[key][0][0].shape)
+            total, count = pairs[:, 0], pairs[:, 1]
+            out[key] = torch.where(count > 0, total / count.clamp_min(1e-30), torch.zeros_like(total)).mean(0)
+        store.clear()
+        return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        store = self._objective_store[mode]
-        for key, values in store.items():
-            mean = torch.stack([v.float() for v in values]).mean(0)
+        for key, mean in self._reduced_objective_metrics(mode).items():
             if "{}" in key:
                 per_objective = mean.tolist()
                 for name, v in zip(self.objective_names_for(len(per_objective)), per_objective):
                     logs[prefix + key.format(name)] = v
             else:
                 logs[prefix + key] = float(mean)
-        store.clear()
         opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None
         last = getattr(opt, "last", None)
         if mode == "train" and last is not None and "train_runtime" not in logs:  # not on the run's summary

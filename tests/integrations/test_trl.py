@@ -352,7 +352,7 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
     with pytest.raises(ValueError, match="no 'objective_signs' column"):
         make(missing)
     with pytest.raises(ValueError, match="loss_type"):
-        config(tmp_path, loss_type=["hinge"])
+        config(tmp_path, loss_type=["nca_pair"])
     with pytest.raises(ValueError, match="objective_names"):
         config(tmp_path, objective_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="objective_weights"):

@@ -25,24 +25,38 @@ from .test_trl import BETA, config, run_trainer  # noqa: E402
 @pytest.mark.parametrize(
     "option",
     [
-        {"loss_type": ["hinge"]},
-        {"loss_type": ["sigmoid", "ipo"]},
-        {"loss_weights": [0.5]},
+        {"loss_type": ["nca_pair"]},
+        {"loss_type": ["sigmoid", "bco_pair"]},
+        {"loss_type": ["sppo_hard"]},
+        {"loss_type": ["apo_zero"]},
+        {"loss_type": ["apo_down"]},
+        {"loss_type": ["aot"]},
+        {"loss_type": ["aot_unpaired"]},
+        {"loss_type": ["no_such_loss"]},
         {"ld_alpha": 0.5},
         {"f_divergence_type": "js_divergence"},
         {"use_weighting": True},
-        {"label_smoothing": 0.1},
         {"padding_free": True},
         {"router_aux_loss_coef": 0.1},
         {"c": -0.1},
         {"c": float("inf")},
         {"rescale": "2c"},
     ],
-    ids=lambda d: ",".join(d),
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
 )
-def test_every_option_without_a_per_objective_form_is_refused(tmp_path, option):
-    with pytest.raises(ValueError):
+def test_every_option_without_a_per_objective_form_is_refused_with_its_reason(tmp_path, option):
+    key, value = next(iter(option.items()))
+    reasons = {
+        "nca_pair": "treats the chosen and rejected log-ratios separately",
+        "bco_pair": "treats the chosen and rejected log-ratios separately",
+        "aot": "sorts the margins across the batch",
+        "aot_unpaired": "sorts the margins across the batch",
+        "no_such_loss": "unknown; the per-objective forms are",
+    }
+    with pytest.raises(ValueError) as info:
         config(tmp_path, **option)
+    if key == "loss_type" and value[-1] in reasons:
+        assert reasons[value[-1]] in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +65,13 @@ def test_every_option_without_a_per_objective_form_is_refused(tmp_path, option):
         {"loss_type": "sigmoid"},
         {"loss_type": ["sigmoid"]},
         {"loss_weights": [1.0]},
+        {"loss_type": ["hinge"]},
+        {"loss_type": ["ipo"]},
+        {"loss_type": ["robust"], "label_smoothing": 0.1},
+        {"loss_type": ["exo_pair"], "label_smoothing": 0.1},
+        {"loss_type": ["discopop"]},
+        {"loss_type": ["sigmoid_norm"]},
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
         {"c": 0.0},
         {"c": 2.5},
         {"rescale": "1+c"},

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -19,6 +18,7 @@ from cagrad_clip import CAGradSettings
 
 from .. import check_weights
 from ..hf import MultiObjectiveTrainerMixin
+from .losses import PairScores, check_loss_types, objective_dpo_losses
 from .signs import SignsCollator, check_dataset
 
 __all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer"]
@@ -52,20 +52,14 @@ class MultiObjectiveDPOConfig(DPOConfig):
         self.objective_weights, self.objective_names = check_weights(self.objective_weights, self.objective_names)
         checked = CAGradSettings(c=self.c, clip=self.clip, rescale=self.rescale)  # bad values raise here
         self.c, self.clip, self.rescale = checked.c, checked.clip, checked.rescale
-        unsupported = []
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if loss_types != ["sigmoid"]:
-            unsupported.append(f"loss_type={loss_types} (only the sigmoid DPO loss has a per-objective sign form)")
-        if self.loss_weights not in (None, [1.0]):
-            unsupported.append(f"loss_weights={self.loss_weights} (use objective_weights)")
+        unsupported = check_loss_types(loss_types)
         if self.ld_alpha is not None:
-            unsupported.append(f"ld_alpha={self.ld_alpha}")
+            unsupported.append(f"ld_alpha={self.ld_alpha} (length-desensitised log-probs are not implemented here)")
         if self.f_divergence_type != "reverse_kl":
-            unsupported.append(f"f_divergence_type={self.f_divergence_type!r}")
+            unsupported.append(f"f_divergence_type={self.f_divergence_type!r} (not implemented here)")
         if self.use_weighting:
-            unsupported.append("use_weighting=True")
-        if self.label_smoothing:
-            unsupported.append(f"label_smoothing={self.label_smoothing}")
+            unsupported.append("use_weighting=True (WPO's weights are not implemented here)")
         if self.padding_free:
             unsupported.append("padding_free=True")
         if self.router_aux_loss_coef:
@@ -145,6 +139,7 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
             raise ValueError("MultiObjectiveDPOTrainer does not support an MoE auxiliary loss; set router_aux_loss_coef=0.0")
         self.signs_column = args.signs_column
         self.data_collator = SignsCollator(self.data_collator, args.signs_column, m, source)
+        self._pending_tokens: Tensor | int = 0  # training tokens since the last log (this process; no host read)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -164,7 +159,8 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         return super().compute_ref_log_probs(model, inputs)
 
     def objective_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
-        """One policy forward (TRL's fused LM head) and one reference forward; one DPO loss per objective."""
+        """One policy forward (TRL's fused LM head) and one reference forward; one DPO loss per objective:
+        the config's ``loss_type`` (and ``loss_weights``) applied to each objective's signed pairs."""
         column = self.args.signs_column
         if column not in inputs:
             raise KeyError(f"the batch has no {column!r}; was the collator replaced? (keys: {sorted(inputs)})")
@@ -176,26 +172,68 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         seq_len = completion_mask.shape[1] - 1
-        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        logps = per_token_logps.sum(dim=1)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
-        chosen_rewards = self.beta * (chosen_logps - ref_chosen)
-        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
-        logits = chosen_rewards - rejected_rewards  # beta * Delta, (B,)
-        signs = signs.to(device=logits.device, dtype=logits.dtype)
-        signed = signs * logits.unsqueeze(1)  # (B, m)
-        losses = [-F.logsigmoid(signed[:, i]).mean() for i in range(signs.shape[1])]
+        chosen_ratios, rejected_ratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        signs = signs.to(device=chosen_logps.device, dtype=chosen_logps.dtype)
+        pairs = PairScores(chosen_ratios, rejected_ratios, completion_mask, per_token_logps)
+        losses = objective_dpo_losses(pairs, signs, self.args)
 
         mode = "train" if model.training else "eval"
         with torch.no_grad():
-            decided = signs != 0
-            count = decided.sum(0).clamp_min(1).to(logits.dtype)
-            self.record_objective_metric(mode, "rewards/{}/margins", (signed * decided).sum(0) / count)
-            self.record_objective_metric(mode, "rewards/{}/accuracies", ((signed > 0) & decided).sum(0) / count)
-            self.record_objective_metric(mode, "rewards/chosen", chosen_rewards.mean())
-            self.record_objective_metric(mode, "rewards/rejected", rejected_rewards.mean())
-            self.record_objective_metric(mode, "rewards/margins", logits.mean())
+            self._record_dpo_metrics(mode, outputs, inputs, pairs, signs, chosen_logps, rejected_logps)
         return losses
+
+    def _record_dpo_metrics(
+        self,
+        mode: str,
+        outputs: Any,
+        inputs: dict[str, Any],
+        pairs: PairScores,
+        signs: Tensor,
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+    ) -> None:
+        """TRL's ``DPOTrainer`` metrics under its names, and the per-objective rewards, as (total, count)
+        over this process's items: :meth:`log` sums them over the processes (no host read here)."""
+        record = self.record_objective_metric
+        n = chosen_logps.shape[0]
+        signed = signs * (self.beta * pairs.delta).unsqueeze(1)  # (B, m)
+        decided = signs != 0
+        record(mode, "rewards/{}/margins", (signed * decided).sum(0), decided.sum(0))
+        record(mode, "rewards/{}/accuracies", ((signed > 0) & decided).sum(0), decided.sum(0))
+        chosen_rewards, rejected_rewards = self.beta * pairs.chosen_ratios.detach(), self.beta * pairs.rejected_ratios.detach()
+        record(mode, "rewards/chosen", chosen_rewards.sum(), n)
+        record(mode, "rewards/rejected", rejected_rewards.sum(), n)
+        record(mode, "rewards/accuracies", (chosen_rewards > rejected_rewards).sum(), n)
+        record(mode, "rewards/margins", (chosen_rewards - rejected_rewards).sum(), n)
+        record(mode, "logps/chosen", chosen_logps.detach().sum(), n)
+        record(mode, "logps/rejected", rejected_logps.detach().sum(), n)
+        seq_len = pairs.shift_completion_mask.shape[1]
+        mask = pairs.shift_completion_mask
+        record(mode, "entropy", (outputs.entropy[:, -seq_len:].detach() * mask).sum(), mask.sum())
+        chosen_mask, rejected_mask = (part.bool() for part in mask.chunk(2, dim=0))
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].detach().chunk(2, dim=0)
+        record(mode, "logits/chosen", chosen_logits[chosen_mask].sum(), chosen_mask.sum())
+        record(mode, "logits/rejected", rejected_logits[rejected_mask].sum(), rejected_mask.sum())
+        chosen_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+        record(mode, "mean_token_accuracy", (chosen_top1 & chosen_mask).sum(), chosen_mask.sum())
+        if mode == "train":
+            self._pending_tokens = self._pending_tokens + inputs["attention_mask"].sum()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """TRL's ``num_tokens`` (training tokens so far, all processes) joins the metrics of the mixin."""
+        if self.model.training and "train_runtime" not in logs:
+            pending = self._pending_tokens
+            if isinstance(pending, Tensor):
+                if getattr(self.accelerator, "num_processes", 1) > 1:
+                    pending = self.accelerator.reduce(pending, reduction="sum")
+                self._total_train_tokens += int(pending) // getattr(self, "_tp_size", 1)
+            self._pending_tokens = 0
+            logs["num_tokens"] = float(self._total_train_tokens)
+        super().log(logs, *args, **kwargs)
