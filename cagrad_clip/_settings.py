@@ -81,9 +81,10 @@ def rescale_divisor(rescale: Rescale, c: float) -> float:
 
 def check_solver(solver: Any) -> Solver:
     """Validate ``solver`` (a key of :data:`SOLVER_OPTIONS`: ``"auto"`` or a registered solver)."""
-    from ._dual.registry import SOLVER_OPTIONS  # the registry imports nothing of ours: no cycle at call time
+    from ._dual.registry import AUTO, SOLVER_OPTIONS, SOLVERS  # the registry imports nothing of ours: no cycle at call time
 
-    if not isinstance(solver, str) or solver not in SOLVER_OPTIONS:
+    # membership in the plain dict, not the live mapping: torch.compile (Dynamo, torch 2.4) cannot trace a Mapping's __contains__
+    if not isinstance(solver, str) or (solver != AUTO and solver not in SOLVERS):
         raise ValueError(f"unknown solver={solver!r}; choose one of {list(SOLVER_OPTIONS)}")
     return solver
 
