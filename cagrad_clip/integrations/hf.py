@@ -30,6 +30,8 @@ What the mixin does for you:
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +46,8 @@ from .._settings import CAGradSettings
 from . import MultiObjectiveOptimizer, check_weights, find_conflict_averse, objective_names, require_conflict_averse
 
 __all__ = ["MultiObjectiveTrainerMixin"]
+
+logger = logging.getLogger(__name__)
 
 
 class MultiObjectiveTrainerMixin:
@@ -117,6 +121,27 @@ class MultiObjectiveTrainerMixin:
         if find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
             self.optimizer = self.wrap_optimizer(self.optimizer)
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resuming: the optimizer's state comes from the checkpoint, its objective settings (weights,
+        ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``) from this run's arguments,
+        so a new phase can change them; one log line names every setting that differs from the checkpoint's."""
+        opt = find_conflict_averse(self.optimizer, self.multi_objective_types) if self.optimizer is not None else None
+        if checkpoint is None or not isinstance(opt, ConflictAverseOptimizer):
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            return
+        wanted, wanted_nonfinite = opt.settings, opt.nonfinite
+        with warnings.catch_warnings():  # the optimizer's own "replaced with the checkpoint's" warning: undone below
+            warnings.filterwarnings("ignore", message="load_state_dict replaced this optimizer's settings")
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        saved, saved_nonfinite = opt.settings.to_dict(), opt.nonfinite
+        changes = {k: (saved[k], v) for k, v in wanted.to_dict().items() if saved[k] != v}
+        if wanted_nonfinite != saved_nonfinite:
+            changes["nonfinite"] = (saved_nonfinite, wanted_nonfinite)
+        if changes:
+            opt.configure(**{k: new for k, (_, new) in changes.items()})
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            logger.warning(f"resumed from {checkpoint}: this run's settings replace the checkpoint's ({listed})")
 
     @property
     def conflict_averse_optimizer(self) -> Any:

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
+from cagrad_clip.integrations import find_conflict_averse  # noqa: E402
 from cagrad_clip.integrations.trl import MultiObjectiveDPOConfig, MultiObjectiveDPOTrainer  # noqa: E402
 
 from . import tiny  # noqa: E402
@@ -246,6 +248,52 @@ def test_resume_from_checkpoint_equals_a_straight_run(tok, tmp_path):
         assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == 4
         torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
     assert trainer.conflict_averse_optimizer.weights.tolist() == pytest.approx(WEIGHTS[2])
+
+
+def test_resuming_with_new_settings_applies_this_runs_config_and_logs_each_change(tok, tmp_path, caplog):
+    """A new training phase from a checkpoint: the optimizer's state is the checkpoint's, its objective
+    settings this run's, and one log line names what changed. The steps after the resume equal a run
+    that reconfigures the optimizer at the same step by hand."""
+    rows = tiny.preference_rows(16, 2, seed=9)
+    ref = tiny.no_dropout_gpt2(tok, seed=1)
+    args = dict(per_device_train_batch_size=4, max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch", learning_rate=1e-2)
+    run_trainer(tok, rows, config(tmp_path / "a", **args), tiny.no_dropout_gpt2(tok), copy.deepcopy(ref), MultiObjectiveDPOTrainer)
+    resumed = tiny.no_dropout_gpt2(tok)
+    trainer = MultiObjectiveDPOTrainer(
+        model=resumed,
+        ref_model=copy.deepcopy(ref),
+        args=config(tmp_path / "b", **args, objective_weights=[0.2, 0.8], c=0.1, clip=False),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    with caplog.at_level("WARNING", logger="cagrad_clip.integrations.hf"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    settings = trainer.conflict_averse_optimizer.settings
+    assert (list(settings.weights), settings.c, settings.clip) == (pytest.approx([0.2, 0.8]), 0.1, False)
+    (line,) = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+    assert "weights: [0.7, 0.3] -> [0.2, 0.8]" in line and "c: 0.4 -> 0.1" in line and "clip: True -> False" in line
+    assert "rescale" not in line
+    # the reference: the straight run's first 2 steps, then the same optimizer reconfigured by hand
+    by_hand = tiny.no_dropout_gpt2(tok)
+    straight = MultiObjectiveDPOTrainer(
+        model=by_hand,
+        ref_model=copy.deepcopy(ref),
+        args=config(tmp_path / "c", **{**args, "save_strategy": "no"}),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[_ReconfigureAt(2, weights=[0.2, 0.8], c=0.1, clip=False)],
+    )
+    straight.train()
+    assert max_diff(by_hand, resumed) < 1e-6
+
+
+class _ReconfigureAt(transformers.TrainerCallback):
+    def __init__(self, step: int, **settings) -> None:
+        self.step, self.settings = step, settings
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step == self.step:
+            find_conflict_averse(optimizer).configure(**self.settings)
 
 
 def test_optimizer_is_built_from_the_config_and_user_optimizers_work(tok, tmp_path):
