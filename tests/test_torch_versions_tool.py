@@ -26,10 +26,10 @@ def test_specs_name_a_torch_release_and_a_python() -> None:
             torch_versions.Spec.parse(bad)
 
 
-def test_a_local_build_keeps_local_wheel_directories_and_a_release_does_not() -> None:
-    assert torch_versions.pip_env(torch_versions.Spec("2.13.0", "3.11"))["PIP_FIND_LINKS"] == ""
-    assert torch_versions.pip_env(torch_versions.Spec("2.13.0+cpu", "3.11")).get("PIP_FIND_LINKS") == os.environ.get("PIP_FIND_LINKS")
-    assert torch_versions.pip_env(torch_versions.Spec("2.4.0", "3.11"))["PIP_CONSTRAINT"] == ""
+def test_a_release_comes_from_the_index_alone_and_a_local_build_keeps_the_configuration() -> None:
+    assert torch_versions.pip_env(torch_versions.Spec("2.13.0", "3.11"))["PIP_CONFIG_FILE"] == os.devnull
+    local = torch_versions.pip_env(torch_versions.Spec("2.13.0+cpu", "3.11"))
+    assert local.get("PIP_CONFIG_FILE") == os.environ.get("PIP_CONFIG_FILE")
 
 
 def test_the_summary_reads_pytests_counts_and_failed_ids() -> None:

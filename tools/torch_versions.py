@@ -15,8 +15,8 @@ checks that ``import cagrad_clip`` works (below the floor in ``pyproject.toml`` 
 installed without dependencies and the import must fail with the floor's message), runs
 ``python -m pytest`` there and prints a Markdown table of the outcomes. pip's machine-wide
 constraints (a cap on torch) and local wheel directories are switched off for the tool's own pip
-calls so that any release on the package index can be asked for; nothing outside ``--workdir``
-changes. Not in CI (each pair downloads a torch build and runs the suite: several minutes).
+calls (``PIP_CONFIG_FILE=/dev/null``) so that any release on the package index can be asked for;
+nothing outside ``--workdir`` changes. Not in CI (each pair downloads a torch build and runs the suite: several minutes).
 """
 
 from __future__ import annotations
@@ -93,10 +93,12 @@ def floor(src: Path) -> tuple[int, int]:
 
 
 def pip_env(spec: Spec) -> dict[str, str]:
-    """pip without the machine's torch cap; without local wheel directories unless a local build is asked for."""
-    env = dict(os.environ, PIP_CONSTRAINT="", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    """pip for ``spec``: a release without a local label comes from the package index alone (no configuration
+    files: ``PIP_CONFIG_FILE=/dev/null`` drops a machine-wide torch cap, local wheel directories and extra
+    indexes, where a local ``+cpu`` build would otherwise win); a local build keeps the configuration."""
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     if "+" not in spec.torch:
-        env["PIP_FIND_LINKS"] = ""  # a local '+cpu' wheel would otherwise win over the index's build
+        env["PIP_CONFIG_FILE"] = os.devnull
     return env
 
 
