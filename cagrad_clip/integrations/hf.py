@@ -57,7 +57,10 @@ class MultiObjectiveTrainerMixin:
     Extra keyword arguments of the constructor: ``objective_weights`` (user weights ``w``, default
     uniform), ``objective_names`` (for the logs; default ``objective_0``, ...), ``c``, ``clip``,
     ``rescale`` and ``nonfinite`` (passed to :class:`~cagrad_clip.ConflictAverseOptimizer`; without
-    ``nonfinite`` the library's ``"skip"``, or ``"ignore"`` under ``fp16``, whose ``GradScaler`` checks).
+    ``nonfinite`` the library's ``"skip"``, or ``"ignore"`` under ``fp16``, whose ``GradScaler`` checks),
+    and ``objective_columns``: the dataset columns :meth:`objective_losses` reads besides the model's
+    inputs, which the ``Trainer``'s ``remove_unused_columns=True`` (its default) would otherwise drop
+    from a ``datasets.Dataset``.
     """
 
     #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper): any
@@ -69,6 +72,7 @@ class MultiObjectiveTrainerMixin:
     model: Any
     optimizer: Any
     accelerator: Any
+    _signature_columns: Any
 
     def __init__(
         self,
@@ -79,9 +83,14 @@ class MultiObjectiveTrainerMixin:
         clip: bool = True,
         rescale: str | None = None,
         nonfinite: Any = None,
+        objective_columns: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
+        if objective_columns is not None and (isinstance(objective_columns, str) or not all(isinstance(c, str) for c in objective_columns)):
+            raise TypeError(f"objective_columns must be a list of column names, got {objective_columns!r}")
+        #: dataset columns objective_losses reads, kept when the Trainer removes the ones model.forward does not take
+        self.objective_columns = list(objective_columns or [])
         checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # bad values raise here, early
         self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
         if nonfinite is not None:  # the user's policy wins over the fp16 default of wrap_optimizer
@@ -98,6 +107,28 @@ class MultiObjectiveTrainerMixin:
     def objective_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sequence[Tensor]:
         """One scalar loss per objective for this (micro-)batch, each a mean over its examples. Override."""
         raise NotImplementedError(f"{type(self).__name__} must implement objective_losses(model, inputs)")
+
+    def _objective_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
+        """:meth:`objective_losses`, with a missing input that the Trainer removed named with the fix."""
+        try:
+            return list(self.objective_losses(model, inputs))
+        except KeyError as error:
+            key = error.args[0] if error.args else None
+            if isinstance(key, str) and key not in inputs and getattr(self.args, "remove_unused_columns", False):
+                raise KeyError(
+                    f"objective_losses read inputs[{key!r}], which the batch does not have: with remove_unused_columns=True "
+                    "(the Trainer's default) a datasets.Dataset keeps only model.forward's arguments. Pass "
+                    f"objective_columns=[{key!r}, ...] (every column objective_losses reads) to the trainer, or set "
+                    "remove_unused_columns=False"
+                ) from error
+            raise
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        columns: list[str] = list(getattr(self, "_signature_columns", None) or [])
+        extra = [c for c in self.objective_columns if c not in columns]
+        if extra:
+            self._signature_columns = [*columns, *extra]
 
     def objective_batch_size(self, inputs: dict[str, Any]) -> int:
         """Number of examples the losses of ``inputs`` average over (default: the first tensor's length)."""
@@ -195,7 +226,7 @@ class MultiObjectiveTrainerMixin:
         no_sync = self.accelerator.no_sync(model) if getattr(self.args, "world_size", 1) > 1 else contextlib.nullcontext()
         with no_sync:
             with self.compute_loss_context_manager():  # type: ignore[attr-defined]
-                losses = list(self.objective_losses(model, inputs))
+                losses = self._objective_losses(model, inputs)
             self._record_losses("train", losses, inputs)
             scaled = [loss * share for loss in losses]
             scaler = getattr(self.accelerator, "scaler", None)
@@ -209,7 +240,7 @@ class MultiObjectiveTrainerMixin:
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """The ``w``-weighted sum of :meth:`objective_losses` (what evaluation reports)."""
-        losses = list(self.objective_losses(model, inputs))
+        losses = self._objective_losses(model, inputs)
         self._record_losses("train" if model.training else "eval", losses, inputs)
         w = self._weights(len(losses), losses[0])
         loss = torch.stack(losses).to(w.dtype) @ w

@@ -174,3 +174,48 @@ def test_the_users_nonfinite_policy_wins_and_a_nan_objective_is_handled_by_it(tm
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="nonfinite"):
         HalvesTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), nonfinite="sometimes")
+
+
+class LabelledTrainer(MultiObjectiveTrainerMixin, transformers.Trainer):
+    """Objectives that read dataset columns model.forward does not take (per-objective targets)."""
+
+    def objective_losses(self, model, inputs):
+        logits = model(input_ids=inputs["input_ids"]).logits[:, -1]
+        return [
+            torch.nn.functional.cross_entropy(logits, inputs["target_a"]),
+            torch.nn.functional.cross_entropy(logits, inputs["target_b"]),
+        ]
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def test_a_datasets_dataset_keeps_the_objective_columns_or_names_the_fix(tmp_path):
+    """The Trainer's default remove_unused_columns=True drops the columns model.forward does not take:
+    objective_columns= keeps them (the same steps as remove_unused_columns=False); without it the
+    KeyError names both fixes."""
+    datasets = pytest.importorskip("datasets")
+    tok = tiny.tokenizer()
+    g = torch.Generator().manual_seed(4)
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(3, 20, (6, 8), generator=g).tolist(),
+            "target_a": torch.randint(3, 20, (6,), generator=g).tolist(),
+            "target_b": torch.randint(3, 20, (6,), generator=g).tolist(),
+            "source": ["web"] * 6,  # a column no one reads: still removed
+        }
+    )
+    kept, plain, broken = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok)
+    common = dict(max_steps=2, remove_unused_columns=True)
+    LabelledTrainer(model=kept, args=args(tmp_path / "k", **common), train_dataset=data, objective_columns=["target_a", "target_b"]).train()
+    reference = data.remove_columns(["source"])
+    LabelledTrainer(model=plain, args=args(tmp_path / "p", max_steps=2), train_dataset=reference).train()
+    assert max((a - b).abs().max().item() for a, b in zip(kept.parameters(), plain.parameters())) == 0.0
+    assert max((a - b).abs().max().item() for a, b in zip(kept.parameters(), tiny.no_dropout_gpt2(tok).parameters())) > 1e-3
+    trainer = LabelledTrainer(model=broken, args=args(tmp_path / "b", **common), train_dataset=data)
+    with pytest.raises(
+        KeyError, match=r"objective_losses read inputs\['target_a'\].*objective_columns=\['target_a', \.\.\.\].*remove_unused_columns=False"
+    ):
+        trainer.train()
+    with pytest.raises(TypeError, match="objective_columns must be a list of column names"):
+        LabelledTrainer(model=broken, args=args(tmp_path / "b"), train_dataset=data, objective_columns="target_a")

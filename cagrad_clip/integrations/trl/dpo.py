@@ -145,7 +145,7 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         super()._set_signature_columns_if_needed()
         columns: list[str] = list(self._signature_columns or [])
         if self.args.signs_column not in columns:
-            self._signature_columns = [*columns, self.args.signs_column]  # type: ignore[assignment]
+            self._signature_columns = [*columns, self.args.signs_column]
 
     def objective_batch_size(self, inputs: dict[str, Any]) -> int:
         return int(inputs["input_ids"].shape[0]) // 2  # [chosen; rejected]
