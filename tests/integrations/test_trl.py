@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 pytest.importorskip("trl")
+import transformers  # noqa: E402 - after the skip: an optional dependency
+
 datasets = pytest.importorskip("datasets")
 
 from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
