@@ -15,7 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["MultiObjectiveOptimizer", "check_weights", "find_conflict_averse", "objective_names", "require_conflict_averse"]
+__all__ = [
+    "MultiObjectiveOptimizer",
+    "check_weights",
+    "find_conflict_averse",
+    "objective_names",
+    "optimizer_options",
+    "require_conflict_averse",
+    "shared_parameters",
+]
 
 
 @runtime_checkable
@@ -112,3 +120,74 @@ def require_conflict_averse(optimizer: object, owner: str, hint: str, types: tup
     if found is None:
         raise TypeError(f"{owner} needs a ConflictAverseOptimizer; got {type(optimizer).__name__}. {hint}")
     return found
+
+
+def shared_parameters(model: Any, patterns: Sequence[str]) -> list[Any]:
+    """The trainable parameters of ``model``'s modules whose qualified name (``model.named_modules()``) matches one
+    of the ``fnmatch`` patterns (e.g. ``"transformer.h.*"``), each once: the ``shared=`` parameters the
+    Gram is measured on. A pattern that matches no module is refused, naming a few of the names."""
+    import fnmatch
+
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"shared_modules must be a list of module-name patterns, got {patterns!r}")
+    named = [(name, module) for name, module in model.named_modules() if name]
+    params: dict[int, Any] = {}
+    for pattern in patterns:
+        matched = [module for name, module in named if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            sample = ", ".join(name for name, _ in named[:8])
+            raise ValueError(f"shared_modules pattern {pattern!r} matches no module of the model; its modules are named like: {sample}")
+        trainable = [p for module in matched for p in module.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"shared_modules pattern {pattern!r} matches {len(matched)} module(s) but none has a trainable parameter")
+        for p in trainable:  # frozen ones (a LoRA base model's) are not the optimizer's
+            params.setdefault(id(p), p)
+    return list(params.values())
+
+
+def optimizer_options(
+    *,
+    c: float,
+    clip: bool,
+    rescale: str | None,
+    solver: str = "auto",
+    max_iter: int | None = None,
+    memory: str = "default",
+    accumulate_dtype: Any = None,
+    nonfinite: Any = None,
+) -> dict[str, Any]:
+    """The :class:`~cagrad_clip.ConflictAverseOptimizer` keyword arguments of an integration, validated now
+    by the library's own checks (so a bad config fails when it is built, not at the first step).
+    ``accumulate_dtype`` may be a dtype or its name (``"float32"``); ``nonfinite=None`` is left out (the
+    integration picks its default)."""
+    import torch
+
+    from cagrad_clip._nonfinite import resolve_nonfinite
+    from cagrad_clip._settings import CAGradSettings
+
+    checked = CAGradSettings(c=c, clip=clip, rescale=rescale, solver=solver, max_iter=max_iter)
+    options: dict[str, Any] = {
+        "c": checked.c,
+        "clip": checked.clip,
+        "rescale": checked.rescale,
+        "solver": checked.solver,
+        "max_iter": checked.max_iter,
+    }
+    if memory not in ("default", "low"):
+        raise ValueError(f"unknown memory={memory!r}; choose 'default' or 'low'")
+    if memory != "default":
+        options["memory"] = memory
+    if isinstance(accumulate_dtype, str):
+        if accumulate_dtype not in ("float32", "float64"):
+            raise ValueError(f"accumulate_dtype must be None, 'float32' or 'float64', got {accumulate_dtype!r}")
+        accumulate_dtype = getattr(torch, accumulate_dtype)
+    if accumulate_dtype is not None:
+        if accumulate_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
+        if memory == "low":
+            raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
+        options["accumulate_dtype"] = accumulate_dtype
+    if nonfinite is not None:
+        resolve_nonfinite(nonfinite)  # refused here, early, if unknown
+        options["nonfinite"] = nonfinite
+    return options

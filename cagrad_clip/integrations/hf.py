@@ -41,9 +41,15 @@ from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
 
-from .._nonfinite import resolve_nonfinite
-from .._settings import CAGradSettings
-from . import MultiObjectiveOptimizer, check_weights, find_conflict_averse, objective_names, require_conflict_averse
+from . import (
+    MultiObjectiveOptimizer,
+    check_weights,
+    find_conflict_averse,
+    objective_names,
+    optimizer_options,
+    require_conflict_averse,
+    shared_parameters,
+)
 
 __all__ = ["MultiObjectiveTrainerMixin"]
 
@@ -58,7 +64,9 @@ class MultiObjectiveTrainerMixin:
     uniform), ``objective_names`` (for the logs; default ``objective_0``, ...), ``c``, ``clip``,
     ``rescale`` and ``nonfinite`` (passed to :class:`~cagrad_clip.ConflictAverseOptimizer`; without
     ``nonfinite`` the library's ``"skip"``, or ``"ignore"`` under ``fp16``, whose ``GradScaler`` checks),
-    and ``objective_columns``: the dataset columns :meth:`objective_losses` reads besides the model's
+    ``solver``, ``max_iter``, ``memory``, ``accumulate_dtype`` (a dtype or ``"float32"``/``"float64"``),
+    ``shared_modules`` (``fnmatch`` patterns of module names, e.g. ``["transformer.h.*"]``: the Gram is
+    measured on their parameters), and ``objective_columns``: the dataset columns :meth:`objective_losses` reads besides the model's
     inputs, which the ``Trainer``'s ``remove_unused_columns=True`` (its default) would otherwise drop
     from a ``datasets.Dataset``.
     """
@@ -84,6 +92,11 @@ class MultiObjectiveTrainerMixin:
         rescale: str | None = None,
         nonfinite: Any = None,
         objective_columns: Sequence[str] | None = None,
+        solver: str = "auto",
+        max_iter: int | None = None,
+        memory: str = "default",
+        accumulate_dtype: Any = None,
+        shared_modules: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
@@ -91,15 +104,27 @@ class MultiObjectiveTrainerMixin:
             raise TypeError(f"objective_columns must be a list of column names, got {objective_columns!r}")
         #: dataset columns objective_losses reads, kept when the Trainer removes the ones model.forward does not take
         self.objective_columns = list(objective_columns or [])
-        checked = CAGradSettings(c=c, clip=clip, rescale=rescale)  # bad values raise here, early
-        self.conflict_averse_kwargs: dict[str, Any] = {"c": checked.c, "clip": checked.clip, "rescale": checked.rescale}
-        if nonfinite is not None:  # the user's policy wins over the fp16 default of wrap_optimizer
-            resolve_nonfinite(nonfinite)  # refused here, early, if unknown
-            self.conflict_averse_kwargs["nonfinite"] = nonfinite
+        # bad values raise here, early; a nonfinite= given wins over the fp16 default of wrap_optimizer
+        self.conflict_averse_kwargs: dict[str, Any] = optimizer_options(
+            c=c,
+            clip=clip,
+            rescale=rescale,
+            solver=solver,
+            max_iter=max_iter,
+            memory=memory,
+            accumulate_dtype=accumulate_dtype,
+            nonfinite=nonfinite,
+        )
+        if shared_modules is not None and (isinstance(shared_modules, str) or not all(isinstance(p, str) for p in shared_modules)):
+            raise TypeError(f"shared_modules must be a list of module-name patterns, got {shared_modules!r}")
+        #: fnmatch patterns of the modules whose parameters the Gram is measured on (None: all parameters)
+        self.shared_modules = None if shared_modules is None else list(shared_modules)
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
         #: per mode and key, this process's (total, count) of every step since the last log
         self._objective_store: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
+        if self.shared_modules is not None:
+            shared_parameters(self.model, self.shared_modules)  # a pattern that matches nothing is refused now, not at train()
         if self.optimizer is not None and find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
             self.optimizer = self.wrap_optimizer(self.optimizer)
 
@@ -144,6 +169,8 @@ class MultiObjectiveTrainerMixin:
         # user chose a policy (nonfinite=, or conflict_averse_kwargs["nonfinite"]).
         options = dict(self.conflict_averse_kwargs)
         options.setdefault("nonfinite", "ignore" if getattr(self.args, "fp16", False) else "skip")
+        if self.shared_modules is not None:
+            options["shared"] = shared_parameters(self.model, self.shared_modules)
         return ConflictAverseOptimizer(optimizer, weights=self.objective_weights, **options)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('cagrad_clip.integrations.trl needs TRL: pip install "cagrad-clip[trl]"') from exc
 
-from cagrad_clip import CAGradSettings
-
-from .. import check_weights
+from .. import check_weights, optimizer_options
 from ..hf import MultiObjectiveTrainerMixin
-from .losses import PairScores, check_loss_types, objective_dpo_losses
+from .losses import PairScores, check_loss_types, objective_betas, objective_dpo_losses
 from .signs import SignsCollator, check_dataset
 
 __all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer"]
@@ -38,6 +37,16 @@ class MultiObjectiveDPOConfig(DPOConfig):
         clip: RACO's clip of the dual solution to ``w`` (``False``: CAGrad with a weighted anchor).
         rescale: ``None``, ``"1+c"`` or ``"1+c^2"`` (see :class:`~cagrad_clip.ConflictAverseOptimizer`).
         signs_column: the dataset column with the per-objective preference signs.
+        solver, max_iter, memory, accumulate_dtype, nonfinite: passed to
+            :class:`~cagrad_clip.ConflictAverseOptimizer` (``accumulate_dtype`` by name: ``"float32"``;
+            ``nonfinite=None``: ``"skip"``, or ``"ignore"`` under fp16, whose scaler checks).
+        shared_modules: ``fnmatch`` patterns of module names (``model.named_modules()``, e.g.
+            ``["transformer.h.*"]``): the Gram is measured on their trainable parameters only.
+        objective_betas: one DPO ``beta`` per objective (``None``: ``beta`` for all): objective ``i``'s
+            margin is ``s_i * beta_i * Delta``.
+        ties: ``"keep"`` (a tie counts in the objective's mean with a constant loss, as TRL counts every
+            pair) or ``"drop"`` (an objective's loss averages only its non-tied pairs of the batch; a
+            batch with none gives that objective a zero gradient).
     """
 
     objective_weights: list[float] | None = field(default=None, metadata={"help": "User weights w, one per objective."})
@@ -46,12 +55,44 @@ class MultiObjectiveDPOConfig(DPOConfig):
     clip: bool = field(default=True, metadata={"help": "RACO's clip of the dual to w (False: CAGrad, weighted anchor)."})
     rescale: str | None = field(default=None, metadata={"help": "None, '1+c' or '1+c^2'."})
     signs_column: str = field(default="objective_signs", metadata={"help": "Column of per-objective signs in {+1, -1, 0}."})
+    solver: str = field(default="auto", metadata={"help": "The dual solver: 'auto', 'exact' or 'frank_wolfe'."})
+    max_iter: int | None = field(default=None, metadata={"help": "Frank-Wolfe iterations (None: the default for m)."})
+    memory: str = field(default="default", metadata={"help": "'default' (m - 1 stored gradients) or 'low'."})
+    accumulate_dtype: str | None = field(default=None, metadata={"help": "None, 'float32' or 'float64'."})
+    nonfinite: str | None = field(default=None, metadata={"help": "'skip', 'raise' or 'ignore' (None: skip; ignore under fp16)."})
+    shared_modules: list[str] | None = field(default=None, metadata={"help": "Module-name patterns of the shared parameters."})
+    objective_betas: list[float] | None = field(default=None, metadata={"help": "One DPO beta per objective (None: beta)."})
+    ties: str = field(default="keep", metadata={"help": "'keep' (ties count in the mean) or 'drop' (mean over non-tied pairs)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.objective_weights, self.objective_names = check_weights(self.objective_weights, self.objective_names)
-        checked = CAGradSettings(c=self.c, clip=self.clip, rescale=self.rescale)  # bad values raise here
-        self.c, self.clip, self.rescale = checked.c, checked.clip, checked.rescale
+        options = optimizer_options(  # bad values raise here, by the library's own checks
+            c=self.c,
+            clip=self.clip,
+            rescale=self.rescale,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            memory=self.memory,
+            accumulate_dtype=self.accumulate_dtype,
+            nonfinite=self.nonfinite,
+        )
+        self.c, self.clip, self.rescale = options["c"], options["clip"], options["rescale"]
+        if self.shared_modules is not None and (
+            isinstance(self.shared_modules, str) or not all(isinstance(p, str) for p in self.shared_modules)
+        ):
+            raise TypeError(f"shared_modules must be a list of module-name patterns, got {self.shared_modules!r}")
+        if self.objective_betas is not None:
+            betas = list(self.objective_betas)
+            if not betas or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in betas):
+                raise ValueError(f"objective_betas must be finite numbers > 0, one per objective; got {self.objective_betas!r}")
+            for other in ("objective_weights", "objective_names"):
+                given = getattr(self, other)
+                if given is not None and len(given) != len(betas):
+                    raise ValueError(f"{len(betas)} objective_betas but {len(given)} {other}; give one beta per objective")
+            self.objective_betas = [float(b) for b in betas]
+        if self.ties not in ("keep", "drop"):
+            raise ValueError(f"ties must be 'keep' or 'drop', got {self.ties!r}")
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         unsupported = check_loss_types(loss_types)
         if self.ld_alpha is not None:
@@ -82,6 +123,8 @@ def _expected_objectives(args: MultiObjectiveDPOConfig) -> tuple[int | None, str
         return len(args.objective_weights), "objective_weights"
     if args.objective_names is not None:
         return len(args.objective_names), "objective_names"
+    if args.objective_betas is not None:
+        return len(args.objective_betas), "objective_betas"
     return None, ""
 
 
@@ -131,6 +174,12 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
             c=args.c,
             clip=args.clip,
             rescale=args.rescale,
+            solver=args.solver,
+            max_iter=args.max_iter,
+            memory=args.memory,
+            accumulate_dtype=args.accumulate_dtype,
+            nonfinite=args.nonfinite,
+            shared_modules=args.shared_modules,
             **kwargs,
         )
         if self._is_vision_dataset:
@@ -203,7 +252,7 @@ class MultiObjectiveDPOTrainer(MultiObjectiveTrainerMixin, DPOTrainer):
         over this process's items: :meth:`log` sums them over the processes (no host read here)."""
         record = self.record_objective_metric
         n = chosen_logps.shape[0]
-        signed = signs * (self.beta * pairs.delta).unsqueeze(1)  # (B, m)
+        signed = signs * objective_betas(self.args, signs) * pairs.delta.unsqueeze(1)  # (B, m)
         decided = signs != 0
         record(mode, "rewards/{}/margins", (signed * decided).sum(0), decided.sum(0))
         record(mode, "rewards/{}/accuracies", ((signed > 0) & decided).sum(0), decided.sum(0))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MARGIN_LOSSES", "UNSUPPORTED_LOSSES", "PairScores", "check_loss_types", "objective_dpo_losses"]
+__all__ = ["MARGIN_LOSSES", "UNSUPPORTED_LOSSES", "PairScores", "check_loss_types", "objective_betas", "objective_dpo_losses"]
 
 #: TRL loss types with a per-objective form (see the module docstring).
 MARGIN_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm", "sft")
@@ -95,8 +95,11 @@ def objective_dpo_losses(pairs: PairScores, signs: Tensor, args: Any) -> list[Te
     (TRL's ``DPOConfig`` fields; ``beta``, ``label_smoothing`` and ``discopop_tau`` as TRL reads them)."""
     loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
     weights = args.loss_weights or [1.0] * len(loss_types)
-    beta, eps = args.beta, args.label_smoothing
-    z = signs * (beta * pairs.delta).unsqueeze(1)  # (B, m): each objective's signed margin
+    eps = args.label_smoothing
+    beta = objective_betas(args, signs)  # (m,) or a float
+    z = signs * beta * pairs.delta.unsqueeze(1)  # (B, m): each objective's signed margin
+    decided = signs != 0
+    drop_ties = getattr(args, "ties", "keep") == "drop"
     total = torch.zeros(signs.shape[1], dtype=z.dtype, device=z.device)
     for loss_type, weight in zip(loss_types, weights):
         if loss_type == "sigmoid":
@@ -121,5 +124,19 @@ def objective_dpo_losses(pairs: PairScores, signs: Tensor, args: Any) -> list[Te
             continue
         else:  # pragma: no cover - the config refuses these (check_loss_types)
             raise ValueError(f"loss_type {loss_type!r} has no per-objective form")
-        total = total + weight * per_pair.mean(0)
+        if drop_ties:  # the mean over each objective's non-tied pairs (0, and no gradient, when it has none)
+            mean = torch.where(decided, per_pair, torch.zeros_like(per_pair)).sum(0) / decided.sum(0).clamp(min=1)
+        else:
+            mean = per_pair.mean(0)
+        total = total + weight * mean
     return list(total.unbind(0))
+
+
+def objective_betas(args: Any, signs: Tensor) -> Tensor | float:
+    """Each objective's ``beta``: ``args.objective_betas`` as an ``(m,)`` tensor like ``signs``, else ``args.beta``."""
+    betas = getattr(args, "objective_betas", None)
+    if betas is None:
+        return float(args.beta)
+    if len(betas) != signs.shape[1]:
+        raise ValueError(f"{len(betas)} objective_betas but the batch has {signs.shape[1]} signs per pair; give one beta per objective")
+    return torch.tensor(betas, dtype=signs.dtype, device=signs.device)
