@@ -56,6 +56,17 @@ __all__ = ["MultiObjectiveTrainerMixin"]
 logger = logging.getLogger(__name__)
 
 
+def check_no_deepspeed(trainer: Any) -> None:
+    """Refuse DeepSpeed: its engine runs the backward pass and partitions the gradients (ZeRO-2/3) in its
+    own buffers, so ``.grad`` never holds an objective's gradient to keep apart; FSDP2 is the way to shard."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "DeepSpeed is not supported: its engine runs the backward pass and keeps (ZeRO-2/3: partitions) the "
+            "gradients in its own buffers, so the per-objective gradients the conflict-averse direction needs are "
+            "never in .grad. Shard with FSDP2 instead (fsdp_config={'fsdp_version': 2}; docs/integrations.md)"
+        )
+
+
 class MultiObjectiveTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (list it *before* the ``Trainer``) and implement
     :meth:`objective_losses`.
@@ -123,6 +134,7 @@ class MultiObjectiveTrainerMixin:
         #: per mode and key, this process's (total, count) of every step since the last log
         self._objective_store: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
+        check_no_deepspeed(self)
         if self.shared_modules is not None:
             shared_parameters(self.model, self.shared_modules)  # a pattern that matches nothing is refused now, not at train()
         if self.optimizer is not None and find_conflict_averse(self.optimizer, self.multi_objective_types) is None:

@@ -219,3 +219,15 @@ def test_a_datasets_dataset_keeps_the_objective_columns_or_names_the_fix(tmp_pat
         trainer.train()
     with pytest.raises(TypeError, match="objective_columns must be a list of column names"):
         LabelledTrainer(model=broken, args=args(tmp_path / "b"), train_dataset=data, objective_columns="target_a")
+
+
+def test_deepspeed_is_refused_with_the_reason_and_the_fsdp2_alternative():
+    from cagrad_clip.integrations.hf import check_no_deepspeed
+
+    class Fake:
+        is_deepspeed_enabled = True
+
+    with pytest.raises(ValueError, match=r"DeepSpeed is not supported: its engine runs the backward pass.*FSDP2 instead"):
+        check_no_deepspeed(Fake())
+    Fake.is_deepspeed_enabled = False
+    check_no_deepspeed(Fake())
