@@ -33,7 +33,7 @@ def gloo_missing() -> str | None:
 
 def fsdp2_missing() -> str | None:
     """Why FSDP2 on CPU/gloo cannot run in this build (``None`` when it can): it needs gloo,
-    ``torch.distributed.fsdp.fully_shard`` and torch 2.7 (the package refuses DTensors below that)."""
+    ``torch.distributed.fsdp.fully_shard`` and the package's FSDP2 floor (it refuses DTensors below that)."""
     reason = gloo_missing()
     if reason is not None:
         return reason

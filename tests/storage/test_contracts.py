@@ -370,7 +370,7 @@ def test_a_replicated_or_two_dimensional_dtensor_parameter_is_refused_up_front()
 
 @pytest.mark.skipif(not fsdp_available(), reason="needs torch.distributed (gloo) and DTensor")
 def test_dtensor_parameters_on_a_torch_older_than_the_fsdp2_floor_are_refused_up_front(monkeypatch) -> None:
-    """The FSDP2 path is tested from torch 2.7 (FSDP2 on CPU/gloo); an older torch is refused at
+    """The FSDP2 path is tested from torch 2.9 (FSDP2 on CPU/gloo); an older torch is refused at
     construction, naming the release, rather than trusted untested."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -378,8 +378,8 @@ def test_dtensor_parameters_on_a_torch_older_than_the_fsdp2_floor_are_refused_up
     with one_rank_group():
         mesh = init_device_mesh("cpu", (1,))
         p = nn.Parameter(distribute_tensor(torch.ones(4, dtype=F64), mesh, [Shard(0)]))
-        monkeypatch.setattr(torch, "__version__", "2.6.0")
-        with pytest.raises(NotImplementedError, match=r"supports from torch 2\.7 .*torch 2\.6\.0 is installed"):
+        monkeypatch.setattr(torch, "__version__", "2.8.0")
+        with pytest.raises(NotImplementedError, match=r"supports from torch 2\.9 .*torch 2\.8\.0 is installed"):
             ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1))
         plain = nn.Parameter(torch.ones(4, dtype=F64))
         ConflictAverseOptimizer(torch.optim.SGD([plain], lr=0.1))  # plain parameters are not gated
