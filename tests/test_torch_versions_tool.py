@@ -26,8 +26,13 @@ def test_specs_name_a_torch_release_and_a_python() -> None:
             torch_versions.Spec.parse(bad)
 
 
-def test_a_release_comes_from_the_index_alone_and_a_local_build_keeps_the_configuration() -> None:
-    assert torch_versions.pip_env(torch_versions.Spec("2.13.0", "3.11"))["PIP_CONFIG_FILE"] == os.devnull
+def test_a_release_comes_from_the_index_alone_and_a_local_build_keeps_the_configuration(monkeypatch) -> None:
+    monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels")
+    monkeypatch.setenv("PIP_CONSTRAINT", "/etc/cap.txt")
+    release = torch_versions.pip_env(torch_versions.Spec("2.13.0", "3.11"))
+    assert release["PIP_CONFIG_FILE"] == os.devnull
+    assert "PIP_FIND_LINKS" not in release and "PIP_CONSTRAINT" not in release
+    assert torch_versions.pip_env(torch_versions.Spec("2.13.0+cpu", "3.11"))["PIP_FIND_LINKS"] == "/opt/wheels"
     local = torch_versions.pip_env(torch_versions.Spec("2.13.0+cpu", "3.11"))
     assert local.get("PIP_CONFIG_FILE") == os.environ.get("PIP_CONFIG_FILE")
 

@@ -93,12 +93,15 @@ def floor(src: Path) -> tuple[int, int]:
 
 
 def pip_env(spec: Spec) -> dict[str, str]:
-    """pip for ``spec``: a release without a local label comes from the package index alone (no configuration
-    files: ``PIP_CONFIG_FILE=/dev/null`` drops a machine-wide torch cap, local wheel directories and extra
-    indexes, where a local ``+cpu`` build would otherwise win); a local build keeps the configuration."""
+    """pip for ``spec``: a release without a local label comes from PyPI alone (no configuration files,
+    ``PIP_CONFIG_FILE=/dev/null``, and no ``PIP_*`` index, find-links or constraint variables: a
+    machine-wide torch cap, a local wheel directory or an extra index, where a local ``+cpu`` build would
+    otherwise win, are all left out); a local build keeps the configuration."""
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     if "+" not in spec.torch:
         env["PIP_CONFIG_FILE"] = os.devnull
+        for name in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_CONSTRAINT", "PIP_NO_INDEX"):
+            env.pop(name, None)  # the same settings given as environment variables
     return env
 
 
