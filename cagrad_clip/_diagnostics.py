@@ -16,7 +16,7 @@ class StepDiagnostics(NamedTuple):
     """What the last combination computed: the dual solve (:class:`~cagrad_clip.CAGradSolution`, the
     type ``solve_cagrad`` returns, under :attr:`solution` and through the same attribute names:
     ``coefficients``, ``dual``, ``clipped_dual``, ``weights``, ``anchor_norm``, ``dual_value``,
-    ``fw_gap``) plus what only a step knows. All on-device tensors: read them without a sync cost."""
+    ``fw_gap``, ``clip_change``, ``clip_active``) plus what only a step knows. All on-device tensors: read them without a sync cost."""
 
     gram: Tensor
     """``(m, m)`` Gram of the per-objective gradients on the shared parameters (float32 or better)."""
@@ -66,6 +66,17 @@ class StepDiagnostics(NamedTuple):
     def fw_gap(self) -> Tensor:
         """Frank-Wolfe gap of the dual solve (an upper bound on its suboptimality)."""
         return self.solution.fw_gap
+
+    @property
+    def clip_change(self) -> Tensor:
+        """``||d(p~) - d(p)|| / ||g0||``: how much RACO's clip changed the direction (with ``clip=False``,
+        how much it would have), from the same solve; 0-d, on the device."""
+        return self.solution.clip_change
+
+    @property
+    def clip_active(self) -> Tensor:
+        """0-d bool on the device: ``clip=True`` and the clip changed the direction beyond rounding."""
+        return self.solution.clip_active
 
 
 def step_diagnostics(gram: Tensor, solution: CAGradSolution, finite: Tensor, written_finite: Tensor, intact: Tensor) -> StepDiagnostics:

@@ -55,6 +55,13 @@ class CAGradSolution(NamedTuple):
     """``F(p) = b^T p + c ||g0|| sqrt(p^T H p)``, shape ``B``."""
     fw_gap: Tensor
     """Frank-Wolfe gap at ``p``: an upper bound on ``F(p) - min F``, shape ``B``."""
+    clip_change: Tensor
+    """How much RACO's clip changes the direction, ``||d(p~) - d(p)|| / ||g0||`` with ``p~ = min(p, w)``,
+    shape ``B`` (0 when ``g0 = 0``): from the same dual solve, whether or not ``clip`` is on (with
+    ``clip=False`` it is what the clip *would* change)."""
+    clip_active: Tensor
+    """Bool, shape ``B``: ``clip`` is on and it changed the direction beyond rounding (``clip_change``
+    above the solver's stationarity tolerance, ``sqrt(100 m eps) (1 + c)``)."""
 
 
 class _Problem(NamedTuple):
@@ -163,8 +170,9 @@ def _coefficients(problem: _Problem, p_clipped: Tensor, zero_tol: float) -> Tens
     return problem.w + ratio * direction
 
 
-def _at_stationary(problem: _Problem, coefficients: Tensor, lam: Tensor, p: Tensor, dual_n: Tensor, tol: float) -> Tensor:
-    """``a = w + lambda`` where the optimum is Pareto-stationary, else ``coefficients`` (Algorithm 1's).
+def _at_stationary(problem: _Problem, lam: Tensor, p: Tensor, dual_n: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """``(stationary, w + lambda)``: where the optimum is Pareto-stationary, ``a = w + lambda`` replaces
+    Algorithm 1's coefficients (``stationary`` is the ``(*B, 1)`` mask).
 
     ``d = g0 + G lambda`` is the conflict-free direction nearest ``g0`` (:mod:`.stationary`), pulled
     into the trust region (``||G lambda|| <= s``). It is used where it certifies itself, each
@@ -188,7 +196,7 @@ def _at_stationary(problem: _Problem, coefficients: Tensor, lam: Tensor, p: Tens
     slack = (tol * problem.anchor_n) * problem.norms_n
     conflict_free = (problem.b + shrink * H_lam + slack).amin(-1, keepdim=True) >= num.zero
     stationary = conflict_free & (dual_n <= (slack * p).sum(-1, keepdim=True))
-    return torch.where(stationary, problem.w + shrink * lam, coefficients)
+    return stationary, problem.w + shrink * lam
 
 
 def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor: float, max_iter: int, solver: str) -> CAGradSolution:
@@ -213,12 +221,25 @@ def solve_kernel(*, gram: Tensor, weights: Tensor, c: float, clip: bool, divisor
     grad, _, quad = dual_gradient(problem.Hn, problem.b, problem.s, p, kink_tol)
     fw_gap_n = ((grad * p).sum(-1, keepdim=True) - grad.amin(-1, keepdim=True)).clamp_min(0.0)
     dual_n = (problem.b * p).sum(-1, keepdim=True) + problem.s * quad.clamp_min(0.0).sqrt()
-    p_clipped = torch.minimum(p, problem.w) if clip else p
     # tol: F within the zero rule's distance of a kink, sqrt(zero_tol) (s + ||g0||) (sum_i p_i ||g_i||)
-    coefficients = _at_stationary(problem, _coefficients(problem, p_clipped, zero_tol), lam, p, dual_n, math.sqrt(zero_tol) * (1.0 + c))
+    tol = math.sqrt(zero_tol) * (1.0 + c)
+    stationary, at_stationary = _at_stationary(problem, lam, p, dual_n, tol)
+    # Both directions from the one solve: the chosen one, and the other for the clip's diagnostics (RACO's
+    # clip is p~ = min(p, w); CAGrad with a weighted anchor uses p). Where the optimum is stationary both
+    # are w + lambda, so the clip changes nothing there.
+    clipped = torch.minimum(p, problem.w)
+    with_clip, without = _coefficients(problem, clipped, zero_tol), _coefficients(problem, p, zero_tol)
+    coefficients, p_clipped = torch.where(stationary, at_stationary, with_clip if clip else without), clipped if clip else p
+    num = numbers(p)
+    has_anchor = problem.anchor_n > num.zero
+    diff = torch.where(stationary, num.zero, with_clip - without)
+    change = quad_form(problem.Hn, diff, keepdim=True).clamp_min(0.0).sqrt() / torch.where(has_anchor, problem.anchor_n, num.one)
+    change = torch.where(has_anchor, change, num.zero)  # the masked-out quotients are discarded
     if divisor != 1.0:
         coefficients = coefficients / divisor
-    return _poisoned(problem, coefficients, p, p_clipped, dual_n, fw_gap_n)
+        change = change / divisor
+    active = (change > tol) if clip else torch.zeros_like(change, dtype=torch.bool)
+    return _poisoned(problem, coefficients, p, p_clipped, dual_n, fw_gap_n, change, active)
 
 
 def non_finite_mark(H: Tensor) -> Tensor:
@@ -229,7 +250,16 @@ def non_finite_mark(H: Tensor) -> Tensor:
     return (H - H).amax(-1).amax(-1, keepdim=True)
 
 
-def _poisoned(problem: _Problem, coefficients: Tensor, p: Tensor, p_clipped: Tensor, dual_n: Tensor, fw_gap_n: Tensor) -> CAGradSolution:
+def _poisoned(
+    problem: _Problem,
+    coefficients: Tensor,
+    p: Tensor,
+    p_clipped: Tensor,
+    dual_n: Tensor,
+    fw_gap_n: Tensor,
+    clip_change: Tensor,
+    clip_active: Tensor,
+) -> CAGradSolution:
     """The solution in the input's units, with every output of a problem with a non-finite Gram set to NaN.
 
     A non-finite entry must not pass silently: the masks of the solve (``usable`` is False for NaN)
@@ -247,4 +277,6 @@ def _poisoned(problem: _Problem, coefficients: Tensor, p: Tensor, p_clipped: Ten
         anchor_norm=(problem.anchor_n * scale.sqrt()).squeeze(-1),
         dual_value=(dual_n * scale).squeeze(-1),
         fw_gap=(fw_gap_n * scale).squeeze(-1),
+        clip_change=(clip_change - mark).squeeze(-1),
+        clip_active=(clip_active & (mark == 0)).squeeze(-1),
     )

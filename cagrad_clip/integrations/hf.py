@@ -101,13 +101,13 @@ class MultiObjectiveTrainerMixin:
         c: float = 0.4,
         clip: bool = True,
         rescale: str | None = None,
-        nonfinite: Any = None,
-        objective_columns: Sequence[str] | None = None,
         solver: str = "auto",
         max_iter: int | None = None,
+        shared_modules: Sequence[str] | None = None,
         memory: str = "default",
         accumulate_dtype: Any = None,
-        shared_modules: Sequence[str] | None = None,
+        nonfinite: Any = None,
+        objective_columns: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.objective_weights, self.objective_names = check_weights(objective_weights, objective_names)
