@@ -67,6 +67,20 @@ def check_no_deepspeed(trainer: Any) -> None:
         )
 
 
+def check_sharding(trainer: Any) -> None:
+    """Refuse a model sharded by hand (``fully_shard`` before the trainer) when the ``Trainer``'s own FSDP
+    is off: on several processes accelerate would wrap it in DDP, which cannot take DTensor shards."""
+    if getattr(trainer.args, "world_size", 1) <= 1 or getattr(trainer, "is_fsdp_enabled", False):
+        return
+    if any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()):
+        raise ValueError(
+            "the model's parameters are FSDP2 shards (fully_shard was applied before the trainer) but the Trainer's FSDP is "
+            "off: accelerate would wrap the model in DDP, which cannot take DTensor shards. Let the Trainer shard it "
+            "(fsdp=True, fsdp_config={'fsdp_version': 2}; GPUs), or train with ConflictAverseOptimizer directly "
+            "(docs/distributed.md)"
+        )
+
+
 class MultiObjectiveTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (list it *before* the ``Trainer``) and implement
     :meth:`objective_losses`.
@@ -135,6 +149,7 @@ class MultiObjectiveTrainerMixin:
         self._objective_store: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
         check_no_deepspeed(self)
+        check_sharding(self)
         if self.shared_modules is not None:
             shared_parameters(self.model, self.shared_modules)  # a pattern that matches nothing is refused now, not at train()
         if self.optimizer is not None and find_conflict_averse(self.optimizer, self.multi_objective_types) is None:
