@@ -35,6 +35,10 @@ class RunResult:
     trajectory: Tensor | None
     first_hit: Tensor | None
     seconds: float
+    clip_active: Tensor | None = None
+    """``(M, R)``: the fraction of steps where RACO's clip changed the direction (NaN: not a CAGrad method)."""
+    clip_change: Tensor | None = None
+    """``(M, R)``: the mean over steps of ``||d(p~) - d(p)|| / ||g0||`` (what the clip changes, or would)."""
 
 
 class BatchedAdam:
@@ -121,6 +125,8 @@ def run(
     logs: dict[str, list[Tensor]] = {}
     traj: list[Tensor] = []
     first_hit = torch.full((M, R), -1, dtype=torch.long) if hit_fn is not None else None
+    clip_active = torch.zeros(M, R, dtype=torch.float64)
+    clip_change = torch.zeros(M, R, dtype=torch.float64)
 
     def log(t: int) -> None:
         log_steps.append(t)
@@ -135,7 +141,16 @@ def run(
     for t in tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         _, G = per_objective_grads(loss_fn, x)
         H = G @ G.mT
-        D = torch.stack([meth.direction(G[k], H[k], weights, gen) for k, meth in enumerate(methods)])
+        directions = []
+        for k, meth in enumerate(methods):
+            if meth.reports_clip:
+                d, change, active = meth.direction_and_clip(G[k], H[k], weights, gen)
+                clip_active[k] += active.to(clip_active.dtype)
+                clip_change[k] += change.to(clip_change.dtype)
+            else:
+                d = meth.direction(G[k], H[k], weights, gen)
+            directions.append(d)
+        D = torch.stack(directions)
         x = opt.step(x, D)
         if first_hit is not None and hit_fn is not None:
             first_hit = torch.where((first_hit < 0) & hit_fn(x), torch.full_like(first_hit, t + 1), first_hit)
@@ -143,6 +158,8 @@ def run(
             if not log_steps or log_steps[-1] != t + 1:
                 log(t + 1)
     seconds = time.perf_counter() - start
+    reports = torch.tensor([meth.reports_clip for meth in methods]).unsqueeze(-1)
+    nan = torch.full_like(clip_active, float("nan"))
     return RunResult(
         x0=x0,
         final=x.detach(),
@@ -151,4 +168,6 @@ def run(
         trajectory=torch.stack(traj) if record_trajectory else None,
         first_hit=first_hit,
         seconds=seconds,
+        clip_active=torch.where(reports, clip_active / max(steps, 1), nan),
+        clip_change=torch.where(reports, clip_change / max(steps, 1), nan),
     )

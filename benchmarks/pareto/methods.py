@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cagrad_clip._dual import combination_coefficients
+from cagrad_clip import combination_coefficients, solve_cagrad
 
 __all__ = [
     "METHODS",
@@ -124,6 +124,16 @@ class Method:
     def direction(self, G: Tensor, H: Tensor, W: Tensor, generator: torch.Generator) -> Tensor:
         return self.rule(G, H, W, generator)
 
+    @property
+    def reports_clip(self) -> bool:
+        """Whether :meth:`direction_and_clip` tells the clip's effect (the CAGrad family)."""
+        return "clip_rule" in self.extra
+
+    def direction_and_clip(self, G: Tensor, H: Tensor, W: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The directions ``(R, d)`` and, per run, how much RACO's clip changes (or would change) the
+        direction, ``||d(p~) - d(p)|| / ||g0||``, and whether it was active (the same solve)."""
+        return self.extra["clip_rule"](G, H, W, generator)
+
 
 def _combine(a: Tensor, G: Tensor) -> Tensor:
     return torch.einsum("rm,rmd->rd", a, G)
@@ -148,6 +158,20 @@ def _cagrad_rule(c: float, clip: bool, rescale: str | None) -> Callable[[Tensor,
     return rule
 
 
+def _cagrad_clip_rule(c: float, clip: bool, rescale: str | None) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], tuple]:
+    def rule(G: Tensor, H: Tensor, W: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        solution = solve_cagrad(H, W, c=c, clip=clip, rescale=rescale, validate=False)
+        return _combine(solution.coefficients, G), solution.clip_change, solution.clip_active
+
+    return rule
+
+
+def _cagrad(name: str, label: str, c: float, clip: bool, rescale: str | None, note: str = "") -> Method:
+    return Method(
+        name, label, _cagrad_rule(c, clip, rescale), True, True, note=note, extra={"clip_rule": _cagrad_clip_rule(c, clip, rescale)}
+    )
+
+
 def _torchjd_rule(kind: str, c: float) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
     def rule(G: Tensor, H: Tensor, W: Tensor, gen: torch.Generator) -> Tensor:  # pragma: no cover - optional
         from torchjd import aggregation
@@ -165,16 +189,9 @@ def build_methods(c: float = 0.4) -> dict[str, Method]:
         "weighted": Method("weighted", "Weighted sum (DPO-LW)", _weighted, True, False),
         "mgda": Method("mgda", "MGDA (min-norm)", _mgda, False, True, note="ignores w"),
         "pcgrad": Method("pcgrad", "PCGrad", _pcgrad, False, True, note="w-weighted sum of projected gradients"),
-        "cagrad": Method("cagrad", f"CAGrad (c={c})", _cagrad_rule(c, False, None), True, True, note="weighted anchor, no clip"),
-        "cagrad-official": Method(
-            "cagrad-official",
-            f"CAGrad /(1+c²) (c={c})",
-            _cagrad_rule(c, False, "1+c^2"),
-            True,
-            True,
-            note="official rescale 1/(1+c^2)",
-        ),
-        "raco": Method("raco", f"RACO (c={c}, clip)", _cagrad_rule(c, True, None), True, True),
+        "cagrad": _cagrad("cagrad", f"CAGrad (c={c})", c, False, None, note="weighted anchor, no clip"),
+        "cagrad-official": _cagrad("cagrad-official", f"CAGrad /(1+c²) (c={c})", c, False, "1+c^2", note="official rescale 1/(1+c^2)"),
+        "raco": _cagrad("raco", f"RACO (c={c}, clip)", c, True, None),
         "torchjd-upgrad": Method("torchjd-upgrad", "TorchJD UPGrad", _torchjd_rule("upgrad", c), False, True, external=True),
         "torchjd-cagrad": Method(
             "torchjd-cagrad",

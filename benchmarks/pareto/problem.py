@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from . import engine
-from .common import Config, Section
+from .common import Config, Section, md_table
 
 
 @dataclass
@@ -79,5 +79,41 @@ def run_problem(problem: Problem, cfg: Config) -> Section:
         )
         runs.append((batch, result))
     section = problem.report(cfg, runs)
+    section.markdown += clip_activity(cfg, runs)
     section.seconds = time.perf_counter() - start
     return section
+
+
+def clip_activity(cfg: Config, runs: list[tuple[Batch, engine.RunResult]]) -> str:
+    """A table of how often RACO's clip changed the direction, per batch, user weight and CAGrad-family
+    method (over the runs with that weight: starts and seeds), and how much it changed it (or, for the
+    unclipped methods, would have): ``||d(p~) - d(p)|| / ||g0||`` averaged over steps."""
+    family = [k for k, meth in enumerate(cfg.methods) if meth.reports_clip]
+    if not family:
+        return ""
+    rows = []
+    for batch, result in runs:
+        assert result.clip_active is not None and result.clip_change is not None
+        keys = [tuple(round(float(v), 3) for v in w) for w in batch.weights]
+        for weights in dict.fromkeys(keys):
+            sel = [i for i, key in enumerate(keys) if key == weights]
+            for k in family:
+                active = result.clip_active[k, sel] * 100
+                change = result.clip_change[k, sel]
+                rows.append(
+                    [
+                        batch.desc,
+                        str(list(weights)),
+                        cfg.methods[k].label,
+                        f"{float(active.mean()):.1f}",
+                        f"{float(active.min()):.1f}-{float(active.max()):.1f}",
+                        float(change.mean()),
+                        float(change.max()),
+                    ]
+                )
+    header = ["batch", "w", "method", "clip active (% of steps)", "min-max over runs", "mean change", "max change"]
+    return (
+        "\n<details><summary>Clip activity: how often RACO's clip changed the direction (per user weight; 'change' = "
+        "||d(p~) - d(p)|| / ||g0|| averaged over steps, for the unclipped methods what the clip would have changed)"
+        "</summary>\n\n" + md_table(header, rows) + "\n</details>\n"
+    )

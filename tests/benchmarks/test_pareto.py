@@ -212,3 +212,32 @@ def test_cli_quick_writes_report(tmp_path) -> None:
     assert (tmp_path / "report.md").exists() and (tmp_path / "vlmop2_front.png").exists()
     text = (tmp_path / "report.md").read_text()
     assert "VLMOP2" in text and "hypervolume" in text and len(sections) == 1
+
+
+def test_the_loop_reports_how_often_the_clip_acted_against_a_hand_written_loop():
+    """RACO's clip activity per run: the fraction of steps with ``clip_active`` and the mean ``clip_change``,
+    as a hand-written SGD loop over ``solve_cagrad`` counts them; NaN for a method outside the CAGrad family."""
+    from cagrad_clip import solve_cagrad
+
+    scale = torch.tensor([1.0, 9.0], dtype=torch.float64)
+
+    def losses(x):  # conflicting quadratics, the second 9x steeper: the clip's band at w = (0.9, 0.1)
+        return torch.stack([((x - 1.0) ** 2).sum(-1), scale[1] * ((x + 1.0) ** 2).sum(-1)], -1)
+
+    x0 = torch.tensor([[0.3, -0.2], [0.9, 0.1]], dtype=torch.float64)
+    W = torch.tensor([[0.9, 0.1], [0.9, 0.1]], dtype=torch.float64)
+    methods = get_methods(["weighted", "raco"], c=0.9)
+    res = engine.run(losses, x0, W, methods, 12, optimizer="sgd", lr=0.01, progress=False)
+    x, active, change = x0.clone(), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for _ in range(12):
+        _, G = engine.per_objective_grads(losses, x[None])
+        G = G[0]
+        sol = solve_cagrad(G @ G.mT, W, c=0.9)
+        active += sol.clip_active.double()
+        change += sol.clip_change
+        x = x - 0.01 * torch.einsum("rm,rmd->rd", sol.coefficients, G)
+    assert torch.isnan(res.clip_active[0]).all() and torch.isnan(res.clip_change[0]).all()
+    torch.testing.assert_close(res.clip_active[1], active / 12, rtol=0, atol=0)
+    torch.testing.assert_close(res.clip_change[1], change / 12, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(res.final[1], x, rtol=1e-12, atol=1e-14)
+    assert float(res.clip_active[1].max()) > 0  # the clip did act here
