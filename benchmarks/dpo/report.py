@@ -74,8 +74,14 @@ def headline(results: list[RunResult], methods: list[str]) -> str:
 
 def detail(results: list[RunResult], methods: list[str], m: int) -> str:
     names = task.OBJECTIVES[:m]
-    head = "| w | method | " + " | ".join(f"win rate {n}" for n in names) + " | " + " | ".join(f"mean {n} (ref)" for n in names) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * m)]
+    head = (
+        "| w | method | "
+        + " | ".join(f"win rate {n}" for n in names)
+        + " | "
+        + " | ".join(f"mean {n} (ref)" for n in names)
+        + " | clip active (% of steps) | clip change |"
+    )
+    lines = [head, "|" + "---|" * (4 + 2 * m)]
     weights = sorted({r.weights for r in results if r.m == m}, reverse=True)
     for w in weights:
         for method in methods:
@@ -86,6 +92,9 @@ def detail(results: list[RunResult], methods: list[str], m: int) -> str:
             pm = np.array([r.policy_means for r in runs])
             rm = np.array([r.reference_means for r in runs]).mean(0)
             cells = [_ms(wr[:, i]) for i in range(m)] + [f"{_ms(pm[:, i], 2)} ({rm[i]:.2f})" for i in range(m)]
+            active = np.array([r.clip_active for r in runs], dtype=float)
+            change = np.array([r.clip_change for r in runs], dtype=float)
+            cells += ["-", "-"] if np.isnan(active).all() else [_ms(100 * active, 1), _ms(change, 3)]
             lines.append(f"| {', '.join(f'{x:g}' for x in w)} | {METHODS[method][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

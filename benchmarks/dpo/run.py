@@ -53,6 +53,8 @@ class RunResult:
     reference_means: list[float]
     seconds: float
     coefficients: list[float] = field(default_factory=list)
+    clip_active: float = float("nan")  # fraction of steps where RACO's clip changed the direction (NaN: not CAGrad)
+    clip_change: float = float("nan")  # mean over steps of ||d(p~) - d(p)|| / ||g0|| (for CAGrad: what the clip would change)
 
 
 def _trainer_class():
@@ -73,10 +75,38 @@ def _trainer_class():
     return BenchTrainer
 
 
+def _clip_counter():
+    """A callback summing ``opt.last.clip_active`` / ``clip_change`` over the steps, on the device."""
+    from transformers import TrainerCallback
+
+    from cagrad_clip.integrations import find_conflict_averse
+
+    class ClipCounter(TrainerCallback):
+        def __init__(self) -> None:
+            self.active: Any = 0.0
+            self.change: Any = 0.0
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            last = getattr(find_conflict_averse(optimizer), "last", None)
+            if getattr(last, "clip_active", None) is not None:  # the baselines' optimizers have no clip
+                self.active = self.active + last.clip_active.double()
+                self.change = self.change + last.clip_change.double()
+                self.steps += 1
+
+        def fractions(self) -> tuple[float, float]:
+            if not self.steps:
+                return float("nan"), float("nan")
+            return float(self.active) / self.steps, float(self.change) / self.steps
+
+    return ClipCounter()
+
+
 def train_one(
     reference, tok, rows: list[dict], m: int, method: str, weights: tuple[float, ...], seed: int, budget: Budget, out_dir: str
-) -> tuple[Any, list[float]]:
-    """DPO from the reference with one method and one weight vector; returns the policy and the last coefficients."""
+) -> tuple[Any, list[float], tuple[float, float]]:
+    """DPO from the reference with one method and one weight vector; returns the policy, the last
+    coefficients and the clip's activity (fraction of steps active, mean change)."""
     import datasets
     from transformers import PrinterCallback
 
@@ -115,9 +145,11 @@ def train_one(
         model=policy, ref_model=copy.deepcopy(reference), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
     )
     trainer.remove_callback(PrinterCallback)
+    counter = _clip_counter()
+    trainer.add_callback(counter)
     trainer.train()
     last = trainer.conflict_averse_optimizer.last
-    return policy.eval(), ([] if last is None else [float(x) for x in last.coefficients.tolist()])
+    return policy.eval(), ([] if last is None else [float(x) for x in last.coefficients.tolist()]), counter.fractions()
 
 
 def run(
@@ -157,12 +189,22 @@ def run(
                             first = next(r for r in results if r.method == "mgda" and r.m == m and r.seed == seed)
                             results.append(
                                 RunResult(
-                                    m, method, w, seed, first.win_rates, first.policy_means, first.reference_means, 0.0, first.coefficients
+                                    m,
+                                    method,
+                                    w,
+                                    seed,
+                                    first.win_rates,
+                                    first.policy_means,
+                                    first.reference_means,
+                                    0.0,
+                                    first.coefficients,
+                                    first.clip_active,
+                                    first.clip_change,
                                 )
                             )
                             continue
                         t1 = time.perf_counter()
-                        policy, coefficients = train_one(reference, tok, rows, m, method, w, seed, budget, tmp)
+                        policy, coefficients, (clip_active, clip_change) = train_one(reference, tok, rows, m, method, w, seed, budget, tmp)
                         pol_out = task.sample(policy, tok, texts, seed=40_000 + seed)
                         r = RunResult(
                             m,
@@ -174,6 +216,8 @@ def run(
                             task.mean_scores(ref_out, keywords, m),
                             time.perf_counter() - t1,
                             coefficients,
+                            clip_active,
+                            clip_change,
                         )
                         results.append(r)
                         if progress:

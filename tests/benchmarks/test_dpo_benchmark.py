@@ -84,3 +84,16 @@ def test_to_docs_copies_report_and_figures(tmp_path):
     text = path.read_text()
     assert text.startswith("# DPO\n\nintro\n\n## Generated report\n") and "### Headline" in text and "### m = 2" in text
     assert "](figures/dpo_m2.png)" in text and (tmp_path / "docs" / "figures" / "dpo_m2.png").exists()
+
+
+def test_the_detail_table_reports_the_clip_activity_of_the_cagrad_family_only():
+    from benchmarks.dpo.report import detail
+
+    runs = [
+        RunResult(2, "raco", (0.8, 0.2), 0, [0.5, 0.5], [0, 0], [0, 0], 0.0, [], 0.25, 0.05),
+        RunResult(2, "raco", (0.8, 0.2), 1, [0.5, 0.5], [0, 0], [0, 0], 0.0, [], 0.75, 0.15),
+        RunResult(2, "weighted", (0.8, 0.2), 0, [0.5, 0.5], [0, 0], [0, 0], 0.0),
+    ]
+    rows = {line.split(" | ")[1]: line for line in detail(runs, ["raco", "weighted"], 2).splitlines()[2:]}
+    assert rows["RACO (c=0.4, clip)"].endswith("| 50.0 ± 25.0 | 0.100 ± 0.050 |")
+    assert rows["Weighted sum (c=0)"].endswith("| - | - |")  # a run without the clip fields (NaN)
