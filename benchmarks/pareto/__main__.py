@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from . import preference, quadratic, report, toy, vlmop2
+from . import clipband, preference, quadratic, report, toy, vlmop2
 from .common import Config, Section
 from .methods import DEFAULT_METHODS, build_methods, get_methods, torchjd_available
 from .problem import Problem, run_problem
 
 #: The problems, in report order (a new one: a module with an object satisfying ``problem.Problem``).
-PROBLEMS: dict[str, Problem] = {p.name: p for p in (toy.PROBLEM, quadratic.PROBLEM, vlmop2.PROBLEM, preference.PROBLEM)}
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (toy.PROBLEM, quadratic.PROBLEM, vlmop2.PROBLEM, preference.PROBLEM, clipband.PROBLEM)}
 #: Problems where the TorchJD peers join the default method list. They aggregate one Jacobian
 #: at a time (a Python loop over runs, cvxpy for CAGrad), which makes the 20k-step toy and the
 #: DPO sweeps take hours; name them with --methods to run them there anyway.

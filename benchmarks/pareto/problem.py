@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import engine
 from .common import Config, Section, md_table
+from .methods import Method
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Batch:
     metric_fn: engine.MetricFn | None = None
     hit_fn: Callable[[Tensor], Tensor] | None = None
     record_trajectory: bool = False
+    #: the methods of this batch when they differ from the CLI's (e.g. another trust-region radius c)
+    methods: list[Method] | None = None
     context: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +68,7 @@ def run_problem(problem: Problem, cfg: Config) -> Section:
             batch.loss_fn,
             batch.x0,
             batch.weights,
-            cfg.methods,
+            batch.methods or cfg.methods,
             batch.steps,
             optimizer=batch.optimizer,
             lr=batch.lr,
@@ -88,12 +91,11 @@ def clip_activity(cfg: Config, runs: list[tuple[Batch, engine.RunResult]]) -> st
     """A table of how often RACO's clip changed the direction, per batch, user weight and CAGrad-family
     method (over the runs with that weight: starts and seeds), and how much it changed it (or, for the
     unclipped methods, would have): ``||d(p~) - d(p)|| / ||g0||`` averaged over steps."""
-    family = [k for k, meth in enumerate(cfg.methods) if meth.reports_clip]
-    if not family:
-        return ""
     rows = []
     for batch, result in runs:
         assert result.clip_active is not None and result.clip_change is not None
+        methods = batch.methods or cfg.methods
+        family = [k for k, meth in enumerate(methods) if meth.reports_clip]
         keys = [tuple(round(float(v), 3) for v in w) for w in batch.weights]
         for weights in dict.fromkeys(keys):
             sel = [i for i, key in enumerate(keys) if key == weights]
@@ -104,13 +106,15 @@ def clip_activity(cfg: Config, runs: list[tuple[Batch, engine.RunResult]]) -> st
                     [
                         batch.desc,
                         str(list(weights)),
-                        cfg.methods[k].label,
+                        methods[k].label,
                         f"{float(active.mean()):.1f}",
                         f"{float(active.min()):.1f}-{float(active.max()):.1f}",
                         float(change.mean()),
                         float(change.max()),
                     ]
                 )
+    if not rows:
+        return ""
     header = ["batch", "w", "method", "clip active (% of steps)", "min-max over runs", "mean change", "max change"]
     return (
         "\n<details><summary>Clip activity: how often RACO's clip changed the direction (per user weight; 'change' = "

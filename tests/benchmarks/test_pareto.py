@@ -241,3 +241,28 @@ def test_the_loop_reports_how_often_the_clip_acted_against_a_hand_written_loop()
     torch.testing.assert_close(res.clip_change[1], change / 12, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(res.final[1], x, rtol=1e-12, atol=1e-14)
     assert float(res.clip_active[1].max()) > 0  # the clip did act here
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_the_clip_band_problems_weighted_optimum_is_exact(m):
+    """x*(w) = sum_i w_i s_i u_i / sum_i w_i s_i: the gradient of L_w vanishes there, and L_w is larger nearby."""
+    from benchmarks.pareto import clipband
+
+    scales = torch.tensor([[1.0] + [9.0] * (m - 1), [1.0] + [3.0] * (m - 1)], dtype=torch.float64)
+    W = torch.tensor([clipband.WEIGHTS[m]] * 2, dtype=torch.float64)
+    xstar = clipband.weighted_optimum(scales, W, clipband.TARGETS[m]).requires_grad_(True)
+    lw = (W * clipband.losses(xstar, scales, clipband.TARGETS[m])).sum()
+    (grad,) = torch.autograd.grad(lw, xstar)
+    assert grad.abs().max() < 1e-14
+    shifted = (W * clipband.losses(xstar.detach() + 1e-3, scales, clipband.TARGETS[m])).sum()
+    assert shifted > lw
+
+
+def test_the_clip_band_runs_both_radii_and_reports_the_clip(tmp_path):
+    (section,) = main(
+        ["--quick", "--no-progress", "--out", str(tmp_path), "--problems", "clipband", "--methods", "weighted", "cagrad", "raco"]
+    )
+    assert "| 2 | 0.9 | 9 | RACO (c=0.9, clip) |" in section.markdown and "| 3 | 0.4 | 1 | CAGrad (c=0.4) |" in section.markdown
+    assert "clipband m=2 c=0.9" in section.markdown  # the clip activity table, one block per (m, c)
+    assert (tmp_path / "clipband_steps.png").stat().st_size > 0
+    assert section.summary.startswith("clipband — RACO reached eps of the weighted optimum sooner than CAGrad")
