@@ -3,10 +3,12 @@ the band where the clip acts.
 
 ``L_i(x) = (s_i / 2) ||x - u_i||^2`` on R^2 with the targets ``u_i`` far apart (two objectives:
 ``u = (1, 0), (-1, 0)``; three: the vertices of a triangle) and skewed user weights (``w = (0.9, 0.1)``;
-``(0.8, 0.1, 0.1)``). The heavy objective has scale 1, the light ones scale ``sigma``: near the
-minimiser the light gradients are about ``sigma`` times longer, and the clip ``p~ = min(p, w)`` acts
-where that ratio is near ``w_heavy / w_light`` (9 and 8 here). ``sigma`` is swept from 1 (inert) to
-past the band. The weighted optimum is exact: ``x*(w) = sum_i w_i s_i u_i / sum_i w_i s_i``.
+``(0.8, 0.1, 0.1)``). The heavy objective has scale 1, the light ones scale ``sigma``. At the
+weighted optimum ``sum_i w_i g_i = 0``, so with two objectives the gradient norms there are in the
+ratio ``w_heavy / w_light`` exactly: the band where the clip ``p~ = min(p, w)`` acts. ``sigma`` sets
+the light objectives' curvature against the heavy one's, and with it the path of the runs towards
+that point; it is swept from 1 to 40. The weighted optimum is exact:
+``x*(w) = sum_i w_i s_i u_i / sum_i w_i s_i``.
 
 Metrics that can separate the methods: the number of steps until the weighted loss is within ``EPS``
 of its optimum (relative to the start's gap), the weighted gap at a tenth of the budget and at the
