@@ -24,11 +24,8 @@ WEIGHTS = {2: [0.7, 0.3], 3: [0.5, 0.3, 0.2]}
 TOL = 1e-5
 
 
-class SequentialDPOTrainer(MultiObjectiveDPOTrainer):
+class SequentialDPOTrainer(tiny.InOrder, MultiObjectiveDPOTrainer):
     """The examples in dataset order, so a hand-written loop can take the same batches."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
 
 @pytest.fixture(scope="module")

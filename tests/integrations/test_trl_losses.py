@@ -33,25 +33,11 @@ LOSSES = {
     "sigmoid_norm": {"loss_type": ["sigmoid_norm"]},
     "rpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
 }
-#: TRL's DPO metrics that the multi-objective trainer logs under the same names
-TRL_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "mean_token_accuracy",
-    "num_tokens",
-)
+TRL_METRICS = tiny.TRL_METRICS
 
 
-class SequentialTRLTrainer(DPOTrainer):
-    def _get_train_sampler(self, train_dataset=None):
-        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+class SequentialTRLTrainer(tiny.InOrder, DPOTrainer):
+    pass
 
 
 @pytest.fixture(scope="module")

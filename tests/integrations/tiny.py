@@ -32,6 +32,29 @@ WORDS = [
 ]
 
 
+#: TRL's DPO metrics, which the multi-objective trainer logs under the same names
+TRL_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+)
+
+
+class InOrder:
+    """Mix into a Trainer: the examples in dataset order, so another loop can take the same batches."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
 def tokenizer():
     return word_tokenizer(WORDS)
 

@@ -24,9 +24,8 @@ from tests.integrations import tiny  # noqa: E402
 PAIRS, GLOBAL_BATCH, STEPS = 16, 8, 2
 
 
-class SequentialDPOTrainer(MultiObjectiveDPOTrainer):
-    def _get_train_sampler(self, train_dataset=None):
-        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+class SequentialDPOTrainer(tiny.InOrder, MultiObjectiveDPOTrainer):
+    pass
 
 
 def main(out: Path) -> None:
