@@ -40,8 +40,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(cmd: list[str], out: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _run(cmd: list[str], out: Path, **extra: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     proc = subprocess.run(cmd + [str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -55,6 +55,19 @@ def runs(tmp_path_factory):
     single = torch.load(one / "rank0.pt", weights_only=False)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return single, ranks
+
+
+def test_the_trainers_fsdp_arguments_on_cpu_train_plain_data_parallel_equal_to_one_process(runs, tmp_path):
+    """transformers leaves FSDP off with use_cpu=True (is_fsdp_enabled is False): the run is plain data
+    parallel, unsharded, and still equal to one process. (FSDP through the Trainer needs GPUs.)"""
+    single, _ = runs
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(WORKER)]
+    _run(torchrun, tmp_path, TRL_RANKS_FSDP="1")
+    for r in range(2):
+        rank = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert (rank["fsdp_enabled"], rank["store"]) == (False, "DirectStore")
+        for name, value in single["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=0, atol=1e-5)
 
 
 def test_torchrun_starts_two_ranks_that_end_with_the_same_parameters_as_one_process(runs):

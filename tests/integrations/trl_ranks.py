@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/integrations/trl_ranks.py OUT
     python tests/integrations/trl_ranks.py OUT          # one process, the same global batches
+    TRL_RANKS_FSDP=1 python -m torch.distributed.run ...  # with the Trainer's FSDP2 arguments (left off on CPU)
 
 Writes ``OUT/rank<r>.pt``: the trained parameters and the log history.
 """
@@ -32,6 +33,11 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    fsdp = (
+        dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})
+        if os.environ.get("TRL_RANKS_FSDP")
+        else {}
+    )
     tok = tiny.tokenizer()
     rows = tiny.preference_rows(PAIRS, 2, seed=21)
     model, ref = tiny.no_dropout_gpt2(tok), tiny.no_dropout_gpt2(tok, seed=1)
@@ -55,13 +61,16 @@ def main(out: Path) -> None:
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **fsdp,
     )
     trainer = SequentialDPOTrainer(
         model=model, ref_model=copy.deepcopy(ref), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
     )
     trainer.train()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({"params": state, "logs": trainer.state.log_history, "world": world}, out / f"rank{rank}.pt")
+    store = type(trainer.conflict_averse_optimizer._store).__name__
+    info = {"world": world, "fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)), "store": store}
+    torch.save({"params": state, "logs": trainer.state.log_history, **info}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
