@@ -182,7 +182,7 @@ def check(spec: Spec, src: Path, workdir: Path, args: argparse.Namespace) -> Out
         if imported.returncode != 0 or below_floor:
             message = (imported.stderr.strip().splitlines() or ["imported (below the floor!)"])[-1]
             outcome.ok = below_floor and "needs torch>=" in message
-            outcome.result = "refused at import: " + message.split(": ", 1)[-1][:120]
+            outcome.result = "refused at import: " + message.split(": ", 1)[-1].split(": ")[0][:120]  # the message's first clause
         else:
             env = dict(os.environ, PYTHONHASHSEED="0")
             pytest = [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args]
