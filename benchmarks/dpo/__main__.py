@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import report, task
 from .run import METHODS, QUICK, WEIGHTS, Budget, run
 
 
@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--m", nargs="+", type=int, choices=[2, 3], default=[2, 3], help="numbers of objectives")
     parser.add_argument("--steps", type=int, help="DPO steps per run (overrides the budget)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)")
+    parser.add_argument(
+        "--rare",
+        nargs=2,
+        metavar=("OBJECTIVE", "KEEP"),
+        help="the rare-signal variant: objective OBJECTIVE's sign is a tie in all but a KEEP fraction of the pairs (e.g. 0 0.1)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -39,9 +45,15 @@ def main(argv: list[str] | None = None) -> Path:
     weights = {m: WEIGHTS[m][:1] if args.quick else WEIGHTS[m] for m in args.m}
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = run(seeds, args.methods, args.m, budget, weights, progress=not args.no_progress)
+    rare = None
+    if args.rare:
+        objective, keep = int(args.rare[0]), float(args.rare[1])
+        if objective not in range(min(args.m)) or not 0.0 < keep <= 1.0:
+            parser.error(f"--rare takes an objective index below {min(args.m)} and a fraction in (0, 1], got {args.rare}")
+        rare = (objective, keep)
+    results = run(seeds, args.methods, args.m, budget, weights, progress=not args.no_progress, rare=rare)
     wall = time.perf_counter() - start
-    command = "python -m benchmarks.dpo" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.dpo" + (" --quick" if args.quick else "") + (f" --rare {rare[0]} {rare[1]}" if rare else "")
     header = (
         f"Command: `{command}` (seeds {seeds}, methods {args.methods}, m {args.m}); wall time {wall:.0f} s on "
         f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
@@ -51,6 +63,12 @@ def main(argv: list[str] | None = None) -> Path:
         f"max-norm 1.0 clipping, beta {budget.beta}; evaluation on {budget.eval_prompts} held-out prompts, one temperature-1 "
         "sample of the policy against one of the reference, judged per objective (ties count half). "
         "MGDA ignores the weights: it runs once per (m, seed) and stands for every weight."
+        + (
+            f"\n\n**Rare-signal variant**: objective {task.OBJECTIVES[rare[0]]}'s sign is kept in {rare[1]:.0%} of the pairs "
+            "(a tie elsewhere), so its DPO loss, a mean over every pair, has a gradient about that much shorter."
+            if rare
+            else ""
+        )
         + ("\n\n**Quick mode (CI): one seed, one weight per m, a few steps -- a smoke test, not a result.**" if args.quick else "")
     )
     path = report.write(results, args.methods, args.out, header)

@@ -159,8 +159,10 @@ def run(
     budget: Budget,
     weights: dict[int, list[tuple[float, ...]]] | None = None,
     progress: bool = True,
+    rare: tuple[int, float] | None = None,
 ) -> list[RunResult]:
-    """The whole sweep. MGDA ignores the weights: it runs once per (m, seed) and its result stands for every weight."""
+    """The whole sweep. MGDA ignores the weights: it runs once per (m, seed) and its result stands for every weight.
+    ``rare=(objective, keep)``: that objective's signal is kept in a ``keep`` fraction of the pairs (:func:`task.thin_signal`)."""
     import datasets
     import transformers
 
@@ -183,6 +185,8 @@ def run(
                 print(f"seed {seed}: reference ready in {time.perf_counter() - t0:.1f} s", flush=True)
             for m in ms:
                 rows = task.preference_rows(reference, tok, budget.pairs, m, seed=30_000 + seed)
+                if rare is not None:  # the rare-signal variant: one objective's signal kept in a fraction of the pairs
+                    rows = task.thin_signal(rows, rare[0], rare[1], seed=50_000 + seed)
                 for w in weights[m]:
                     for method in methods:
                         if method == "mgda" and w != weights[m][0]:

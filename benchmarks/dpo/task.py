@@ -224,6 +224,21 @@ def preference_rows(reference, tok, n: int, m: int, seed: int) -> list[dict]:
     return rows
 
 
+def thin_signal(rows: list[dict], objective: int, keep: float, seed: int) -> list[dict]:
+    """The rare-signal variant: objective ``objective``'s sign becomes a tie (0) in all but a ``keep``
+    fraction of the pairs (seeded), and pairs then tied on every objective are dropped, as always.
+    Ties dilute that objective's mean loss, so its gradient is about ``keep`` times shorter."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        signs = list(row["objective_signs"])
+        if rng.random() >= keep:
+            signs[objective] = 0
+        if any(signs):
+            out.append({**row, "objective_signs": signs})
+    return out
+
+
 def win_rates(policy: Sequence[str], reference: Sequence[str], keywords: Sequence[Sequence[str]], m: int) -> list[float]:
     """Per objective, the fraction of prompts where the policy's response beats the reference's (ties: half)."""
     wins = [0.0] * m

@@ -97,3 +97,16 @@ def test_the_detail_table_reports_the_clip_activity_of_the_cagrad_family_only():
     rows = {line.split(" | ")[1]: line for line in detail(runs, ["raco", "weighted"], 2).splitlines()[2:]}
     assert rows["RACO (c=0.4, clip)"].endswith("| 50.0 ± 25.0 | 0.100 ± 0.050 |")
     assert rows["Weighted sum (c=0)"].endswith("| - | - |")  # a run without the clip fields (NaN)
+
+
+def test_the_rare_signal_variant_keeps_one_objectives_sign_in_a_fraction_of_the_pairs():
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "objective_signs": [1 if i % 2 else -1, 1 if i % 3 else 0]} for i in range(2000)
+    ]
+    thin = task.thin_signal(rows, 0, 0.1, seed=3)
+    kept = sum(r["objective_signs"][0] != 0 for r in thin)
+    assert 150 < kept < 250  # about 10 % of 2000
+    assert all(any(r["objective_signs"]) for r in thin)  # pairs tied on every objective are dropped
+    decided = sum(r["objective_signs"][1] != 0 for r in rows)
+    assert sum(r["objective_signs"][1] != 0 for r in thin) == decided  # every pair objective 1 decides stays
+    assert task.thin_signal(rows, 0, 1.0, seed=3) == [r for r in rows if any(r["objective_signs"])]
