@@ -32,3 +32,16 @@ def test_code_blocks_run(doc):
             exec(compile(block, str(doc), "exec"), namespace)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+@pytest.mark.parametrize(
+    ("page", "intro"), [("benchmarks.md", "benchmarks/pareto/INTRO.md"), ("benchmarks_dpo.md", "benchmarks/dpo/INTRO.md")]
+)
+def test_the_benchmark_pages_are_their_tracked_introduction_then_the_generated_report(page, intro):
+    """Each page is rebuilt by its ``to_docs`` from a tracked introduction and a run's report: the page
+    must begin with that introduction, so an edit to one side only is caught."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / page).read_text()
+    head = (root / intro).read_text().rstrip()
+    assert text.startswith(head)
+    assert "\n## Generated report\n" in text[len(head) :]
