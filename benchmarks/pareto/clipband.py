@@ -134,11 +134,11 @@ class ClipBand:
             f"L_i(x) = s_i/2 ||x - u_i||^2 on R^2, heavy objective s = 1, light ones s = sigma; w = {WEIGHTS[2]} (m = 2) and "
             f"{WEIGHTS[3]} (m = 3); sigma in {list(SIGMAS_QUICK if cfg.quick else SIGMAS)}; SGD, lr 0.5 / max(sigma), {steps} steps; "
             f"{STARTS} starts uniform in [-2, 2]^2 per seed (seeds {cfg.seeds}); c in {list(RADII)}. 'steps to eps' = first step "
-            f"with L_w - L_w* <= {EPS} (L_w(x0) - L_w*), median over the runs that reached it (reached / runs); 'gap' = "
+            f"with L_w - L_w* <= {EPS} (L_w(x0) - L_w*), median and quartiles over the runs that reached it (reached / runs); 'gap' = "
             "(L_w - L_w*) / (L_w(x0) - L_w*) at a tenth of the budget and at the end (median); 'worst' = max_i L_i at the end "
             "(median).\n\n"
         ]
-        header = ["m", "c", "sigma", "method", "steps to eps", "reached", "gap at T/10", "gap at T", "worst at T"]
+        header = ["m", "c", "sigma", "method", "steps to eps", "25-75 %", "reached", "gap at T/10", "gap at T", "worst at T"]
         table = []
         curves: dict[tuple[int, float], dict[str, list[np.ndarray]]] = {}
         for batch, res in runs:
@@ -151,19 +151,21 @@ class ClipBand:
                 sel = [i for i, r in enumerate(run_keys) if r[0] == sigma]
                 for k, meth in enumerate(methods):
                     hits = res.first_hit[k, sel]
-                    reached = hits[hits >= 0]
-                    median = float(reached.double().median()) if len(reached) else -1.0
+                    reached = hits[hits >= 0].double().numpy()
+                    median = float(np.median(reached)) if len(reached) else -1.0  # numpy's: the mean of the middle two
+                    spread = f"{np.percentile(reached, 25):.0f}-{np.percentile(reached, 75):.0f}" if len(reached) else "-"
                     table.append(
                         [
                             m,
                             c,
                             sigma,
                             meth.label,
-                            int(median),
+                            f"{median:.0f}",
+                            spread,
                             f"{len(reached)}/{len(sel)}",
-                            float(lg["gap"][tenth, k, sel].median()),
-                            float(lg["gap"][-1, k, sel].median()),
-                            float(lg["worst"][-1, k, sel].median()),
+                            float(np.median(lg["gap"][tenth, k, sel].numpy())),
+                            float(np.median(lg["gap"][-1, k, sel].numpy())),
+                            float(np.median(lg["worst"][-1, k, sel].numpy())),
                         ]
                     )
                     censored = torch.where(hits >= 0, hits, torch.full_like(hits, steps)).double().numpy()  # never: the budget
@@ -172,8 +174,9 @@ class ClipBand:
         _figure(cfg.out / "clipband_steps.png", curves, list(SIGMAS_QUICK if cfg.quick else SIGMAS), steps)
         raco = [r for r in table if r[3].startswith("RACO")]
         cagrad = [r for r in table if r[3].startswith("CAGrad (")]
-        faster = sum(a[4] >= 0 and (b[4] < 0 or a[4] < b[4]) for a, b in zip(raco, cagrad))
-        slower = sum(b[4] >= 0 and (a[4] < 0 or a[4] > b[4]) for a, b in zip(raco, cagrad))
+        steps_of = [(float(a[4]), float(b[4])) for a, b in zip(raco, cagrad)]
+        faster = sum(a >= 0 and (b < 0 or a < b) for a, b in steps_of)
+        slower = sum(b >= 0 and (a < 0 or a > b) for a, b in steps_of)
         summary = (
             f"clipband — RACO reached eps of the weighted optimum sooner than CAGrad (weighted anchor) in {faster} of {len(raco)} "
             f"(m, c, sigma) cells, later in {slower}, the same in {len(raco) - faster - slower}"

@@ -263,6 +263,7 @@ def test_the_clip_band_runs_both_radii_and_reports_the_clip(tmp_path):
         ["--quick", "--no-progress", "--out", str(tmp_path), "--problems", "clipband", "--methods", "weighted", "cagrad", "raco"]
     )
     assert "| 2 | 0.9 | 9 | RACO (c=0.9, clip) |" in section.markdown and "| 3 | 0.4 | 1 | CAGrad (c=0.4) |" in section.markdown
+    assert "| steps to eps | 25-75 % | reached |" in section.markdown
     assert "clipband m=2 c=0.9" in section.markdown  # the clip activity table, one block per (m, c)
     assert (tmp_path / "clipband_steps.png").stat().st_size > 0
     assert section.summary.startswith("clipband — RACO reached eps of the weighted optimum sooner than CAGrad")
