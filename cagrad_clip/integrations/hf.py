@@ -96,6 +96,10 @@ class MultiObjectiveTrainerMixin:
     from a ``datasets.Dataset``.
     """
 
+    #: With ``logging_strategy="no"`` only this many recent training steps' metrics are kept for a manual
+    #: :meth:`log` (without the cap a long run would hold every step's small tensors until train() ends).
+    unlogged_metric_steps: int = 64
+
     #: The optimizer types :meth:`training_step` accepts (walked to through accelerate's wrapper): any
     #: :class:`~cagrad_clip.integrations.MultiObjectiveOptimizer` (a subclass may narrow it).
     multi_objective_types: tuple[type, ...] = (MultiObjectiveOptimizer,)
@@ -324,7 +328,11 @@ class MultiObjectiveTrainerMixin:
         the count is 0); the logged number is the mean of those values over the steps since the last log.
         """
         total = total.detach().float()
-        self._objective_store[mode][key].append((total, torch.as_tensor(count, dtype=total.dtype, device=total.device).expand_as(total)))
+        steps = self._objective_store[mode][key]
+        steps.append((total, torch.as_tensor(count, dtype=total.dtype, device=total.device).expand_as(total)))
+        strategy = getattr(self.args, "logging_strategy", "steps")
+        if mode == "train" and getattr(strategy, "value", strategy) == "no" and len(steps) > self.unlogged_metric_steps:
+            del steps[0]  # no periodic log will read them: keep the last few steps only (a manual log() still can)
 
     def _reduced_objective_metrics(self, mode: str) -> dict[str, Tensor]:
         """Every stored key's value, over all processes' items, averaged over the stored steps; clears the store."""

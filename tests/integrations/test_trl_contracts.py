@@ -203,3 +203,27 @@ def test_rewards_of_an_all_tie_objective_and_of_a_one_pair_objective(tok, tmp_pa
     assert logged["rewards/all/accuracies"] == pytest.approx((margins > 0).float().mean().item())
     assert logged["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
     assert logged["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)
+
+
+def test_with_training_logs_off_only_the_last_steps_metrics_are_kept(tok, tmp_path):
+    """logging_strategy="no": no periodic log reads the training metrics, so at most
+    ``unlogged_metric_steps`` steps of them are kept (a long run would pile them up otherwise)."""
+    import transformers
+
+    seen = []
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(max((len(v) for v in trainer._objective_store["train"].values()), default=0))
+
+    trainer = MultiObjectiveDPOTrainer(
+        model=tiny.no_dropout_gpt2(tok),
+        ref_model=tiny.no_dropout_gpt2(tok, seed=1),
+        args=config(tmp_path, per_device_train_batch_size=2, max_steps=4),  # config() turns logging off
+        train_dataset=datasets.Dataset.from_list(tiny.preference_rows(8, 2)),
+        processing_class=tok,
+        callbacks=[Watch()],
+    )
+    trainer.unlogged_metric_steps = 2
+    trainer.train()
+    assert trainer.args.logging_strategy == "no" and seen == [1, 2, 2, 2]
