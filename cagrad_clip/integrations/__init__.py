@@ -37,7 +37,7 @@ class MultiObjectiveOptimizer(Protocol):
     (``.coefficients`` at least, for the logs); ``weights`` the user weights (or ``None``).
     """
 
-    def backward(self, losses: Sequence[Any], combine: bool = True) -> None: ...
+    def backward(self, losses: Sequence[Any], combine: bool = True) -> None: ...  # pragma: no mutate (a Protocol's members)
 
     @property
     def last(self) -> Any: ...
