@@ -388,11 +388,11 @@ def test_bad_input_is_refused_with_a_clear_message(tok, tmp_path):
             model=model, ref_model=ref, args=config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
         )
 
-    with pytest.raises(ValueError, match="3 signs per example but there are 2 objective_weights"):
+    with pytest.raises(ValueError, match="3 signs per example but there are 2 objective_weights; give one weight per objective"):
         make(tiny.preference_rows(4, 3))
     bad = tiny.preference_rows(4, 2)
     bad[1]["objective_signs"] = [1, 0.5]
-    with pytest.raises(ValueError, match="signs must be"):
+    with pytest.raises(ValueError, match=r"train_dataset: column 'objective_signs', row 1: \[1.0, 0.5\] holds \[0.5\]; signs must be"):
         make(bad)
     missing = [{k: v for k, v in r.items() if k != "objective_signs"} for r in tiny.preference_rows(4, 2)]
     with pytest.raises(ValueError, match="no 'objective_signs' column"):
