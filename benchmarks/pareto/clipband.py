@@ -129,7 +129,6 @@ class ClipBand:
 
     def report(self, cfg: Config, runs: list[tuple[Batch, RunResult]]) -> Section:
         steps = runs[0][0].steps
-        tenth = None
         md = [
             f"L_i(x) = s_i/2 ||x - u_i||^2 on R^2, heavy objective s = 1, light ones s = sigma; w = {WEIGHTS[2]} (m = 2) and "
             f"{WEIGHTS[3]} (m = 3); sigma in {list(SIGMAS_QUICK if cfg.quick else SIGMAS)}; SGD, lr 0.5 / max(sigma), {steps} steps; "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cagrad_clip import combination_coefficients, solve_cagrad
+from cagrad_clip import solve_cagrad
 
 __all__ = [
     "METHODS",
@@ -151,13 +151,6 @@ def _pcgrad(G: Tensor, H: Tensor, W: Tensor, gen: torch.Generator) -> Tensor:
     return _combine(pcgrad_coefficients(H, W, gen), G)
 
 
-def _cagrad_rule(c: float, clip: bool, rescale: str | None) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
-    def rule(G: Tensor, H: Tensor, W: Tensor, gen: torch.Generator) -> Tensor:
-        return _combine(combination_coefficients(H, W, c=c, clip=clip, rescale=rescale, validate=False), G)
-
-    return rule
-
-
 def _cagrad_clip_rule(c: float, clip: bool, rescale: str | None) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], tuple]:
     def rule(G: Tensor, H: Tensor, W: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         solution = solve_cagrad(H, W, c=c, clip=clip, rescale=rescale, validate=False)
@@ -167,9 +160,8 @@ def _cagrad_clip_rule(c: float, clip: bool, rescale: str | None) -> Callable[[Te
 
 
 def _cagrad(name: str, label: str, c: float, clip: bool, rescale: str | None, note: str = "") -> Method:
-    return Method(
-        name, label, _cagrad_rule(c, clip, rescale), True, True, note=note, extra={"clip_rule": _cagrad_clip_rule(c, clip, rescale)}
-    )
+    clip_rule = _cagrad_clip_rule(c, clip, rescale)
+    return Method(name, label, lambda G, H, W, gen: clip_rule(G, H, W, gen)[0], True, True, note=note, extra={"clip_rule": clip_rule})
 
 
 def _torchjd_rule(kind: str, c: float) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "MultiObjectiveOptimizer",
+    "check_module_patterns",
     "check_weights",
     "find_conflict_averse",
     "objective_names",
@@ -122,17 +123,25 @@ def require_conflict_averse(optimizer: object, owner: str, hint: str, types: tup
     return found
 
 
+def check_module_patterns(patterns: Any) -> list[str] | None:
+    """``shared_modules`` as a list of ``fnmatch`` patterns (``None`` stays ``None``), or a ``TypeError``."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"shared_modules must be a list of module-name patterns, got {patterns!r}")
+    return list(patterns)
+
+
 def shared_parameters(model: Any, patterns: Sequence[str]) -> list[Any]:
     """The trainable parameters of ``model``'s modules whose qualified name (``model.named_modules()``) matches one
     of the ``fnmatch`` patterns (e.g. ``"transformer.h.*"``), each once: the ``shared=`` parameters the
     Gram is measured on. A pattern that matches no module is refused, naming a few of the names."""
     import fnmatch
 
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"shared_modules must be a list of module-name patterns, got {patterns!r}")
+    checked = check_module_patterns(patterns) or []
     named = [(name, module) for name, module in model.named_modules() if name]
     params: dict[int, Any] = {}
-    for pattern in patterns:
+    for pattern in checked:
         matched = [module for name, module in named if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
             sample = ", ".join(name for name, _ in named[:8])
@@ -162,6 +171,7 @@ def optimizer_options(
     integration picks its default)."""
     import torch
 
+    from cagrad_clip._layout import GradientFlow
     from cagrad_clip._nonfinite import resolve_nonfinite
     from cagrad_clip._settings import CAGradSettings
 
@@ -173,19 +183,14 @@ def optimizer_options(
         "solver": checked.solver,
         "max_iter": checked.max_iter,
     }
-    if memory not in ("default", "low"):
-        raise ValueError(f"unknown memory={memory!r}; choose 'default' or 'low'")
-    if memory != "default":
-        options["memory"] = memory
-    if isinstance(accumulate_dtype, str):
+    if isinstance(accumulate_dtype, str):  # a config field holds the name
         if accumulate_dtype not in ("float32", "float64"):
             raise ValueError(f"accumulate_dtype must be None, 'float32' or 'float64', got {accumulate_dtype!r}")
         accumulate_dtype = getattr(torch, accumulate_dtype)
+    GradientFlow(memory=memory, accumulate_dtype=accumulate_dtype)  # the optimizer's own checks of the two
+    if memory != "default":
+        options["memory"] = memory
     if accumulate_dtype is not None:
-        if accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"accumulate_dtype must be None, torch.float32 or torch.float64, got {accumulate_dtype!r}")
-        if memory == "low":
-            raise ValueError("memory='low' keeps no per-objective gradients, so accumulate_dtype does not apply")
         options["accumulate_dtype"] = accumulate_dtype
     if nonfinite is not None:
         resolve_nonfinite(nonfinite)  # refused here, early, if unknown

@@ -40,9 +40,11 @@ import torch
 from torch import Tensor
 
 from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip._distributed import _dtensor_types
 
 from . import (
     MultiObjectiveOptimizer,
+    check_module_patterns,
     check_weights,
     find_conflict_averse,
     objective_names,
@@ -72,7 +74,8 @@ def check_sharding(trainer: Any) -> None:
     is off: on several processes accelerate would wrap it in DDP, which cannot take DTensor shards."""
     if getattr(trainer.args, "world_size", 1) <= 1 or getattr(trainer, "is_fsdp_enabled", False):
         return
-    if any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()):
+    types = _dtensor_types()
+    if types is not None and any(isinstance(p, types[0]) for p in trainer.model.parameters()):
         raise ValueError(
             "the model's parameters are FSDP2 shards (fully_shard was applied before the trainer) but the Trainer's FSDP is "
             "off: accelerate would wrap the model in DDP, which cannot take DTensor shards. Let the Trainer shard it "
@@ -144,10 +147,8 @@ class MultiObjectiveTrainerMixin:
             accumulate_dtype=accumulate_dtype,
             nonfinite=nonfinite,
         )
-        if shared_modules is not None and (isinstance(shared_modules, str) or not all(isinstance(p, str) for p in shared_modules)):
-            raise TypeError(f"shared_modules must be a list of module-name patterns, got {shared_modules!r}")
         #: fnmatch patterns of the modules whose parameters the Gram is measured on (None: all parameters)
-        self.shared_modules = None if shared_modules is None else list(shared_modules)
+        self.shared_modules = check_module_patterns(shared_modules)
         self._window: list[Any] | None = None  # [sizes of the window's micro-batches, index of the next one]
         #: per mode and key, this process's (total, count) of every step since the last log
         self._objective_store: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
 from cagrad_clip.integrations.hf import MultiObjectiveTrainerMixin  # noqa: E402
+from tests.process_groups import fsdp2_missing, one_rank_group  # noqa: E402
 
 from . import tiny  # noqa: E402
 
@@ -233,20 +234,22 @@ def test_deepspeed_is_refused_with_the_reason_and_the_fsdp2_alternative():
     check_no_deepspeed(Fake())
 
 
+@pytest.mark.skipif(fsdp2_missing() is not None, reason=fsdp2_missing() or "")
 def test_a_model_sharded_by_hand_is_refused_when_the_trainers_fsdp_is_off():
     from types import SimpleNamespace
 
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     from cagrad_clip.integrations.hf import check_sharding
 
-    class DTensor(torch.nn.Parameter):  # stands for torch.distributed.tensor.DTensor (checked by name)
-        pass
-
-    sharded = torch.nn.Module()
-    sharded.w = DTensor(torch.zeros(2))
-    plain = torch.nn.Linear(2, 2)
-    two = SimpleNamespace(world_size=2)
-    with pytest.raises(ValueError, match="FSDP2 shards .* the Trainer's FSDP is off: accelerate would wrap the model in DDP"):
-        check_sharding(SimpleNamespace(args=two, model=sharded, is_fsdp_enabled=False))
-    check_sharding(SimpleNamespace(args=two, model=sharded, is_fsdp_enabled=True))  # the Trainer shards: fine
-    check_sharding(SimpleNamespace(args=two, model=plain, is_fsdp_enabled=False))
-    check_sharding(SimpleNamespace(args=SimpleNamespace(world_size=1), model=sharded, is_fsdp_enabled=False))
+    with one_rank_group():
+        sharded = torch.nn.Module()
+        sharded.w = torch.nn.Parameter(distribute_tensor(torch.zeros(2), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        plain = torch.nn.Linear(2, 2)
+        two = SimpleNamespace(world_size=2)
+        with pytest.raises(ValueError, match="FSDP2 shards .* the Trainer's FSDP is off: accelerate would wrap the model in DDP"):
+            check_sharding(SimpleNamespace(args=two, model=sharded, is_fsdp_enabled=False))
+        check_sharding(SimpleNamespace(args=two, model=sharded, is_fsdp_enabled=True))  # the Trainer shards: fine
+        check_sharding(SimpleNamespace(args=two, model=plain, is_fsdp_enabled=False))
+        check_sharding(SimpleNamespace(args=SimpleNamespace(world_size=1), model=sharded, is_fsdp_enabled=False))

@@ -15,7 +15,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('cagrad_clip.integrations.trl needs TRL: pip install "cagrad-clip[trl]"') from exc
 
-from .. import check_weights, optimizer_options
+from .. import check_module_patterns, check_weights, optimizer_options
 from ..hf import MultiObjectiveTrainerMixin
 from .losses import PairScores, check_loss_types, objective_betas, objective_dpo_losses
 from .signs import SignsCollator, check_dataset
@@ -78,10 +78,7 @@ class MultiObjectiveDPOConfig(DPOConfig):
             nonfinite=self.nonfinite,
         )
         self.c, self.clip, self.rescale = options["c"], options["clip"], options["rescale"]
-        if self.shared_modules is not None and (
-            isinstance(self.shared_modules, str) or not all(isinstance(p, str) for p in self.shared_modules)
-        ):
-            raise TypeError(f"shared_modules must be a list of module-name patterns, got {self.shared_modules!r}")
+        self.shared_modules = check_module_patterns(self.shared_modules)
         if self.objective_betas is not None:
             betas = list(self.objective_betas)
             if not betas or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in betas):
