@@ -132,7 +132,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
     def weights(self) -> Tensor | None:
         """The normalised user weights (float64, CPU), or ``None`` for uniform."""
         w = self._state.settings.weights
-        return None if w is None else torch.tensor(w, dtype=torch.float64)
+        return None if w is None else torch.tensor(w, dtype=torch.float64, device="cpu")
 
     @weights.setter
     def weights(self, value: Any) -> None:

@@ -107,7 +107,7 @@ def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = 
     if weights is None:
         if m is None:
             raise ValueError("weights=None needs the number of objectives m")
-        return torch.full((m,), 1.0 / m, dtype=torch.float64)
+        return torch.full((m,), 1.0 / m, dtype=torch.float64, device="cpu")
     if isinstance(weights, (str, bytes)):
         raise TypeError(f"weights must be a sequence of real numbers (one per objective), got the string {weights!r}")
     dtype = getattr(weights, "dtype", None)  # a tensor's or a NumPy array's: complex or bool is not a weight
@@ -117,7 +117,7 @@ def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = 
         if isinstance(weights, Tensor):
             w = weights.detach().to("cpu", torch.float64)
         else:  # Python floats straight to float64 (through the default float32 they would lose digits)
-            w = torch.as_tensor(weights, dtype=torch.float64)
+            w = torch.as_tensor(weights, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"weights must be a sequence of real numbers (one per objective), got {weights!r}") from error
     if w.dim() < 1 or w.shape[-1] < 1:
@@ -185,7 +185,7 @@ class CAGradSettings:
             raise ValueError(f"got {m} losses but {len(self.weights)} weights; pass one loss per weight, in the same order")
         if self.weights is None:
             return normalize_weights(None, m)
-        return torch.tensor(self.weights, dtype=torch.float64)
+        return torch.tensor(self.weights, dtype=torch.float64, device="cpu")
 
     def replace(self, **changes: Any) -> CAGradSettings:
         """A new validated settings object with ``changes`` applied (unknown names raise ``TypeError``)."""

@@ -1,22 +1,99 @@
 """A pytest plugin loaded only by mutation runs (``[tool.mutmut] pytest_add_cli_args``).
 
-A mutant's tests run with ``-x``: the first failure ends them. Running them fastest first (by the
-durations mutmut recorded in ``mutmut-stats.json``) ends a detected mutant sooner; a surviving
-mutant runs them all either way.
+A mutant's tests run with ``-x``: the first failure ends them, so they run cheapest first and a
+detected mutant stops sooner (a surviving mutant runs them all either way). A test's cost is what
+running it first would take: its own setup, call and teardown plus the setup of any module- or
+session-scoped fixture it needs (a fixture that spawns two ranks takes seconds; the tests behind it
+take milliseconds once it exists). mutmut records only the call's duration, so this plugin records
+the rest itself while mutmut collects its stats (``mutation-durations.json``).
+
+Each mutant's test session also appends one line to ``mutation-times.jsonl``: its name, wall
+seconds, pytest's exit status and the number of tests selected, which ``tools/mutation.py --times``
+sums per module (where a run's time goes).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+DURATIONS = Path("mutation-durations.json")  # mutmut runs the tests from inside mutants/
+TIMES = Path("mutation-times.jsonl")
+EXPENSIVE_SETUP_S = 0.5  # a setup this long is blamed on the shared fixtures it built
+
+_start = time.perf_counter()
+_selected = 0
+_phases: defaultdict[str, float] = defaultdict(float)
+_slow_setups: dict[str, tuple[float, list[str]]] = {}
+
+
+def _mutant() -> str:
+    return os.environ.get("MUTANT_UNDER_TEST", "")
+
+
+def _shared_fixtures(item: pytest.Item) -> list[str]:
+    """The fixtures of ``item`` that outlive one test (module, class, package or session scope)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    return [name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope != "function"]
+
+
+def cost_key(durations: dict) -> Callable[[pytest.Item], float]:
+    """A test's cost if it ran first: its own phases plus the setups of the shared fixtures it needs."""
+    tests, fixtures = durations.get("tests", {}), durations.get("fixtures", {})
+
+    def cost(item: pytest.Item) -> float:
+        return tests.get(item.nodeid, 0.0) + sum(fixtures.get(name, 0.0) for name in _shared_fixtures(item))
+
+    return cost
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    stats = Path("mutmut-stats.json")  # mutmut runs the tests from inside mutants/
-    if not stats.exists():
+    global _selected
+    _selected = len(items)
+    if DURATIONS.exists():
+        items.sort(key=cost_key(json.loads(DURATIONS.read_text())))
+    elif Path("mutmut-stats.json").exists():  # mutmut's own record: the calls only
+        duration = json.loads(Path("mutmut-stats.json").read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _start
+    _start = time.perf_counter()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    if _mutant() != "stats":
         return
-    duration = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+    report = outcome.get_result()
+    _phases[item.nodeid] += report.duration
+    if report.when == "setup" and report.duration > EXPENSIVE_SETUP_S:
+        _slow_setups[item.nodeid] = (report.duration, _shared_fixtures(item))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    mutant = _mutant()
+    if mutant == "stats":
+        fixtures: dict[str, float] = {}
+        for seconds, names in _slow_setups.values():
+            for name in names:
+                fixtures[name] = max(fixtures.get(name, 0.0), seconds)
+        old = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {"tests": {}, "fixtures": {}}
+        old["tests"].update(_phases)  # mutmut reruns the stats of new tests only: keep the others'
+        old["fixtures"].update(fixtures)
+        DURATIONS.write_text(json.dumps(old, indent=1))
+    elif "__mutmut_" in mutant:  # not the clean run nor the forced failure
+        line = {"mutant": mutant, "seconds": round(time.perf_counter() - _start, 3), "exit": int(exitstatus), "tests": _selected}
+        with TIMES.open("a") as out:  # one short append per mutant: atomic for the workers
+            out.write(json.dumps(line) + "\n")

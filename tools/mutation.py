@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -39,6 +40,8 @@ from mutmut.stats import status_by_exit_code
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "mutants"
 STATS = MUTANTS / "mutmut-stats.json"
+DURATIONS = MUTANTS / "mutation-durations.json"  # each test's full cost, written by tests/mutmut_plugin.py
+TIMES = MUTANTS / "mutation-times.jsonl"  # one line per mutant run: its seconds (tests/mutmut_plugin.py)
 VERDICTS = ROOT / "tools" / "mutation_verdicts"  # one TOML file per area: [mutant."<name>"] verdict, why
 
 # mutmut's statuses (``mutmut.stats.status_by_exit_code``) as this report counts them
@@ -80,6 +83,12 @@ def narrow_stats() -> tuple[int, int]:
         before, after = before + len(tests), after + len(kept)
         narrowed[name] = kept
     stats["tests_by_mangled_function_name"] = narrowed
+    if DURATIONS.exists():
+        # mutmut times a mutant out at a multiple of its tests' recorded duration, which it measures as
+        # the calls alone: a test behind a fixture that spawns ranks then looks free, and its mutants
+        # time out. The plugin's record adds the setups and teardowns.
+        full = json.loads(DURATIONS.read_text())["tests"]
+        stats["duration_by_test"] = {t: max(d, full.get(t, 0.0)) for t, d in stats["duration_by_test"].items()}
     STATS.write_text(json.dumps(stats, indent=1))
     return before, after
 
@@ -284,13 +293,18 @@ def main() -> int:
     parser.add_argument("--sample", type=float, help="run a seeded random fraction of every module and score on it")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants run at once")
+    parser.add_argument("--times", action="store_true", help="where the last run's time went, per module; run nothing")
     parser.add_argument("--markdown", type=Path, help="also write the report, every undetected mutant listed, here")
     parser.add_argument("patterns", nargs="*", help="mutmut name patterns to rerun (default: every mutant)")
     args = parser.parse_args()
-    if not args.report_only and not args.resume:
-        # 1. generate the mutants and collect which tests reach which function (no mutant runs:
-        #    the pattern matches none), 2. narrow that map to each module's focus files, 3. run.
-        STATS.unlink(missing_ok=True)
+    if args.times:
+        return times()
+    if not args.report_only:
+        # 1. generate the mutants (a fresh run) and collect which tests reach which function (a resumed
+        #    run: only the tests added since; no mutant runs, the pattern matches none), 2. narrow that map
+        #    to each module's focus files, 3. run. mutmut would add a new test's functions unnarrowed.
+        if not args.resume:  # mutmut would keep the results of every function whose code is unchanged
+            shutil.rmtree(MUTANTS, ignore_errors=True)
         # mutmut stops with "nothing matches" once the stats are saved: that is the point of the pattern
         mutmut("run", "--max-children", str(args.max_children), "no-such-mutant", check=False)
         if not STATS.exists():
@@ -309,6 +323,35 @@ def main() -> int:
             mutmut("run", "--max-children", str(args.max_children), *names)
         confirm_timeouts()
     return report(args.markdown)
+
+
+def times() -> int:
+    """Per module: mutants run, seconds in their test sessions (detected and undetected apart), from the
+    lines ``tests/mutmut_plugin.py`` appended. The sessions run ``--max-children`` at a time; a timed-out
+    mutant is killed before its line is written, so timeouts are not counted here."""
+    if not TIMES.exists():
+        raise SystemExit(f"no {TIMES.relative_to(ROOT)}: run the mutants first")
+    rows = [json.loads(line) for line in TIMES.read_text().splitlines() if line.strip()]
+    last = {row["mutant"]: row for row in rows}  # a rerun mutant counts once, its last run
+    by_module: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for row in last.values():
+        c = by_module[module_path(row["mutant"].rsplit("__mutmut_", 1)[0])]
+        c["mutants"] += 1
+        c["detected s" if row["exit"] != 0 else "survived s"] += row["seconds"]
+        c["survived"] += row["exit"] == 0
+    print(f"{'module':40s} {'mutants':>8s} {'survived':>9s} {'detected s':>11s} {'survived s':>11s} {'s/mutant':>9s}")
+    total: Counter[str] = Counter()
+    for module, c in sorted(by_module.items(), key=lambda item: -(item[1]["detected s"] + item[1]["survived s"])):
+        total.update(c)
+        seconds = c["detected s"] + c["survived s"]
+        row = f"{module:40s} {c['mutants']:8d} {c['survived']:9d} {c['detected s']:11.0f} {c['survived s']:11.0f}"
+        print(f"{row} {seconds / c['mutants']:9.2f}")
+    seconds = total["detected s"] + total["survived s"]
+    print(
+        f"{'all':40s} {total['mutants']:8d} {total['survived']:9d} {total['detected s']:11.0f} {total['survived s']:11.0f} "
+        f"{seconds / max(total['mutants'], 1):9.2f}"
+    )
+    return 0
 
 
 def confirm_timeouts() -> None:

@@ -52,7 +52,7 @@ def fingerprint(grads: Sequence[Tensor]) -> Tensor:
         acc = torch.promote_types(dtype, torch.float32)
         norms = torch._foreach_norm(group, 2, dtype=acc) if acc != dtype else torch._foreach_norm(group, 2)
         parts.append(torch.stack(norms).to(torch.float64))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device="cpu")
 
 
 class GradGuard:

@@ -166,7 +166,7 @@ class MultiObjectiveModule(pl.LightningModule):
                 logs.update({f"cos/{names[i]}|{names[j]}": diag.cosines[i, j] for i in range(len(names)) for j in range(i + 1, len(names))})
                 self.log_dict(logs, on_step=True, on_epoch=False)
         w = opt.weights
-        w = torch.full((len(losses),), 1.0 / len(losses)) if w is None else w
+        w = torch.full((len(losses),), 1.0 / len(losses), device=losses[0].device) if w is None else w
         return torch.stack([loss.detach().float() for loss in losses]) @ w.to(device=losses[0].device, dtype=torch.float32)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:

@@ -270,6 +270,20 @@ def accumulate_combine_true(ctx: Ctx) -> dict[str, Any]:
     return _accumulate(ctx, combine=True)
 
 
+def default_device_elsewhere(ctx: Ctx) -> dict[str, Any]:
+    """One backward and the step, with torch's default device set to ``meta`` once the model and data
+    exist: every tensor the optimizer makes must name the device of the gradients it serves. One that
+    relies on the default lands on ``meta``, and mixing it with the CPU gradients raises. On CPU this is how
+    a test sees a placement that only an accelerator would otherwise show (a buffer left on the host)."""
+    model, opt = ctx.build()
+    x, y = ctx.batch()
+    with torch.device("meta"):
+        opt.zero_grad()
+        opt.backward(losses_of(model, x, y))
+        opt.step()
+    return ctx.result(model, opt)
+
+
 def _grad_scaler(ctx: Ctx, overflow: bool) -> dict[str, Any]:
     model, opt = ctx.build()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALER_INIT)
@@ -467,6 +481,7 @@ CASES: list[Case] = [
     Case("one_step", one_step),
     Case("accumulate_combine_false", accumulate_combine_false),
     Case("accumulate_combine_true", accumulate_combine_true),
+    Case("default_device_elsewhere", default_device_elsewhere),
     Case("grad_scaler", grad_scaler),
     Case("grad_scaler_overflow", grad_scaler_overflow),
     Case("unscale_early_overflow", unscale_early_overflow),

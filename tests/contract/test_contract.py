@@ -323,6 +323,7 @@ def check_constant_objective_detached(setting: Setting, results: list[dict[str, 
 CHECKS: dict[str, Callable[[Setting, list[dict[str, Any]]], None]] = {
     "one_step": check_one_step,
     "accumulate_combine_false": check_accumulate,
+    "default_device_elsewhere": check_one_step,
     "accumulate_combine_true": check_accumulate,
     "grad_scaler": check_grad_scaler,
     "grad_scaler_overflow": check_grad_scaler_overflow,

@@ -38,7 +38,7 @@ def signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = 
                     "-1 (rejected better) or 0 (a tie). Map them explicitly (e.g. 1 if chosen_better else -1): False is not a tie"
                 )
     try:
-        signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32)
+        signs = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float32, device="cpu")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}column {column!r} must hold one list of numbers per example, all of the same length") from exc
     if signs.dim() != 2 or signs.shape[1] == 0:
