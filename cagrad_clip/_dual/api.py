@@ -100,9 +100,9 @@ def solve_with_settings(gram: Tensor, weights: Tensor, settings: CAGradSettings)
     Args:
         gram: ``H[..., i, j] = <g_i, g_j>`` of shape ``(..., m, m)``, float32 or float64 (half
             precision is solved in float32), on any device.
-        weights: the user weights, already normalised to sum 1, broadcastable to ``(..., m)``, of
-            ``gram``'s dtype and device. Their values are not checked (that would sync), and
-            ``settings.weights`` is not read.
+        weights: the user weights, already normalised to sum 1, broadcastable to ``(..., m)``
+            (moved to ``gram``'s device and solve dtype). Their values are not checked (that would
+            sync), and ``settings.weights`` is not read.
         settings: ``c``, ``clip``, ``rescale``, ``solver`` and ``max_iter`` (``None``:
             :func:`default_max_iter`). ``"auto"`` is resolved by shape (:func:`auto_solver`);
             ``"exact"`` with ``m > EXACT_MAX_M`` raises ``ValueError``.

@@ -1,0 +1,132 @@
+"""The mutation driver (``tools/mutation.py``) and its pytest plugin (``tests/mutmut_plugin.py``), without a run.
+
+A full mutation run takes an hour and is not in CI; what decides which tests a mutant runs, in which
+order, and how the time and score are counted is checked here on small hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("mutmut", reason="the mutation driver needs mutmut (pip install -e '.[dev]')")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_driver():
+    spec = importlib.util.spec_from_file_location("mutation_driver", ROOT / "tools" / "mutation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mutation_driver"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+mutation = _load_driver()
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("cagrad_clip._dual.kernel.x_solve_kernel", "cagrad_clip/_dual/kernel.py"),
+        ("cagrad_clip._optimizer.xǁConflictAverseOptimizerǁstep", "cagrad_clip/_optimizer.py"),
+        ("cagrad_clip.integrations.x_shared_parameters", "cagrad_clip/integrations/__init__.py"),
+        ("cagrad_clip.integrations.trl.dpo.xǁMultiObjectiveDPOTrainerǁ__init__", "cagrad_clip/integrations/trl/dpo.py"),
+    ],
+)
+def test_a_mangled_function_name_maps_to_its_module_file(name: str, path: str) -> None:
+    assert mutation.module_path(name) == path
+    assert (ROOT / path).is_file()
+
+
+def test_every_module_of_the_package_has_a_focus_entry_and_every_focus_glob_matches_a_test_file() -> None:
+    """A module without an entry stops a run after the stats (minutes in); a stale glob silently focuses on nothing."""
+    focus = mutation.focus_map()
+    modules = [str(p.relative_to(ROOT)) for p in (ROOT / "cagrad_clip").rglob("*.py")]
+    assert modules
+    for module in modules:
+        assert any(fnmatch.fnmatch(module, pattern) for pattern in focus), module
+    test_files = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")]
+    for pattern, globs in focus.items():
+        for glob in globs:
+            assert any(fnmatch.fnmatch(f, glob) for f in test_files), f"{pattern}: {glob} matches no test file"
+
+
+def test_the_first_matching_focus_entry_wins() -> None:
+    focus = {"pkg/special.py": ["tests/a.py"], "pkg/*": ["tests/b.py"]}
+    tests = ["tests/a.py::t1", "tests/b.py::t2", "tests/c.py::t3"]
+    assert mutation.focused_tests("pkg/special.py", tests, focus) == ["tests/a.py::t1"]
+    assert mutation.focused_tests("pkg/other.py", tests, focus) == ["tests/b.py::t2"]
+    with pytest.raises(SystemExit, match="no entry"):
+        mutation.focused_tests("elsewhere/x.py", tests, focus)
+
+
+def test_narrowing_keeps_the_focus_tests_and_takes_the_plugins_full_durations(tmp_path: Path, monkeypatch) -> None:
+    stats = {
+        "tests_by_mangled_function_name": {
+            "cagrad_clip._dual.kernel.x_solve_kernel": ["tests/dual/test_kernel.py::a", "tests/test_optimizer.py::b"],
+        },
+        "duration_by_test": {"tests/dual/test_kernel.py::a": 0.5, "tests/test_optimizer.py::b": 0.25},
+    }
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    (tmp_path / "durations.json").write_text(json.dumps({"tests": {"tests/dual/test_kernel.py::a": 7.0}, "fixtures": {}}))
+    monkeypatch.setattr(mutation, "STATS", tmp_path / "stats.json")
+    monkeypatch.setattr(mutation, "DURATIONS", tmp_path / "durations.json")
+    assert mutation.narrow_stats() == (2, 1)
+    out = json.loads((tmp_path / "stats.json").read_text())
+    assert out["tests_by_mangled_function_name"] == {"cagrad_clip._dual.kernel.x_solve_kernel": ["tests/dual/test_kernel.py::a"]}
+    # setup included where the plugin recorded more; mutmut's own figure where it did not
+    assert out["duration_by_test"] == {"tests/dual/test_kernel.py::a": 7.0, "tests/test_optimizer.py::b": 0.25}
+
+
+def test_times_counts_each_mutants_last_session_per_module(tmp_path: Path, monkeypatch, capsys) -> None:
+    lines = [
+        {"mutant": "cagrad_clip._numerics.x_f__mutmut_1", "seconds": 1.0, "exit": 1, "tests": 3},
+        {"mutant": "cagrad_clip._numerics.x_f__mutmut_2", "seconds": 4.0, "exit": 0, "tests": 3},
+        {"mutant": "cagrad_clip._numerics.x_f__mutmut_2", "seconds": 5.0, "exit": 0, "tests": 3},  # rerun: the last counts
+        {"mutant": "cagrad_clip._window.x_g__mutmut_1", "seconds": 0.5, "exit": 2, "tests": 1},
+    ]
+    (tmp_path / "times.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr(mutation, "TIMES", tmp_path / "times.jsonl")
+    assert mutation.times() == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["cagrad_clip/_numerics.py"] == ["2", "1", "1", "5", "3.00"]  # mutants, survived, detected s, survived s, s/mutant
+    assert rows["cagrad_clip/_window.py"] == ["1", "0", "0", "0", "0.50"]
+    assert rows["all"] == ["3", "1", "2", "5", "2.17"]
+
+
+def test_a_smaller_sample_with_the_same_seed_is_a_subset(monkeypatch) -> None:
+    codes = {f"cagrad_clip._numerics.x_f__mutmut_{k}": None for k in range(400)}
+    monkeypatch.setattr(mutation, "results", lambda: {"cagrad_clip/_numerics.py": codes, "cagrad_clip/_window.py": {"w__mutmut_1": None}})
+    small, large = mutation.sampled(0.05, seed=3), mutation.sampled(0.2, seed=3)
+    assert set(small["cagrad_clip/_numerics.py"]) < set(large["cagrad_clip/_numerics.py"])
+    assert 0.1 * 400 < len(large["cagrad_clip/_numerics.py"]) < 0.3 * 400
+    assert small["cagrad_clip/_window.py"] == ["w__mutmut_1"]  # at least one per module
+    assert mutation.sampled(0.05, seed=4) != small
+
+
+def _item(nodeid: str, shared: dict[str, str]) -> SimpleNamespace:
+    defs = {name: [SimpleNamespace(scope=scope)] for name, scope in shared.items()}
+    return SimpleNamespace(nodeid=nodeid, _fixtureinfo=SimpleNamespace(name2fixturedefs=defs))
+
+
+def test_the_plugin_orders_tests_by_their_cost_with_the_shared_fixtures_they_need() -> None:
+    from tests import mutmut_plugin
+
+    durations = {"tests": {"a": 0.2, "b": 0.01, "c": 0.05}, "fixtures": {"ranks": 6.0}}
+    items = [
+        _item("a", {"tmp_path": "function"}),
+        _item("b", {"ranks": "module"}),  # cheap call, but running it first pays for the spawn
+        _item("c", {"ranks": "function"}),  # a function-scoped fixture's setup is in the test's own time
+        _item("new", {}),
+    ]
+    cost = mutmut_plugin.cost_key(durations)
+    assert [item.nodeid for item in sorted(items, key=cost)] == ["new", "c", "a", "b"]
+    assert cost(items[1]) == pytest.approx(6.01)
