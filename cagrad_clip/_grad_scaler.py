@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._diagnostics import StepDiagnostics, all_finite
 
-__all__ = ["EDITED", "check_grad_scaler", "scaler_allows_step"]
+__all__ = ["EDITED", "NO_INF_CHECKS", "check_grad_scaler", "scaler_allows_step"]
 
 # While a window's gradients are uncombined, GradScaler.step passes itself to step() (torch's protocol
 # for optimizers that handle scaled gradients, see _step_supports_amp_scaling) and warns that it will
@@ -24,6 +24,14 @@ EDITED = (
     "taken apart from the objectives' gradients, so the step is refused and the parameters were not updated. Edit "
     ".grad (clip_grad_norm_, GradScaler.unscale_, ...) only after the window's last backward with combine=True (or "
     "opt.combine()) and before step(); call zero_grad() to start over"
+)
+
+
+NO_INF_CHECKS = (
+    "GradScaler recorded no inf checks for this optimizer: scaler.unscale_(opt) ran while no parameter had a .grad "
+    "(before the window's backward), so the combined direction was never unscaled and the step is refused (the "
+    "parameters were not updated). Call scaler.unscale_(opt) after the last backward and before scaler.step(opt), "
+    "or leave it to scaler.step(opt)"
 )
 
 
@@ -48,14 +56,15 @@ def scaler_allows_step(optimizer: Any, scaler: Any, diagnostics: StepDiagnostics
             raise
     device = diagnostics.coefficients.device
     per_device: dict[Any, Tensor] = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    if per_device and checks:
+    if not per_device:  # torch's own optimizers refuse this step too ("No inf checks were recorded")
+        raise RuntimeError(NO_INF_CHECKS)
+    if checks:
         # An unscale_ before the combination saw .grad without the gradients kept aside: its verdict can
         # miss an Inf of another objective. Our own verdict is merged into the scaler's record (in place,
         # on the device), so the step is skipped and scaler.update() backs off as for any overflow.
         record = next(iter(per_device.values()))
         record.copy_(torch.maximum(record, (~all_finite(diagnostics)).to(record)))
-    found = [t.to(device) for t in per_device.values()]
-    found_inf = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool, device=device)
+    found_inf = torch.stack([t.to(device) for t in per_device.values()]).sum() > 0
     skip, edited = torch.stack([found_inf, ~diagnostics.window_intact]).tolist()
     if edited:
         raise RuntimeError(EDITED)

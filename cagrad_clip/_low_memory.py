@@ -161,7 +161,8 @@ def _walk_graph(roots: Sequence[Any], computers: Any = (), tracked: frozenset[in
         stack.extend((child, False) for child in kids if child not in children)
         name = type(node).__name__
         if name == "AccumulateGrad":
-            leaves[id(node.variable)] = node.variable
+            if node.variable.requires_grad:  # one frozen after the forward: a plain backward skips it too
+                leaves[id(node.variable)] = node.variable
         elif name == "AutogramNodeBackward":
             computer = getattr(node, "gramian_computer", None)
             if computer is not None and computer in computers:

@@ -104,7 +104,7 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         process_group: Any = None,
     ) -> None:
         settings = CAGradSettings(
-            weights=weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights,  # type: ignore[arg-type]
+            weights=weights,  # type: ignore[arg-type]  # a tensor is checked (dtype included) and stored as floats
             c=c,
             clip=clip,
             rescale=rescale,
@@ -162,8 +162,6 @@ class ConflictAverseOptimizer(WrappedOptimizer):
         :attr:`settings`. Typical use: anneal ``c`` or switch weights between training phases.
         """
         nonfinite = resolve_nonfinite(changes.pop("nonfinite", self._state.nonfinite))
-        if "weights" in changes and isinstance(changes["weights"], Tensor):
-            changes["weights"] = changes["weights"].detach().cpu().tolist()
         settings = self._state.settings.replace(**changes)
         m = self._state.window.num_objectives
         store = self._state.store

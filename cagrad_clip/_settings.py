@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -98,6 +98,15 @@ def check_max_iter(max_iter: Any) -> int | None:
     return int(max_iter)
 
 
+def _flat(values: Any) -> Iterator[Any]:
+    """The scalars of a (nested) list or tuple; anything else as one value."""
+    if isinstance(values, (list, tuple)):
+        for value in values:
+            yield from _flat(value)
+    else:
+        yield values
+
+
 def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = None) -> Tensor:
     """Check user weights on the host and return them normalised to sum 1 (float64, CPU).
 
@@ -113,6 +122,8 @@ def normalize_weights(weights: Sequence[float] | Tensor | None, m: int | None = 
     dtype = getattr(weights, "dtype", None)  # a tensor's or a NumPy array's: complex or bool is not a weight
     if dtype is not None and (getattr(dtype, "is_complex", False) or dtype == torch.bool or getattr(dtype, "kind", "") in ("c", "b")):
         raise TypeError(f"weights must be real numbers (one per objective), got {type(weights).__name__} of dtype {dtype}")
+    if not isinstance(weights, Tensor) and any(type(x).__name__ in ("bool", "bool_") for x in _flat(weights)):
+        raise TypeError(f"weights must be real numbers (one per objective), got booleans {weights!r}")
     try:
         if isinstance(weights, Tensor):
             w = weights.detach().to("cpu", torch.float64)
