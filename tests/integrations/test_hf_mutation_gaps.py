@@ -1,0 +1,168 @@
+"""Behaviours of ``MultiObjectiveTrainerMixin`` and the shared integration helpers that surviving mutants
+showed no test pinned: resuming (a custom multi-objective optimizer's state, a changed ``nonfinite``
+policy, the one log line and no leaked warning), the reported loss of objectives in different dtypes,
+and the module names a refused ``shared_modules`` pattern lists. Each against an independent reference
+(a run without a resume, a hand computation, the model's own module names)."""
+
+from __future__ import annotations
+
+import logging
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cagrad_clip import ConflictAverseOptimizer  # noqa: E402
+from cagrad_clip.integrations import shared_parameters  # noqa: E402
+
+from . import tiny  # noqa: E402
+from .test_hf import HalvesTrainer, args, halves, rows  # noqa: E402
+
+
+# ------------------------------------------------------------------ shared_modules
+def test_a_pattern_that_matches_no_module_lists_the_first_eight_module_names():
+    """The refusal names the model's modules, the first 8 of them, separated by ", "."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(10)])  # modules "0" ... "9"
+    with pytest.raises(ValueError) as refused:
+        shared_parameters(model, ["decoder.*"])
+    assert str(refused.value).endswith("its modules are named like: 0, 1, 2, 3, 4, 5, 6, 7")
+
+
+# ------------------------------------------------------------------ the reported loss
+class MixedDtypeTrainer(HalvesTrainer):
+    """The second objective's loss in float64 (one loss computed in another dtype than the other)."""
+
+    def objective_losses(self, model, inputs):
+        head, tail = halves(model, inputs["input_ids"])
+        return [head, tail.double()]
+
+
+def test_the_weighted_loss_of_objectives_in_different_dtypes_is_in_the_first_ones_dtype(tmp_path):
+    """``compute_loss`` (what evaluation reports) weights the losses in the first loss's dtype, whatever
+    the others' dtypes: ``0.8 * head + 0.2 * tail`` here, float32."""
+    tok = tiny.tokenizer()
+    model = tiny.no_dropout_gpt2(tok).eval()
+    trainer = MixedDtypeTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), objective_weights=[0.8, 0.2])
+    ids = torch.stack([r["input_ids"] for r in rows(4)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": ids})
+        head, tail = halves(model, ids)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.8 * head.item() + 0.2 * tail.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ resuming
+class WeightedMomentumSGD(torch.optim.SGD):
+    """A multi-objective rule that is not a ConflictAverseOptimizer (as the DPO benchmark's baselines):
+    the weighted sum's gradient, stepped with momentum, so its state (the momentum buffers) matters."""
+
+    def __init__(self, params, weights) -> None:
+        super().__init__(params, lr=0.1, momentum=0.9)
+        w = torch.tensor(weights, dtype=torch.float64)
+        self.weights = w / w.sum()
+        self.last = None
+
+    def backward(self, losses, combine: bool = True) -> None:
+        torch.stack(list(losses)).float().matmul(self.weights.float()).backward()
+        m = len(self.weights)
+        self.last = types.SimpleNamespace(coefficients=self.weights.clone(), cosines=torch.eye(m, dtype=torch.float64))
+
+
+class MomentumTrainer(HalvesTrainer):
+    multi_objective_types = (ConflictAverseOptimizer, WeightedMomentumSGD)
+
+
+def _momentum_run(tmp_path, out: str, resume: str | None = None) -> torch.nn.Module:
+    model = tiny.no_dropout_gpt2(tiny.tokenizer())
+    opt = WeightedMomentumSGD(model.parameters(), weights=[1.0, 3.0])
+    trainer = MomentumTrainer(
+        model=model,
+        args=args(tmp_path / out, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=rows(4),
+        optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.optimizer is opt or trainer.conflict_averse_optimizer is opt
+    return model
+
+
+def test_resuming_with_a_custom_multi_objective_optimizer_restores_its_state(tmp_path):
+    """Resumed after step 1 of 2, the run ends where the run without a break ends: the custom optimizer's
+    momentum is the checkpoint's (the Trainer loads its state as for any optimizer)."""
+    straight = _momentum_run(tmp_path, "a")
+    resumed = _momentum_run(tmp_path, "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(straight.parameters(), tiny.no_dropout_gpt2(tiny.tokenizer()).parameters()))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A checkpoint after one step with the default settings (``c = 0.4``, ``nonfinite="skip"``)."""
+    out = tmp_path_factory.mktemp("first")
+    first = HalvesTrainer(
+        model=tiny.no_dropout_gpt2(tiny.tokenizer()),
+        args=args(out, max_steps=1, save_strategy="steps", save_steps=1),
+        train_dataset=rows(4),
+    )
+    first.train()
+    assert (first.conflict_averse_optimizer.nonfinite, first.conflict_averse_optimizer.c) == ("skip", 0.4)
+    return str(out / "checkpoint-1")
+
+
+def test_resuming_with_a_new_nonfinite_policy_applies_it_and_names_every_change_in_one_line(tmp_path, caplog, checkpoint):
+    """A new phase from a checkpoint: ``nonfinite`` and ``c`` given to this run replace the checkpoint's,
+    one log line names both (", "-separated), and the optimizer's own "replaced with the checkpoint's"
+    warning, undone here, does not reach the user."""
+    resumed = HalvesTrainer(
+        model=tiny.no_dropout_gpt2(tiny.tokenizer()),
+        args=args(tmp_path, max_steps=2),
+        train_dataset=rows(4),
+        c=0.1,
+        nonfinite="raise",
+    )
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="cagrad_clip.integrations.hf"):
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=checkpoint)
+    opt = resumed.conflict_averse_optimizer
+    assert (opt.nonfinite, opt.c) == ("raise", 0.1)
+    lines = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+    assert lines == [
+        f"resumed from {checkpoint}: this run's settings replace the checkpoint's (c: 0.4 -> 0.1, nonfinite: 'skip' -> 'raise')"
+    ]
+    assert not [w for w in caught if "load_state_dict replaced" in str(w.message)]
+
+
+class WarningSGD(torch.optim.SGD):
+    """A base optimizer that warns when it loads a learning rate other than its own (as a user's may)."""
+
+    def load_state_dict(self, state_dict) -> None:
+        saved, own = state_dict["param_groups"][0]["lr"], self.param_groups[0]["lr"]
+        if saved != own:
+            warnings.warn(f"WarningSGD: the loaded learning rate {saved} replaces {own}", UserWarning, stacklevel=2)
+        super().load_state_dict(state_dict)
+
+
+def test_resuming_silences_only_the_settings_warning_not_the_base_optimizers_own(tmp_path, checkpoint):
+    """Only the wrapper's "replaced this optimizer's settings" warning is held back on a resume: a warning
+    the base optimizer raises while its state loads still reaches the user."""
+    model = tiny.no_dropout_gpt2(tiny.tokenizer())
+    built = HalvesTrainer(model=model, args=args(tmp_path), train_dataset=rows(4)).create_optimizer()
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in built.param_groups]  # the checkpoint's groups
+    own = ConflictAverseOptimizer(WarningSGD(groups, lr=0.25), c=0.1)  # the checkpoint has 0.5
+    trainer = HalvesTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=2),
+        train_dataset=rows(4),
+        optimizers=(own, torch.optim.lr_scheduler.LambdaLR(own, lambda s: 1.0)),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=checkpoint)
+    messages = [str(w.message) for w in caught]
+    assert [m for m in messages if m.startswith("WarningSGD:")] == ["WarningSGD: the loaded learning rate 0.5 replaces 0.25"]
+    assert not [m for m in messages if "load_state_dict replaced" in m]
+    assert own.c == 0.1  # this run's settings, not the checkpoint's
