@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._low_memory import AutogramEngine, low_memory_passes
 from .._numerics import reduction_dtype
-from .base import GradientStore
+from .base import GradientStore, fingerprint
 
 __all__ = ["PassesStore"]
 
@@ -85,8 +85,8 @@ class PassesStore(GradientStore):
         self.guard.record(self.params)
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self.device)
-        norms = torch._foreach_norm(grads)
-        return torch.isfinite(torch.stack([n.to(self.dtype) for n in norms])).all()
+        # each norm taken in float32 or better: a finite float16 direction may have a norm above 65504
+        return torch.isfinite(fingerprint(grads)).all()
 
     def unshared_sumsq(self) -> Tensor:
         """The written direction's squared norm over the non-shared parameters, for every objective:
@@ -95,7 +95,7 @@ class PassesStore(GradientStore):
         heads = [p.grad for p in self.params[self.shared_count :] if p.grad is not None]
         if not heads:
             return torch.zeros(self.m, dtype=self.dtype, device=self.device)
-        total = torch.stack([n.to(self.dtype) for n in torch._foreach_norm(heads)]).square().sum()
+        total = fingerprint(heads).to(self.dtype).square().sum()  # norms in float32 or better, as above
         return total.expand(self.m)
 
     def explain_nonfinite(self, bad: list[int], gram: Tensor) -> str:
