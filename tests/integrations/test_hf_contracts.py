@@ -117,8 +117,8 @@ class WeightedSumSGD(torch.optim.SGD):
     """An optimizer-shaped baseline (as the DPO benchmark's): ``backward(losses, combine=)`` writes the
     gradient of the weighted sum, ``weights`` (normalised) and ``last`` like the wrapper's."""
 
-    def __init__(self, params, lr: float, weights) -> None:
-        super().__init__(params, lr=lr)
+    def __init__(self, params, lr: float, weights, momentum: float = 0.0) -> None:
+        super().__init__(params, lr=lr, momentum=momentum)
         w = torch.tensor(weights, dtype=torch.float64)
         self.weights = w / w.sum()
         self.last = None

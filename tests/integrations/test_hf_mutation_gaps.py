@@ -7,7 +7,6 @@ and the module names a refused ``shared_modules`` pattern lists. Each against an
 from __future__ import annotations
 
 import logging
-import types
 import warnings
 
 import pytest
@@ -20,6 +19,7 @@ from cagrad_clip.integrations import shared_parameters  # noqa: E402
 
 from . import tiny  # noqa: E402
 from .test_hf import HalvesTrainer, args, halves, rows  # noqa: E402
+from .test_hf_contracts import WeightedSumSGD  # noqa: E402
 
 
 # ------------------------------------------------------------------ shared_modules
@@ -55,20 +55,12 @@ def test_the_weighted_loss_of_objectives_in_different_dtypes_is_in_the_first_one
 
 
 # ------------------------------------------------------------------ resuming
-class WeightedMomentumSGD(torch.optim.SGD):
+class WeightedMomentumSGD(WeightedSumSGD):
     """A multi-objective rule that is not a ConflictAverseOptimizer (as the DPO benchmark's baselines):
     the weighted sum's gradient, stepped with momentum, so its state (the momentum buffers) matters."""
 
     def __init__(self, params, weights) -> None:
-        super().__init__(params, lr=0.1, momentum=0.9)
-        w = torch.tensor(weights, dtype=torch.float64)
-        self.weights = w / w.sum()
-        self.last = None
-
-    def backward(self, losses, combine: bool = True) -> None:
-        torch.stack(list(losses)).float().matmul(self.weights.float()).backward()
-        m = len(self.weights)
-        self.last = types.SimpleNamespace(coefficients=self.weights.clone(), cosines=torch.eye(m, dtype=torch.float64))
+        super().__init__(params, lr=0.1, weights=weights, momentum=0.9)
 
 
 class MomentumTrainer(HalvesTrainer):
