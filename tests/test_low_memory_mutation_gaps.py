@@ -312,6 +312,18 @@ def _trunk_case() -> tuple[nn.Sequential, AutogramEngine, list[Tensor]]:
     return trunk, engine, [z[:, 0].pow(2).mean(), z[:, 1].sin().mean()]
 
 
+def _engine_step_error(trunk: nn.Module, engine: AutogramEngine, losses: list[Tensor]) -> ValueError:
+    """The ``ValueError`` the autogram route raises on ``losses`` (the engine closed afterwards)."""
+    params = list(trunk.parameters())
+    settings = CAGradSettings()
+    try:
+        with pytest.raises(ValueError) as error:
+            low_memory_backward(losses, params, len(params), settings.weights_tensor(2), settings, engine=engine)
+    finally:
+        engine.close()
+    return error.value
+
+
 @needs_torchjd
 @pytest.mark.parametrize("message", ["Some modules had a forward pass without an associated backward pass (e.g. x).", "another"])
 def test_autogram_translates_only_torchjds_unmatched_forward_error(message: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,18 +336,12 @@ def test_autogram_translates_only_torchjds_unmatched_forward_error(message: str,
         raise injected
 
     monkeypatch.setattr(engine._engine, "compute_gramian", fail)
-    params = list(trunk.parameters())
-    settings = CAGradSettings()
-    try:
-        with pytest.raises(ValueError) as error:
-            low_memory_backward(losses, params, len(params), settings.weights_tensor(2), settings, engine=engine)
-    finally:
-        engine.close()
+    error = _engine_step_error(trunk, engine, losses)
     if message == "another":
-        assert error.value is injected
+        assert error is injected
     else:
-        assert error.value is not injected and error.value.__cause__ is injected
-    assert all(p.grad is None for p in params)
+        assert error is not injected and error.__cause__ is injected
+    assert all(p.grad is None for p in trunk.parameters())
 
 
 @needs_torchjd
@@ -371,14 +377,8 @@ def test_autogram_refusal_on_a_torchjd_without_skip_names_the_irregular_module(m
     monkeypatch.setattr(low_memory, "_engine_class", lambda: Engine)
     trunk, engine, losses = _trunk_case()
     losses = [loss + trunk[0].weight.pow(2).sum() for loss in losses]
-    params = list(trunk.parameters())
-    settings = CAGradSettings()
-    try:
-        with pytest.raises(ValueError) as error:
-            low_memory_backward(losses, params, len(params), settings.weights_tensor(2), settings, engine=engine)
-    finally:
-        engine.close()
-    assert "module(s) ['0']" in str(error.value), str(error.value)
+    error = _engine_step_error(trunk, engine, losses)
+    assert "module(s) ['0']" in str(error), str(error)
 
 
 # --------------------------------------------------------------------------- the graph walk and the refusals

@@ -260,18 +260,24 @@ def store_param(name: str):
     return pytest.param(name, marks=[needs_fsdp2] if name == "fsdp2" else [], id=name)
 
 
+def _float16_unit_weight(store: str) -> nn.Linear:
+    """A bias-free ``Linear(1, 1)`` in float16 with weight 1 (sharded for the FSDP2 store: call it inside
+    ``one_rank_group()``)."""
+    model = nn.Linear(1, 1, bias=False, dtype=torch.float16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    if store == "fsdp2":
+        sharded(model)
+    return model
+
+
 @pytest.mark.parametrize("store", [store_param(s) for s in STORES])
 def test_every_store_refuses_a_float16_direction_that_overflows(store) -> None:
     """float16 weight, two identical gradients ``g = 49152`` (finite, their squares finite in float32):
     CAGrad with ``c = 0.4`` writes ``(1 + c) g = 68812.8``, above float16's 65504, so the direction is
     Inf. The step is refused and the weight is left as it was."""
-    context = one_rank_group() if store == "fsdp2" else contextlib.nullcontext()
-    with context:
-        model = nn.Linear(1, 1, bias=False, dtype=torch.float16)
-        with torch.no_grad():
-            model.weight.fill_(1.0)
-        if store == "fsdp2":
-            sharded(model)
+    with one_rank_group() if store == "fsdp2" else contextlib.nullcontext():
+        model = _float16_unit_weight(store)
         opt = ConflictAverseOptimizer(
             torch.optim.SGD(model.parameters(), lr=1e-6), weights=[0.5, 0.5], c=0.4, nonfinite="raise", **STORES[store]
         )
@@ -524,13 +530,8 @@ def test_a_direction_that_overflows_once_added_to_the_kept_float16_grad_is_refus
     finite, but the kept ``.grad`` it is added to becomes ``68000``, beyond float16: the step is
     refused and the weight is left as it was."""
     options = {"accumulate_dtype": torch.float32} if store == "accumulator" else {}
-    context = one_rank_group() if store == "fsdp2" else contextlib.nullcontext()
-    with context:
-        model = nn.Linear(1, 1, bias=False, dtype=torch.float16)
-        with torch.no_grad():
-            model.weight.fill_(1.0)
-        if store == "fsdp2":
-            sharded(model)
+    with one_rank_group() if store == "fsdp2" else contextlib.nullcontext():
+        model = _float16_unit_weight(store)
         one = torch.ones(1, 1, dtype=torch.float16)
         (model(one) * 40000.0).sum().backward()
         opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6), weights=[0.5, 0.5], c=0.4, nonfinite="raise", **options)
