@@ -7,6 +7,10 @@ average over ranks) into the sharded ``.grad``; its local shard is added into ro
 combination is written as DTensors laid out like the parameters. Whatever ``.grad`` held when the
 window began is kept aside and the combination is added to it; parameters that no objective
 reached keep ``.grad = None``.
+
+With gradient sync off (``set_requires_gradient_sync(False)``) FSDP keeps each gradient unsharded on
+its module and never writes the sharded ``.grad``: every row would read zero and the step would do
+nothing. :func:`unsynced_parameters` finds such parameters in FSDP's own state before a backward runs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,40 @@ from .._distributed import check_same_count, sum_across_ranks
 from .._numerics import reduction_dtype
 from .base import GradientStore
 
-__all__ = ["ShardedStore"]
+__all__ = ["ShardedStore", "unsynced_parameters"]
+
+
+def _fsdp_param_groups() -> list[Any]:
+    """Every live FSDP2 parameter group (``fully_shard`` registers its state per module).
+
+    FSDP's own bookkeeping, read on the host: torch 2.9 keeps one group per module state
+    (``_fsdp_param_group``), later releases a list (``_fsdp_param_groups``).
+    """
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:  # a build without FSDP2: no DTensor parameters reach this store
+        return []
+    groups: list[Any] = []
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        if isinstance(state, FSDPState):
+            found = getattr(state, "_fsdp_param_groups", None)
+            if found is None:
+                one = getattr(state, "_fsdp_param_group", None)
+                found = [] if one is None else [one]
+            groups.extend(found)
+    return groups
+
+
+def unsynced_parameters(params: Sequence[Tensor]) -> list[int]:
+    """Indices of ``params`` whose FSDP2 module has gradient sync off (``set_requires_gradient_sync(False)``)."""
+    index = {id(p): j for j, p in enumerate(params)}
+    found: set[int] = set()
+    for group in _fsdp_param_groups():
+        if not getattr(group, "reduce_grads", True):
+            found.update(index[id(fp.sharded_param)] for fp in group.fsdp_params if id(fp.sharded_param) in index)
+    return sorted(found)
 
 
 class ShardedStore(GradientStore):
@@ -44,6 +81,17 @@ class ShardedStore(GradientStore):
         assert m is not None
         check_same_count(counter, m, self.shard_group, self.device)
         return sum_across_ranks(self.gram(), self.shard_group)
+
+    def check_backward(self, combine: bool, continuing: bool, world_size: int) -> None:
+        unsynced = unsynced_parameters(self.params)
+        if unsynced:
+            raise RuntimeError(
+                f"gradient sync is off for parameter(s) {unsynced[:8]}{' ...' if len(unsynced) > 8 else ''} "
+                "(set_requires_gradient_sync(False)): FSDP would keep their gradients unsharded and never write .grad, "
+                "so every objective's gradient would read zero and the step would do nothing. Keep gradient sync on "
+                "(model.set_requires_gradient_sync(True)) while this optimizer accumulates: its micro-batches already "
+                "add up in the optimizer"
+            )
 
     def kept_row(self, i: int) -> bool:
         return False  # a shard's row says nothing about the other ranks' shards

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
@@ -236,6 +237,42 @@ def test_the_low_memory_store_names_an_objective_whose_shared_gradient_is_not_fi
     """``memory="low"``: the Gram's diagonal tells which objective's shared gradient is not finite."""
     message = refusal({"memory": "low"}, [0.5, 0.5], lambda w: [(w * 2.0).sum(), (w * float("nan")).sum()])
     assert "objective(s) [1] have a non-finite gradient (Inf/NaN) on the shared parameters" in message
+
+
+@pytest.mark.skipif(not fsdp_available(), reason="needs gloo and FSDP2")
+def test_fsdp2_gradient_sync_off_is_refused_before_anything_changes():
+    """``set_requires_gradient_sync(False)``: FSDP keeps the gradients unsharded and never writes the
+    sharded ``.grad``, so every objective would read zero and the step would silently do nothing. The
+    backward is refused up front, naming the parameters (only those of the module whose sync is off);
+    the window it interrupted goes on unchanged once sync is back on: parameters bit-identical to a run
+    that kept sync on throughout."""
+    from torch.distributed.fsdp import fully_shard
+
+    data = batches(2)
+    with one_rank_group():
+        runs = []
+        for turn_off in (False, True):
+            torch.manual_seed(0)
+            model = Net()
+            fully_shard(model.lin)
+            fully_shard(model)
+            opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weights=[0.3, 0.7], c=0.4)
+            opt.backward(model(*data[0], 0), combine=False)
+            if turn_off:
+                lin_params = [j for j, (name, _) in enumerate(model.named_parameters()) if name.startswith("lin.")]
+                held = [local(p.grad) if p.grad is not None else None for p in model.parameters()]
+                for unit, recurse, names in ((model.lin, False, lin_params), (model, True, [0, 1, 2])):
+                    unit.set_requires_gradient_sync(False, recurse=recurse)
+                    with pytest.raises(RuntimeError, match=r"gradient sync is off for parameter\(s\) " + re.escape(str(names))):
+                        opt.backward(model(*data[1], 1), combine=False)
+                    model.set_requires_gradient_sync(True)
+                after = [local(p.grad) if p.grad is not None else None for p in model.parameters()]
+                assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after, held))
+            opt.backward(model(*data[1], 1))
+            opt.step()
+            runs.append([p.detach().full_tensor().clone() for p in model.parameters()])
+    for got, want in zip(runs[1], runs[0]):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(not fsdp_available(), reason="needs gloo and FSDP2")
