@@ -450,3 +450,25 @@ def run_ranks_low(rank: int, model: TwoHeads, *, distributed: bool) -> list[torc
     opt.zero_grad()
     opt.step(rank_losses(model, x[part], ya[part], yb[part], extra_weight=float(rank)))
     return [p.detach().clone() for p in params]
+
+
+def test_low_memory_in_a_one_rank_group_of_a_larger_world_takes_the_one_process_step(monkeypatch):
+    """``process_group=`` a group of one rank inside a 2-rank world: there is nothing to average over that
+    group, so ``memory="low"`` takes its one-process step (as the default memory mode does) instead of
+    refusing because the *world* has two ranks."""
+    alone = dist.ProcessGroup(0, 1)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1 if group is alone else WORLD)
+
+    def step(process_group: Any) -> list[torch.Tensor]:
+        model = make_model()
+        params = params_of(model)
+        opt = ConflictAverseOptimizer(torch.optim.SGD(params, lr=0.1), weights=[0.7, 0.3], c=0.4, memory="low", process_group=process_group)
+        opt.step(rank_losses(model, *make_batch(), extra_weight=0.0))
+        return [p.detach().clone() for p in params]
+
+    got = step(alone)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    want = step(None)  # no process group at all: one process
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

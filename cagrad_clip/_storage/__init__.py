@@ -64,7 +64,7 @@ def make_store(
             )
         return ShardedStore(params, shared_count, group, accumulate_dtype)
     if memory == "low":
-        return PassesStore(params, shared_count, engine, distributed=distributed)
+        return PassesStore(params, shared_count, engine)
     if accumulate_dtype is None and len({p.dtype for p in params}) == 1:
         return DirectStore(params, shared_count)
     return AccumulatorStore(params, shared_count, accumulate_dtype)

@@ -26,13 +26,12 @@ __all__ = ["PassesStore"]
 class PassesStore(GradientStore):
     """No rows: the Gram and the direction are computed by backward passes (see the module doc)."""
 
-    def __init__(self, params: Sequence[Tensor], shared_count: int, engine: AutogramEngine | None, distributed: bool) -> None:
+    def __init__(self, params: Sequence[Tensor], shared_count: int, engine: AutogramEngine | None) -> None:
         dtype = reduction_dtype(params[0].dtype)
         for p in params:
             dtype = torch.promote_types(dtype, p.dtype)
         super().__init__(params, shared_count, [p.shape for p in params], dtype)
         self.engine = engine
-        self.distributed = distributed
         self.m = 0
         self._passes: Generator[Tensor, Tensor, str] | None = None
         self._gram: Tensor | None = None
@@ -60,7 +59,9 @@ class PassesStore(GradientStore):
 
     def accumulate(self, losses: Sequence[Tensor]) -> None:
         """The passes up to the Gram (the graph is kept for the weighted backward of :meth:`write`)."""
-        passes = low_memory_passes(losses, self.params, self.shared_count, engine=self.engine, distributed=self.distributed)
+        # distributed=False: check_backward already refused more than one rank in the optimizer's own group
+        # (the world may be larger than a process_group of one rank)
+        passes = low_memory_passes(losses, self.params, self.shared_count, engine=self.engine, distributed=False)
         self._gram = next(passes)
         self._passes = passes
         self.guard.record(self.params)
