@@ -128,6 +128,42 @@ def test_resuming_with_a_new_nonfinite_policy_applies_it_and_names_every_change_
     assert not [w for w in caught if "load_state_dict replaced" in str(w.message)]
 
 
+class Delegating:
+    """A user's multi-objective wrapper around a ConflictAverseOptimizer (logging, say): it has the
+    protocol's members through its ``.optimizer``, so it is the multi-objective optimizer the trainer finds."""
+
+    def __init__(self, inner: ConflictAverseOptimizer) -> None:
+        self.optimizer = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.optimizer, name)
+
+
+def _wrapped_run(out, c: float, max_steps: int, resume: str | None = None) -> ConflictAverseOptimizer:
+    model = tiny.no_dropout_gpt2(tiny.tokenizer())
+    inner = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), c=c)
+    trainer = HalvesTrainer(
+        model=model,
+        args=args(out, max_steps=max_steps, save_strategy="steps", save_steps=1),
+        train_dataset=rows(4),
+        optimizers=(Delegating(inner), torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0)),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return inner
+
+
+def test_resuming_through_a_users_wrapper_still_applies_this_runs_settings(tmp_path, caplog):
+    """The resume looks through a wrapper of the user's own to the ConflictAverseOptimizer inside: this
+    run's ``c`` replaces the checkpoint's there too, and the one log line names it."""
+    _wrapped_run(tmp_path / "a", c=0.4, max_steps=1)
+    checkpoint = str(tmp_path / "a" / "checkpoint-1")
+    with caplog.at_level(logging.WARNING, logger="cagrad_clip.integrations.hf"):
+        inner = _wrapped_run(tmp_path / "b", c=0.1, max_steps=2, resume=checkpoint)
+    assert inner.c == 0.1
+    lines = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+    assert lines == [f"resumed from {checkpoint}: this run's settings replace the checkpoint's (c: 0.4 -> 0.1)"]
+
+
 class WarningSGD(torch.optim.SGD):
     """A base optimizer that warns when it loads a learning rate other than its own (as a user's may)."""
 
