@@ -65,11 +65,8 @@ class AccumulatorStore(GradientStore):
     """Rows in a wider dtype than (some of) the parameters' (see the module doc)."""
 
     def __init__(self, params: Sequence[Tensor], shared_count: int, dtype: torch.dtype | None = None) -> None:
-        dtypes = {p.dtype for p in params}
-        if dtype is None:
-            dtype = next(iter(dtypes)) if len(dtypes) == 1 else reduction_dtype()
-            for d in dtypes:
-                dtype = torch.promote_types(dtype, d)
+        if dtype is None:  # mixed dtypes (make_store): float64 if any is, else float32
+            dtype = reduction_dtype(*{p.dtype for p in params})
         super().__init__(params, shared_count, [p.shape for p in params], dtype)
         self.recorder = ReachRecorder(self.params)
 

@@ -19,7 +19,7 @@ def test_the_built_in_solvers_are_registered_and_listed() -> None:
         register(DualSolver("auto", "the shape rule's name", SOLVERS["exact"].solve))
 
 
-def test_a_registered_solver_is_accepted_by_the_settings_the_functions_and_the_optimizer(monkeypatch) -> None:
+def test_a_registered_solver_is_accepted_by_the_settings_the_functions_and_the_optimizer(request) -> None:
     """A solver registered under a new name (here: the exact solve with an m limit of 4, counting its
     calls) is listed, validated, honours its limit, and is what ``solve_cagrad`` and the optimizer run."""
     calls = []
@@ -28,7 +28,9 @@ def test_a_registered_solver_is_accepted_by_the_settings_the_functions_and_the_o
         calls.append(problem.Hn.shape)
         return SOLVERS["exact"].solve(problem, **kwargs)
 
-    monkeypatch.setitem(SOLVERS, "counting", DualSolver("counting", "the exact solve, counted", counting, max_m=4))
+    solver = DualSolver("counting", "the exact solve, counted", counting, max_m=4)
+    request.addfinalizer(lambda: SOLVERS.pop("counting", None))  # the registration is undone after the test
+    assert register(solver) is solver and SOLVERS["counting"] is solver
     assert "counting" in SOLVER_OPTIONS and CAGradSettings(solver="counting").solver == "counting"
     torch.manual_seed(0)
     G = torch.randn(3, 7, dtype=torch.float64)

@@ -308,6 +308,19 @@ def test_an_uncombined_backward_leaves_in_grad_the_tensor_it_held_when_the_windo
         assert torch.equal(kept.full_tensor() if store == "fsdp2" else kept, value)
 
 
+@pytest.mark.parametrize("options", [{}, {"accumulate_dtype": F64}, {"memory": "low"}], ids=["direct", "accumulator", "low"])
+def test_every_store_frees_the_graph_after_the_last_objectives_pass(options) -> None:
+    """As ``sum(losses).backward()`` would: once the objectives' passes are done the graph is freed (it
+    holds no activations until the losses go out of scope), so another backward through it fails."""
+    model = Net()
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weights=[0.5, 0.5], **options)
+    losses = model(batch())
+    opt.backward(losses)
+    for loss in losses:
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()
+
+
 def integer_rows(m: int, n: int) -> torch.Tensor:
     """``m`` rows of ``n`` integers in ``[-3, 3]``: exact in bf16, and every dot product (at most ``9 n``
     below ``2**24``) exact in float32."""
