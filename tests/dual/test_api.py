@@ -14,6 +14,7 @@ from cagrad_clip._dual import (
     AUTO_EXACT_MAX_M,
     EXACT_MAX_M,
     auto_solver,
+    combination_coefficients,
     default_max_iter,
     resolve_solver,
     solve_cagrad,
@@ -163,3 +164,29 @@ def test_solve_with_settings_float32_and_half() -> None:
         a = solve_with_settings(gram, w, CAGradSettings()).coefficients
         assert a.dtype == torch.float32
         np.testing.assert_allclose(a.double().numpy(), reference_coefficients(gram.double().numpy(), np.array([0.2, 0.8]), 0.4), rtol=1e-5)
+
+
+def test_auto_solver_budget_boundaries_are_inclusive() -> None:
+    """``batch x (2^m - 1)`` faces within the budget (``2^15`` up to m = 6, ``2^12`` above) is enumerated,
+    one more problem is not: m = 1 fills the small budget exactly, m = 6 (63 faces) fits 520 problems
+    (32 760 faces) and not 521, m = 7 (127 faces) fits 32 (4 064) and not 33."""
+    assert [auto_solver(1, 1 << 15), auto_solver(1, (1 << 15) + 1)] == ["exact", "frank_wolfe"]
+    assert [auto_solver(6, 520), auto_solver(6, 521)] == ["exact", "frank_wolfe"]
+    assert [auto_solver(7, 32), auto_solver(7, 33)] == ["exact", "frank_wolfe"]
+
+
+def test_combination_coefficients_forwards_every_setting_to_solve_cagrad() -> None:
+    """The shorthand is ``solve_cagrad(...).coefficients`` with the same defaults (``clip=True``) and every
+    argument passed on: on a problem where the clip, the solver and its iteration budget each change the
+    answer, each choice gives solve_cagrad's coefficients for that choice."""
+    rng = np.random.default_rng(7)
+    G = random_gradients(rng, 8, 12)
+    H = torch.tensor(G.T @ G)
+    w = [1 / 8] * 8
+    cases = [dict(c=2.0), dict(c=2.0, clip=False), dict(c=2.0, solver="frank_wolfe", max_iter=1), dict(c=2.0, solver="frank_wolfe")]
+    got = [combination_coefficients(H, w, **kw) for kw in cases]
+    want = [solve_cagrad(H, w, **{"clip": True, **kw}).coefficients for kw in cases]
+    for g, x in zip(got, want):
+        assert torch.equal(g, x)
+    # each choice matters here: the clip, the solver at one iteration, the iteration budget
+    assert all(not torch.allclose(got[i], got[j]) for i, j in ((0, 1), (0, 2), (2, 3)))
