@@ -187,3 +187,15 @@ def test_boolean_weights_are_refused_by_the_optimizer_configure_and_the_settings
     assert opt.settings.weights is None
     with pytest.raises(TypeError, match="weights"):
         CAGradSettings(weights=weights)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+def test_a_bad_process_group_is_refused_at_construction() -> None:
+    """``process_group=`` must be a ``ProcessGroup``, and only with ``distributed=True``: both are refused
+    when the optimizer is built, not at the first step."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup, got str"):
+        ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1), process_group="world")
+    group = dist.ProcessGroup(0, 1)
+    with pytest.raises(ValueError, match="process_group was given but distributed=False"):
+        ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1), distributed=False, process_group=group)
