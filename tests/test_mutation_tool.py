@@ -1,6 +1,6 @@
 """The mutation driver (``tools/mutation.py``) and its pytest plugin (``tests/mutmut_plugin.py``), without a run.
 
-A full mutation run takes an hour and is not in CI; what decides which tests a mutant runs, in which
+A full mutation run takes hours and is not in CI; what decides which tests a mutant runs, in which
 order, and how the time and score are counted is checked here on small hand-made inputs.
 """
 
@@ -130,3 +130,18 @@ def test_the_plugin_orders_tests_by_their_cost_with_the_shared_fixtures_they_nee
     cost = mutmut_plugin.cost_key(durations)
     assert [item.nodeid for item in sorted(items, key=cost)] == ["new", "c", "a", "b"]
     assert cost(items[1]) == pytest.approx(6.01)
+
+
+def test_rerun_undetected_lists_survivors_no_tests_and_suspicious_only():
+    """``--rerun-undetected`` names exactly the mutants the report counts as undetected: not the killed,
+    timed-out or not-yet-run ones."""
+    code = {status: c for c, status in mutation.status_by_exit_code.items()}
+    by_module = {
+        "cagrad_clip/a.py": {"a.x_f__mutmut_1": code["survived"], "a.x_f__mutmut_2": code["killed"], "a.x_f__mutmut_3": None},
+        "cagrad_clip/b.py": {
+            "b.x_g__mutmut_1": code["no tests"],
+            "b.x_g__mutmut_2": code["timeout"],
+            "b.x_g__mutmut_3": code["suspicious"],
+        },
+    }
+    assert mutation.undetected(by_module) == ["a.x_f__mutmut_1", "b.x_g__mutmut_1", "b.x_g__mutmut_3"]

@@ -269,6 +269,14 @@ def summary(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[
 SAMPLE = MUTANTS / "mutation-sample.json"
 
 
+def undetected(by_module: dict[str, dict[str, int | None]]) -> list[str]:
+    """Every mutant whose last result is undetected (survived, no tests, suspicious): once tests were
+    written for them, ``--rerun-undetected`` runs just these again, with the current tests."""
+    return [
+        name for codes in by_module.values() for name, code in codes.items() if code is not None and status_by_exit_code[code] in UNDETECTED
+    ]
+
+
 def sampled(fraction: float, seed: int) -> dict[str, list[str]]:
     """A seeded random ``fraction`` of each module's mutants (at least one per module).
 
@@ -290,6 +298,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report-only", action="store_true", help="print the last run's report; run nothing")
     parser.add_argument("--resume", action="store_true", help="keep the mutants, stats and results: run what is left")
+    parser.add_argument(
+        "--rerun-undetected", action="store_true", help="with --resume: run every undetected mutant again (tests were added for them)"
+    )
     parser.add_argument("--sample", type=float, help="run a seeded random fraction of every module and score on it")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants run at once")
@@ -313,6 +324,11 @@ def main() -> int:
         print(f"focused: {after} of {before} (function, test) pairs kept", flush=True)
     if not args.report_only:
         names = args.patterns
+        if args.rerun_undetected:
+            if not args.resume:
+                raise SystemExit("--rerun-undetected reruns the last run's undetected mutants: give --resume too")
+            names = names + undetected(results())
+            print(f"rerunning {len(names)} undetected mutants with the current tests", flush=True)
         if args.sample is not None:
             SAMPLE.write_text(json.dumps({"fraction": args.sample, "seed": args.seed}))
             codes = {name: code for module in results().values() for name, code in module.items()}
