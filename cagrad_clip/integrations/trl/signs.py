@@ -46,6 +46,8 @@ def signs_tensor(rows: Sequence[Any], column: str, m: int | None, source: str = 
     if m is not None and signs.shape[1] != m:
         if source == "objective_names":
             fix = "give one name per objective (one per sign, in the same order), or leave objective_names unset (objective_0, ...)"
+        elif source == "objective_betas":
+            fix = "give one beta per objective (one per sign, in the same order), or leave objective_betas unset (beta for all)"
         else:
             fix = "give one weight per objective (one per sign, in the same order)"
         raise ValueError(f"{where}column {column!r} has {signs.shape[1]} signs per example but there are {m} {source}; {fix}")
