@@ -482,40 +482,35 @@ def test_a_step_over_chunks_of_unequal_length_warns_nothing(monkeypatch) -> None
     torch.testing.assert_close(opt.last.gram, rows @ rows.T, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_an_in_place_edit_of_a_half_precision_grad_is_caught_even_below_its_norms_half_precision(dtype) -> None:
-    """Half-precision ``.grad = [1000, 1]`` after ``backward(..., combine=False)``; its second element is
-    set to 2 in place: the norm goes from ``1000.0005`` to ``1000.002``, the same number in float16 or
-    bfloat16 but not in float32, where the fingerprint of ``.grad`` is taken. ``step()`` refuses the
-    edited window (``RuntimeError``) and the weight is left as it was."""
+def _assert_an_edited_window_is_refused(dtype: torch.dtype, grad: list[float], edit) -> None:
+    """``.grad = grad`` after ``backward(..., combine=False)``, then ``edit(w.grad)`` in place: ``step()``
+    refuses the edited window (``RuntimeError``) and the weight is left as it was."""
     w = nn.Parameter(torch.zeros(2, dtype=dtype))
     opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), weights=[0.25, 0.75])
-    t = torch.tensor([1000.0, 1.0], dtype=dtype)
+    t = torch.tensor(grad, dtype=dtype)
     opt.backward([(w * t).sum(), (w * t).sum()], combine=False)
     assert torch.equal(w.grad, t)
     with torch.no_grad():
-        w.grad[1] = 2.0
+        edit(w.grad)
     with pytest.raises(RuntimeError):
         opt.step()
     assert torch.equal(w.detach(), torch.zeros(2, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_an_in_place_edit_of_a_half_precision_grad_is_caught_even_below_its_norms_half_precision(dtype) -> None:
+    """Half-precision ``.grad = [1000, 1]``; its second element is set to 2 in place: the norm goes from
+    ``1000.0005`` to ``1000.002``, the same number in float16 or bfloat16 but not in float32, where the
+    fingerprint of ``.grad`` is taken. The edited window is refused."""
+    _assert_an_edited_window_is_refused(dtype, [1000.0, 1.0], lambda g: g.__setitem__(1, 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_an_in_place_edit_that_keeps_the_sum_of_cubes_is_caught(dtype) -> None:
-    """``.grad = [1, 12]`` after ``backward(..., combine=False)`` is edited in place to ``[9, 10]``: the sum
-    of cubes is 1729 either way (the taxicab number), the sum of squares goes from 145 to 181. The
-    fingerprint of ``.grad`` is its 2-norm, so ``step()`` refuses the edited window (``RuntimeError``)
-    and the weight is left as it was."""
-    w = nn.Parameter(torch.zeros(2, dtype=dtype))
-    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), weights=[0.25, 0.75])
-    t = torch.tensor([1.0, 12.0], dtype=dtype)
-    opt.backward([(w * t).sum(), (w * t).sum()], combine=False)
-    assert torch.equal(w.grad, t)
-    with torch.no_grad():
-        w.grad.copy_(torch.tensor([9.0, 10.0], dtype=dtype))
-    with pytest.raises(RuntimeError):
-        opt.step()
-    assert torch.equal(w.detach(), torch.zeros(2, dtype=dtype))
+    """``.grad = [1, 12]`` is edited in place to ``[9, 10]``: the sum of cubes is 1729 either way (the
+    taxicab number), the sum of squares goes from 145 to 181. The fingerprint of ``.grad`` is its 2-norm,
+    so the edited window is refused."""
+    _assert_an_edited_window_is_refused(dtype, [1.0, 12.0], lambda g: g.copy_(torch.tensor([9.0, 10.0], dtype=dtype)))
 
 
 @pytest.mark.parametrize("store", ["direct", "accumulator"])
