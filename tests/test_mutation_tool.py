@@ -145,3 +145,59 @@ def test_rerun_undetected_lists_survivors_no_tests_and_suspicious_only():
         },
     }
     assert mutation.undetected(by_module) == ["a.x_f__mutmut_1", "b.x_g__mutmut_1", "b.x_g__mutmut_3"]
+
+
+def _meta(path: Path, codes: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": {}, "estimated_durations_by_key": {}}))
+
+
+def test_mutants_judged_equivalent_are_skipped_only_while_their_verdict_names_their_mutation(tmp_path: Path, monkeypatch) -> None:
+    """A skipped mutant is not run; a verdict that lapsed (or was deleted) gives its mutant back to the run,
+    a result already recorded is left alone, gaps are always run, and ``--run-equivalent`` runs them all."""
+    meta = tmp_path / "cagrad_clip" / "a.py.meta"
+    codes = {
+        "a.x_f__mutmut_1": None,  # equivalent, verdict current: skipped
+        "a.x_f__mutmut_2": None,  # equivalent, but the function changed: run
+        "a.x_f__mutmut_3": mutation.SKIPPED,  # skipped last time, verdict since removed: run
+        "a.x_f__mutmut_4": 0,  # equivalent, already run (survived): left alone
+        "a.x_f__mutmut_5": None,  # a gap: run (a test may kill it)
+    }
+    _meta(meta, codes)
+    verdict = {"original": "x = 1", "mutant": "x = 2", "why": "w"}
+    judged = {
+        "a.x_f__mutmut_1": {**verdict, "verdict": "equivalent"},
+        "a.x_f__mutmut_2": {**verdict, "verdict": "equivalent"},
+        "a.x_f__mutmut_4": {**verdict, "verdict": "equivalent"},
+        "a.x_f__mutmut_5": {**verdict, "verdict": "gap"},
+    }
+    monkeypatch.setattr(mutation, "MUTANTS", tmp_path)
+    monkeypatch.setattr(mutation, "verdicts", lambda: judged)
+    lines = {"a.x_f__mutmut_2": ("x = 1", "x = 3")}
+    monkeypatch.setattr(mutation, "changed_lines", lambda name, module: lines.get(name, ("x = 1", "x = 2")))
+
+    assert mutation.skip_judged_equivalent() == 1
+    after = json.loads(meta.read_text())["exit_code_by_key"]
+    assert after == {**codes, "a.x_f__mutmut_1": mutation.SKIPPED, "a.x_f__mutmut_3": None}
+    assert set(json.loads(meta.read_text())) == {"exit_code_by_key", "durations_by_key", "estimated_durations_by_key"}
+
+    assert mutation.skip_judged_equivalent(run_them=True) == 0
+    assert json.loads(meta.read_text())["exit_code_by_key"] == {**codes, "a.x_f__mutmut_3": None}
+
+
+def test_a_skipped_equivalent_mutant_is_scored_as_equivalent_and_a_skipped_unjudged_one_as_not_run(capsys) -> None:
+    code = {status: c for c, status in mutation.status_by_exit_code.items()}
+    by_module = {
+        "cagrad_clip/a.py": {
+            "a.x_f__mutmut_1": code["killed"],
+            "a.x_f__mutmut_2": code["survived"],
+            "a.x_f__mutmut_3": mutation.SKIPPED,
+            "a.x_f__mutmut_4": mutation.SKIPPED,
+        }
+    }
+    judged = {"a.x_f__mutmut_3": {"verdict": "equivalent"}}
+    mutation.summary(by_module, judged)
+    out = capsys.readouterr().out
+    row = next(line.split()[1:] for line in out.splitlines() if line.startswith("cagrad_clip/a.py"))
+    assert row == ["4", "1", "1", "1", "50.0", "1"]  # mutants, detected, undetected, equivalent, score, not run
+    assert "1 of the equivalent mutants were not run" in out

@@ -47,6 +47,7 @@ VERDICTS = ROOT / "tools" / "mutation_verdicts"  # one TOML file per area: [muta
 # mutmut's statuses (``mutmut.stats.status_by_exit_code``) as this report counts them
 DETECTED = {"killed", "timeout", "caught by type check", "segfault"}
 UNDETECTED = {"survived", "no tests", "suspicious"}
+SKIPPED = 34  # mutmut's "skipped": a recorded result, which its run leaves alone (a judged-equivalent mutant here)
 
 
 def focus_map() -> dict[str, list[str]]:
@@ -129,18 +130,49 @@ def verdicts() -> dict[str, dict[str, str]]:
 
 def current(judged: dict[str, dict[str, str]], by_module: dict[str, dict[str, int | None]]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The verdicts whose mutant is still the mutation they were written for, and the names of the stale ones
-    (only undetected mutants are looked at: a verdict on a detected one does not count)."""
+    (only undetected and skipped mutants are looked at: a verdict on a detected one does not count)."""
     kept, stale = {}, []
     for module, codes in by_module.items():
         for name, code in codes.items():
             entry = judged.get(name)
-            if entry is None or status_by_exit_code[code] not in UNDETECTED:
+            if entry is None or (code != SKIPPED and status_by_exit_code[code] not in UNDETECTED):
                 continue
             if changed_lines(name, module) == (entry["original"], entry["mutant"]):
                 kept[name] = entry
             else:
                 stale.append(name)
     return kept, stale
+
+
+def skip_judged_equivalent(run_them: bool = False) -> int:
+    """Record every mutant not yet run whose *equivalent* verdict still names its mutation as skipped, so
+    mutmut does not run it; give back to the run any skipped mutant whose verdict lapsed or was removed.
+
+    An equivalent mutant survives every test by definition, and a survivor runs all its focused tests:
+    about 20 s each, against well under a second for a detected mutant, so running the few hundred
+    judged equivalent would take about an hour of a full run. ``run_them`` (``--run-equivalent``)
+    puts them all back, to check the verdicts against the tests of the day (a verdict whose mutant a
+    test kills is wrong). Returns the number of mutants skipped.
+    """
+    judged = {name: entry for name, entry in verdicts().items() if entry["verdict"] == "equivalent"}
+    skipped = 0
+    for meta in sorted(MUTANTS.glob("cagrad_clip/**/*.py.meta")):
+        module = str(meta.relative_to(MUTANTS))[: -len(".meta")]
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        changed = False
+        for name, code in codes.items():
+            if code is not None and code != SKIPPED:
+                continue
+            entry = judged.get(name)
+            skip = not run_them and entry is not None and changed_lines(name, module) == (entry["original"], entry["mutant"])
+            new = SKIPPED if skip else None
+            skipped += skip
+            if new != code:
+                codes[name], changed = new, True
+        if changed:
+            meta.write_text(json.dumps(data, indent=4))
+    return skipped
 
 
 def changed_lines(name: str, module: str) -> tuple[str, str]:
@@ -172,10 +204,11 @@ def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict
         "",
         "Every undetected mutant follows: *equivalent* (no test can tell it from the original, with the",
         "reason), *gap* (a behaviour no test pins down yet, named), or *not judged*. Verdicts live in",
-        "`tools/mutation_verdicts/`.",
+        "`tools/mutation_verdicts/`. A mutant judged equivalent in an earlier run, whose verdict still names",
+        "its mutation, is not run again (`--run-equivalent` runs it): it is listed as *not run*.",
     ]
     for module, codes in by_module.items():
-        undetected = [n for n, code in codes.items() if status_by_exit_code[code] in UNDETECTED]
+        undetected = [n for n, code in codes.items() if code == SKIPPED or status_by_exit_code[code] in UNDETECTED]
         if not undetected:
             continue
         lines += ["", f"## `{module}`", "", "| mutant | status | verdict | original → mutant | why |", "|---|---|---|---|---|"]
@@ -185,7 +218,7 @@ def markdown(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict
             short = name.split(".", 2)[-1].replace("ǁ", ".").replace("|", "\\|")
             change = f"`{removed}` → `{added}`".replace("|", "\\|")
             why = entry.get("why", "").replace("|", "\\|")
-            status = status_by_exit_code[codes[name]]
+            status = "not run (judged equivalent)" if codes[name] == SKIPPED else status_by_exit_code[codes[name]]
             lines.append(f"| `{short}` | {status} | {entry.get('verdict', 'not judged')} | {change} | {why} |")
     return "\n".join(lines) + "\n"
 
@@ -226,6 +259,9 @@ def summary(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[
             status = status_by_exit_code[code]
             if status in DETECTED:
                 c["detected"] += 1
+            elif code == SKIPPED and judged.get(name, {}).get("verdict") == "equivalent":
+                c["equivalent"] += 1
+                total["equivalent, not run"] += 1
             elif status in UNDETECTED:
                 if judged.get(name, {}).get("verdict") == "equivalent":
                     c["equivalent"] += 1
@@ -251,6 +287,9 @@ def summary(by_module: dict[str, dict[str, int | None]], judged: dict[str, dict[
         f"{'cagrad_clip/':40s} {total['mutants']:8d} {total['detected']:9d} {total['undetected']:10d} "
         f"{total['equivalent']:10d} {overall:7.1f}"
     )
+    if total["equivalent, not run"]:
+        n = total["equivalent, not run"]
+        print(f"{n} of the equivalent mutants were not run: their verdict names their mutation (--run-equivalent runs them)")
     if total["not run"]:
         print(
             f"{total['not run']} mutants not run: the score above counts the mutants run. Where a module was "
@@ -304,6 +343,9 @@ def main() -> int:
     parser.add_argument("--sample", type=float, help="run a seeded random fraction of every module and score on it")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants run at once")
+    parser.add_argument(
+        "--run-equivalent", action="store_true", help="also run the mutants judged equivalent (by default they are skipped)"
+    )
     parser.add_argument("--times", action="store_true", help="where the last run's time went, per module; run nothing")
     parser.add_argument("--markdown", type=Path, help="also write the report, every undetected mutant listed, here")
     parser.add_argument("patterns", nargs="*", help="mutmut name patterns to rerun (default: every mutant)")
@@ -322,6 +364,8 @@ def main() -> int:
             raise SystemExit("mutmut collected no stats: run `mutmut run` to see why (a test that fails under mutmut?)")
         before, after = narrow_stats()
         print(f"focused: {after} of {before} (function, test) pairs kept", flush=True)
+        skipped = skip_judged_equivalent(run_them=args.run_equivalent)
+        print(f"skipped: {skipped} mutants judged equivalent, their verdicts still current", flush=True)
     if not args.report_only:
         names = args.patterns
         if args.rerun_undetected:
