@@ -667,3 +667,50 @@ def test_the_low_memory_mode_steps_a_finite_float16_direction_whose_norm_exceeds
         opt.step([(p.float() * 40000.0).sum(), (p.float() * 40000.0).sum()])
         expected = torch.full((8,), -4.0, dtype=torch.float16)  # -lr * (0.5 * 40000 + 0.5 * 40000)
         assert torch.equal(p.detach(), expected), memory
+
+
+class _Group:
+    """A stand-in for an FSDP2 parameter group: its parameters and whether it reduces its gradients."""
+
+    def __init__(self, params, reduce_grads=None):
+        self.fsdp_params = [type("FSDPParam", (), {"sharded_param": p})() for p in params]
+        if reduce_grads is not None:
+            self.reduce_grads = reduce_grads
+
+
+@pytest.mark.skipif(fsdp2_missing(), reason="needs FSDP2")
+def test_the_fsdp_sync_check_reads_both_layouts_of_fsdps_bookkeeping(monkeypatch):
+    """Later torch releases keep a list of groups per module state (``_fsdp_param_groups``, whose
+    one-group compatibility property raises for several), torch 2.9 one group (``_fsdp_param_group``,
+    ``None`` for a module without parameters). A group that does not say whether it reduces counts as
+    reducing. Fake states, so the torch 2.9 layout is read on any torch."""
+    import weakref
+
+    import torch.distributed._composable_state as composable
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from cagrad_clip._storage.sharded import unsynced_parameters
+
+    params = [torch.zeros(1) for _ in range(6)]
+
+    class ListLayout(FSDPState):
+        @property
+        def _fsdp_param_group(self):
+            raise AssertionError("read the list: this property raises for more than one group")
+
+    class OneGroupLayout(FSDPState):
+        _fsdp_param_group = None
+
+    several = ListLayout.__new__(ListLayout)
+    several._fsdp_param_groups = [_Group(params[0:1], reduce_grads=False), _Group(params[1:2], reduce_grads=True)]
+    one = OneGroupLayout.__new__(OneGroupLayout)
+    one._fsdp_param_group = _Group(params[2:4], reduce_grads=False)
+    empty = OneGroupLayout.__new__(OneGroupLayout)  # torch 2.9, a module without parameters of its own
+    silent = OneGroupLayout.__new__(OneGroupLayout)
+    silent._fsdp_param_group = _Group(params[4:6])  # no reduce_grads attribute: synced
+    modules = [nn.Linear(1, 1) for _ in range(4)]
+    states = [several, one, empty, silent]
+    mapping = weakref.WeakKeyDictionary({module: weakref.ref(state) for module, state in zip(modules, states)})
+    monkeypatch.setattr(composable, "_module_state_mapping", mapping)
+    assert unsynced_parameters(params) == [0, 2, 3]
+    assert unsynced_parameters(params[2:]) == [0, 1]  # indices into the parameters given
