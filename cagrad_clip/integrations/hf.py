@@ -217,7 +217,7 @@ class MultiObjectiveTrainerMixin:
         ``c``, ``clip``, ``rescale``, ``solver``, ``max_iter``, ``nonfinite``) from this run's arguments,
         so a new phase can change them; one log line names every setting that differs from the checkpoint's."""
         # the ConflictAverseOptimizer itself, also inside a multi-objective wrapper of the user's own
-        opt = find_conflict_averse(self.optimizer, (ConflictAverseOptimizer,)) if self.optimizer is not None else None
+        opt = find_conflict_averse(self.optimizer, (ConflictAverseOptimizer,))  # None for no optimizer yet
         if checkpoint is None or not isinstance(opt, ConflictAverseOptimizer):
             super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
             return
