@@ -714,3 +714,18 @@ def test_the_fsdp_sync_check_reads_both_layouts_of_fsdps_bookkeeping(monkeypatch
     monkeypatch.setattr(composable, "_module_state_mapping", mapping)
     assert unsynced_parameters(params) == [0, 2, 3]
     assert unsynced_parameters(params[2:]) == [0, 1]  # indices into the parameters given
+
+
+def test_accumulate_dtype_float64_widens_the_rows_of_float32_parameters() -> None:
+    """float32 parameters, ``accumulate_dtype=torch.float64``: head gradients ``+-1e30`` fit float32, their
+    squares (``1e60``) only float64. The rows are float64 as asked, so the step is taken, every objective
+    is finite and the Gram is float64 (rows in the parameters' float32 would call both gradients too
+    large to square and refuse the step)."""
+    w, head = nn.Parameter(torch.ones(2)), nn.Parameter(torch.zeros(3))
+    opt = ConflictAverseOptimizer(
+        torch.optim.SGD([w, head], lr=0.1), shared=[w], accumulate_dtype=F64, nonfinite="raise", weights=[0.5, 0.5]
+    )
+    opt.step([(w * 2).sum() + (head * 1e30).sum(), (w * w).sum() - (head * 1e30).sum()])
+    assert opt.last.finite.tolist() == [True, True]
+    assert opt.last.gram.dtype == F64
+    assert not torch.equal(w.detach(), torch.ones(2))
