@@ -54,6 +54,91 @@ def test_the_weighted_loss_of_objectives_in_different_dtypes_is_in_the_first_one
     assert loss.item() == pytest.approx(0.8 * head.item() + 0.2 * tail.item(), rel=1e-6)
 
 
+def test_the_training_steps_reported_loss_of_objectives_in_different_dtypes_is_in_the_first_ones_dtype(tmp_path):
+    """``training_step`` returns the same weighted loss as ``compute_loss``: ``0.8 * head + 0.2 * tail`` in
+    the first loss's float32, though the second loss is float64."""
+    tok = tiny.tokenizer()
+    model = tiny.no_dropout_gpt2(tok)
+    trainer = MixedDtypeTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), objective_weights=[0.8, 0.2])
+    trainer.create_optimizer()
+    ids = torch.stack([r["input_ids"] for r in rows(4)])
+    with torch.no_grad():
+        head, tail = halves(model.eval(), ids)
+    model.train()
+    loss = trainer.training_step(model, {"input_ids": ids})
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.8 * head.item() + 0.2 * tail.item(), rel=1e-6)
+
+
+class CombineSpyTrainer(HalvesTrainer):
+    """Records the ``combine=`` of every ``backward`` the trainer asks of its optimizer."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = self.conflict_averse_optimizer
+        if not hasattr(self, "combines"):
+            self.combines, backward = [], opt.backward
+            opt.backward = lambda losses, combine=True: (self.combines.append(combine), backward(losses, combine=combine))[1]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def test_a_window_of_micro_batches_is_combined_once_at_its_last(tmp_path):
+    """Gradient accumulation over 2 micro-batches, 2 steps: the optimizer accumulates the first micro-batch
+    of each window (``combine=False``: no dual solve, no direction written) and combines at the last."""
+    trainer = CombineSpyTrainer(
+        model=tiny.no_dropout_gpt2(tiny.tokenizer()),
+        args=args(tmp_path, gradient_accumulation_steps=2, max_steps=2),
+        train_dataset=rows(8),
+    )
+    trainer.train()
+    assert trainer.combines == [False, True, False, True]
+
+
+class OnlyConflictAverseTrainer(HalvesTrainer):
+    multi_objective_types = (ConflictAverseOptimizer,)
+
+
+def test_an_optimizer_outside_the_trainers_multi_objective_types_is_wrapped_as_a_base_optimizer(tmp_path):
+    """``multi_objective_types`` names what the trainer takes as it is; any other optimizer is a base
+    optimizer to wrap, even one shaped like a multi-objective optimizer (``backward``, ``weights``, ``last``)."""
+    model = tiny.no_dropout_gpt2(tiny.tokenizer())
+    base = WeightedSumSGD(model.parameters(), lr=0.1, weights=[1.0, 3.0])
+    trainer = OnlyConflictAverseTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), optimizers=(base, None))
+    trainer.create_optimizer()
+    assert isinstance(trainer.optimizer, ConflictAverseOptimizer)
+    assert trainer.optimizer.optimizer is base
+
+
+# ------------------------------------------------------------------ a KeyError inside objective_losses
+class KeyErrorTrainer(HalvesTrainer):
+    """``objective_losses`` fails with the ``KeyError`` it is given (a bug of the user's own code)."""
+
+    error: KeyError = KeyError()
+
+    def objective_losses(self, model, inputs):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "inputs"),
+    [
+        (KeyError(), {"input_ids": None}),  # no key at all
+        (KeyError("input_ids"), {"input_ids": None}),  # a key the batch has: the lookup failed elsewhere
+        (KeyError(("input_ids", 0)), {}),  # not a column name
+    ],
+    ids=["bare", "present_column", "not_a_string"],
+)
+def test_a_key_error_that_is_not_a_removed_column_reaches_the_user_unchanged(tmp_path, error, inputs):
+    """With ``remove_unused_columns=True`` a ``KeyError`` naming a column the batch lacks is explained
+    (the Trainer removed it; see ``test_hf.py``); any other ``KeyError`` is the user's own bug and is
+    raised as it is: the same exception object, not an explanation of columns."""
+    tok = tiny.tokenizer()
+    trainer = KeyErrorTrainer(model=tiny.no_dropout_gpt2(tok), args=args(tmp_path, remove_unused_columns=True), train_dataset=rows(2))
+    trainer.error = error
+    with pytest.raises(KeyError) as raised:
+        trainer.compute_loss(trainer.model, inputs)
+    assert raised.value is error
+
+
 # ------------------------------------------------------------------ resuming
 class WeightedMomentumSGD(WeightedSumSGD):
     """A multi-objective rule that is not a ConflictAverseOptimizer (as the DPO benchmark's baselines):
