@@ -93,6 +93,15 @@ def test_a_window_of_micro_batches_is_combined_once_at_its_last(tmp_path):
     assert trainer.combines == [False, True, False, True]
 
 
+def test_the_trainers_objective_settings_default_to_the_optimizers_defaults(tmp_path):
+    """A trainer given no objective settings builds the optimizer a bare ``ConflictAverseOptimizer(base)``
+    would be: the same ``c``, ``clip``, ``rescale``, ``solver`` and ``max_iter``."""
+    trainer = HalvesTrainer(model=tiny.no_dropout_gpt2(tiny.tokenizer()), args=args(tmp_path), train_dataset=rows(2))
+    trainer.create_optimizer()
+    bare = ConflictAverseOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert trainer.conflict_averse_optimizer.settings.to_dict() == bare.settings.to_dict()
+
+
 class OnlyConflictAverseTrainer(HalvesTrainer):
     multi_objective_types = (ConflictAverseOptimizer,)
 
