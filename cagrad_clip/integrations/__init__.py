@@ -159,11 +159,11 @@ def optimizer_options(
     c: float,
     clip: bool,
     rescale: str | None,
-    solver: str = "auto",
-    max_iter: int | None = None,
-    memory: str = "default",
-    accumulate_dtype: Any = None,
-    nonfinite: Any = None,
+    solver: str,
+    max_iter: int | None,
+    memory: str,
+    accumulate_dtype: Any,
+    nonfinite: Any,
 ) -> dict[str, Any]:
     """The :class:`~cagrad_clip.ConflictAverseOptimizer` keyword arguments of an integration, validated now
     by the library's own checks (so a bad config fails when it is built, not at the first step).
