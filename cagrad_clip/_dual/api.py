@@ -134,16 +134,17 @@ def solve_with_settings(gram: Tensor, weights: Tensor, settings: CAGradSettings)
 
 
 def _weights_tensor(weights: Sequence[float] | Tensor | None, m: int, gram: Tensor, validate: bool) -> Tensor:
-    """``weights`` normalised, in the solve's dtype on ``gram``'s device; values checked if ``validate``."""
+    """``weights`` normalised, in the solve's dtype; values checked if ``validate``. Not moved:
+    :func:`solve_with_settings` puts them on ``gram``'s device (a no-op for weights already there)."""
     dtype = reduction_dtype(gram.dtype)
     if weights is None:
         return torch.full((m,), 1.0 / m, dtype=dtype, device=gram.device)
     if isinstance(weights, Tensor) and (torch.compiler.is_compiling() or not validate):
-        w = weights.to(device=gram.device, dtype=dtype)
+        w = weights.to(dtype=dtype)
         if w.dim() < 1 or w.shape[-1] != m:
             raise ValueError(f"weights must have shape (..., {m}) for m = {m} objectives, got {tuple(w.shape)}")
         return w / w.sum(-1, keepdim=True)
-    return normalize_weights(weights, m).to(device=gram.device, dtype=dtype)
+    return normalize_weights(weights, m).to(dtype=dtype)
 
 
 def solve_cagrad(
