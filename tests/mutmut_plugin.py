@@ -29,6 +29,7 @@ EXPENSIVE_SETUP_S = 0.5  # a setup this long is blamed on the shared fixtures it
 
 _start = time.perf_counter()
 _selected = 0
+_failed: str | None = None  # the first test that failed in this session (the one that detected the mutant)
 _phases: defaultdict[str, float] = defaultdict(float)
 _slow_setups: dict[str, tuple[float, list[str]]] = {}
 
@@ -55,26 +56,56 @@ def cost_key(durations: dict) -> Callable[[pytest.Item], float]:
     return cost
 
 
+def function_of(mutant: str) -> str:
+    """``pkg.mod.x_f__mutmut_12`` → ``pkg.mod.x_f``: the mutated function."""
+    return mutant.rsplit("__mutmut_", 1)[0]
+
+
+def killers(lines: list[str], function: str) -> set[str]:
+    """The tests that detected earlier mutants of ``function`` (the ``failed`` of their ``TIMES`` lines).
+
+    A test that caught one mutation of a function is the likeliest to catch the next: the mutants of
+    one function differ by one operator or constant each. A line being written by another worker (not
+    yet whole) is skipped."""
+    found: set[str] = set()
+    for text in lines:
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if line.get("failed") and function_of(line.get("mutant", "")) == function:
+            found.add(line["failed"])
+    return found
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     global _selected
     _selected = len(items)
     if DURATIONS.exists():
-        items.sort(key=cost_key(json.loads(DURATIONS.read_text())))
+        cost = cost_key(json.loads(DURATIONS.read_text()))
     elif Path("mutmut-stats.json").exists():  # mutmut's own record: the calls only
         duration = json.loads(Path("mutmut-stats.json").read_text()).get("duration_by_test", {})
-        items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+        cost = lambda item: duration.get(item.nodeid, 0.0)  # noqa: E731
+    else:
+        return
+    first = killers(TIMES.read_text().splitlines(), function_of(_mutant())) if "__mutmut_" in _mutant() and TIMES.exists() else set()
+    # the order decides only how soon a detected mutant stops (-x): a survivor runs every test either way
+    items.sort(key=lambda item: (item.nodeid not in first, cost(item)))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _start
-    _start = time.perf_counter()
+    global _start, _failed
+    _start, _failed = time.perf_counter(), None  # per session: a worker is forked from a server that ran pytest before
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    global _failed
     outcome = yield
     if _mutant() != "stats":
+        if _failed is None and outcome.get_result().failed:
+            _failed = item.nodeid
         return
     report = outcome.get_result()
     _phases[item.nodeid] += report.duration
@@ -95,5 +126,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         DURATIONS.write_text(json.dumps(old, indent=1))
     elif "__mutmut_" in mutant:  # not the clean run nor the forced failure
         line = {"mutant": mutant, "seconds": round(time.perf_counter() - _start, 3), "exit": int(exitstatus), "tests": _selected}
+        if _failed is not None:
+            line["failed"] = _failed
         with TIMES.open("a") as out:  # one short append per mutant: atomic for the workers
             out.write(json.dumps(line) + "\n")

@@ -201,3 +201,18 @@ def test_a_skipped_equivalent_mutant_is_scored_as_equivalent_and_a_skipped_unjud
     row = next(line.split()[1:] for line in out.splitlines() if line.startswith("cagrad_clip/a.py"))
     assert row == ["4", "1", "1", "1", "50.0", "1"]  # mutants, detected, undetected, equivalent, score, not run
     assert "1 of the equivalent mutants were not run" in out
+
+
+def test_the_tests_that_detected_a_functions_earlier_mutants_are_its_next_mutants_first() -> None:
+    """Only the same function's lines count; a half-written line (another worker appending) is skipped."""
+    from tests import mutmut_plugin
+
+    lines = [
+        json.dumps({"mutant": "m.x_f__mutmut_1", "exit": 1, "failed": "t::a"}),
+        json.dumps({"mutant": "m.x_f__mutmut_2", "exit": 0}),  # survived: no failed test
+        json.dumps({"mutant": "m.x_f__mutmut_3", "exit": 1, "failed": "t::b"}),
+        json.dumps({"mutant": "m.x_fg__mutmut_1", "exit": 1, "failed": "t::c"}),  # another function
+        '{"mutant": "m.x_f__mutmut_4", "exit": 1, "fai',
+    ]
+    assert mutmut_plugin.function_of("m.xǁCǁf__mutmut_12") == "m.xǁCǁf"
+    assert mutmut_plugin.killers(lines, "m.x_f") == {"t::a", "t::b"}
