@@ -348,3 +348,17 @@ def test_the_constants_live_on_the_solves_device() -> None:
     for dtype in (torch.float32, torch.float64):
         made = numbers(torch.empty(2, device="meta", dtype=dtype))
         assert all(x.device.type == "meta" and x.dtype == dtype and x.dim() == 0 for x in made)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, found by the mutation run: m = 2's edge search misses this kink")
+@pytest.mark.parametrize("clip", [True, False])
+def test_two_exactly_opposite_gradients_at_c_above_one_give_the_zero_direction(clip: bool) -> None:
+    """``g = (1, -1/128)`` (one dimension, opposite), ``w = (0.7, 0.3)``, ``c = 3``: every direction but 0
+    lowers one objective's inner product below 0, and ``d = 0`` lies in the ball ``||d - g0|| <= c ||g0||``
+    (``c >= 1``), so the optimum is Pareto-stationary and the direction is 0 (``max_iter=0``, the face
+    enumeration, gives it). The default path's edge search stops ``1e-8`` off the kink, just above the
+    stationarity bound, and returns Algorithm 1's coefficients instead: ``d = 2.79`` with the clip."""
+    G = torch.tensor([[1.0, -1.0 / 128]], dtype=torch.float64)
+    for max_iter in (0, None):
+        a = solve_cagrad(G.T @ G, [0.7, 0.3], c=3.0, clip=clip, max_iter=max_iter).coefficients
+        assert abs((G @ a).item()) <= 1e-12, max_iter
