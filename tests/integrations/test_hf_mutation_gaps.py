@@ -112,9 +112,10 @@ def test_an_optimizer_outside_the_trainers_multi_objective_types_is_wrapped_as_a
     model = tiny.no_dropout_gpt2(tiny.tokenizer())
     base = WeightedSumSGD(model.parameters(), lr=0.1, weights=[1.0, 3.0])
     trainer = OnlyConflictAverseTrainer(model=model, args=args(tmp_path), train_dataset=rows(2), optimizers=(base, None))
-    trainer.create_optimizer()
-    assert isinstance(trainer.optimizer, ConflictAverseOptimizer)
-    assert trainer.optimizer.optimizer is base
+    for _ in ("constructed", "create_optimizer"):  # wrapped at once, and create_optimizer keeps that wrapper
+        assert isinstance(trainer.optimizer, ConflictAverseOptimizer)
+        assert trainer.optimizer.optimizer is base
+        trainer.create_optimizer()
 
 
 # ------------------------------------------------------------------ a KeyError inside objective_losses
