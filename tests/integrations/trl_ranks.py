@@ -71,6 +71,8 @@ def main(out: Path) -> None:
     store = type(trainer.conflict_averse_optimizer._store).__name__
     info = {"world": world, "fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)), "store": store}
     torch.save({"params": state, "logs": trainer.state.log_history, **info}, out / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():  # join the process group's threads before exit (left running, one aborted a rank at teardown)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
