@@ -231,7 +231,7 @@ def test_the_collator_names_the_setting_that_fixed_the_number_of_objectives():
 
 
 # ------------------------------------------------------------------ signs_tensor and check_dataset
-@pytest.mark.parametrize("row", ["1", "10", b"\x01\x00"], ids=repr)
+@pytest.mark.parametrize("row", ["1", "10", b"\x01\x00"], ids=["str_1", "str_10", "bytes"])
 def test_a_string_row_is_not_a_list_of_signs(row):
     """A row given as a string or bytes is refused, even one that could be read character by character
     as signs (``"1"``, ``"10"``)."""
