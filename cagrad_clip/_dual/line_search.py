@@ -11,6 +11,8 @@ segment are one ``(..., 5)`` tensor that the scalars broadcast against without r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -30,15 +32,21 @@ def exact_line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tens
     evaluated at every candidate and the smallest wins (ties go to ``g = 0``: no move).
     Sync-free: no host synchronisation and no Python branch on tensor values.
     """
-    args = (beta1, s, q0, q1, q2, gamma_max)
-    return _line_search(*(x.unsqueeze(-1) for x in args)).squeeze(-1)
+    beta1, s, q0, q1, q2, gamma_max = (x.unsqueeze(-1) for x in (beta1, s, q0, q1, q2, gamma_max))
+    return _line_search(beta1, s, q0, q1, q2, gamma_max).squeeze(-1)
 
 
-def _line_search(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor) -> Tensor:
-    """:func:`exact_line_search` for arguments of shape ``(..., 1)``; returns ``(..., 1)``."""
+def _line_search(
+    beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, gamma_max: Tensor, quad: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """:func:`exact_line_search` for arguments of shape ``(..., 1)``; returns ``(..., 1)``.
+
+    ``quad`` (optional) evaluates ``Q(g) = ||G (p + g d)||^2`` more accurately than ``q0 + g (q1 + q2 g)``
+    (see :func:`solve_edge`); the candidates are the same either way.
+    """
     k = numbers(s)
     candidates = _candidates(beta1, s, q0, q1, q2, gamma_max, k)
-    values = _change(beta1, s, q0, q1, q2, candidates, k)
+    values = _change(beta1, s, q0, q1, q2, candidates, k, None if quad is None else quad(candidates))
     return candidates.gather(-1, values.argmin(-1, keepdim=True))
 
 
@@ -56,15 +64,16 @@ def _candidates(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, ga
     return torch.minimum(candidates.clamp_min(0.0), gamma_max)
 
 
-def _change(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, g: Tensor, k: Numbers) -> Tensor:
+def _change(beta1: Tensor, s: Tensor, q0: Tensor, q1: Tensor, q2: Tensor, g: Tensor, k: Numbers, quad_at_g: Tensor | None = None) -> Tensor:
     """``h(g) - h(0) = beta1 g + s (Q(g) - q0) / (sqrt(Q(g)) + sqrt(q0))`` with ``Q(g) - q0 = g (q1 + q2 g)``.
 
     Free of the cancellation in ``sqrt(Q(g)) - sqrt(q0)``, so improvements far below ``eps |F|``
     (the last digits of ``p`` near the optimum) are still seen instead of tying with ``g = 0``.
-    ``g`` is ``(..., n)``, the other arguments ``(..., 1)``.
+    ``g`` is ``(..., n)``, the other arguments ``(..., 1)``; ``quad_at_g`` (``(..., n)``, optional) is
+    ``Q(g)`` computed by the caller, else ``q0 + (Q(g) - q0)``.
     """
     increase = g * (q1 + g * q2)
-    quad = (q0 + increase).clamp_min(0.0)
+    quad = (q0 + increase if quad_at_g is None else quad_at_g).clamp_min(0.0)
     denominator = quad.sqrt() + q0.clamp_min(0.0).sqrt()
     root_change = torch.where(denominator > k.zero, increase / denominator, k.zero)  # the masked-out quotients are discarded
     return beta1 * g + s * root_change
@@ -76,9 +85,22 @@ def solve_edge(Hn: Tensor, b: Tensor, s: Tensor, diag: Tensor) -> Tensor:
     It compares both vertices, every stationary point and the kink, so zero or opposite
     gradients need no special care. ``s`` has shape ``(..., 1)`` and ``diag`` is the diagonal of
     ``Hn`` clamped at 0. Returns ``p`` of shape ``(..., 2)``.
+
+    ``||G p||^2`` at ``p = (1 - g, g)`` is evaluated as ``(1 - g)^2 H_11 + 2 g (1 - g) H_12 + g^2 H_22``,
+    whose rounding is relative to the point's own scale ``((1 - g) ||g_1|| + g ||g_2||)^2``, not as
+    ``H_11 + g (q1 + q2 g)``, whose rounding is relative to ``H_11``. Near the kink of two opposite
+    gradients (``G p = 0``) the second form's ``eps H_11`` of noise is a ``sqrt(eps)`` error in
+    ``||G p||``: points ``1e-8`` off the kink then look better than the kink itself, and a
+    Pareto-stationary problem gets the sign of that noise as its direction.
     """
     h11, h22, h12 = diag[..., :1], diag[..., 1:], Hn[..., 0, 1:]
     d12 = h12 - h11
+    one = numbers(s).one
+
+    def quad(g: Tensor) -> Tensor:
+        rest = one - g
+        return rest * rest * h11 + (g + g) * rest * h12 + g * g * h22
+
     # x + x is 2 x exactly: a tensor op instead of a (slower) op with a Python scalar
-    gamma = _line_search(b[..., 1:] - b[..., :1], s, h11, d12 + d12, (h11 + h22 - (h12 + h12)).clamp_min(0.0), torch.ones_like(s))
-    return torch.cat([numbers(gamma).one - gamma, gamma], dim=-1)
+    gamma = _line_search(b[..., 1:] - b[..., :1], s, h11, d12 + d12, (h11 + h22 - (h12 + h12)).clamp_min(0.0), torch.ones_like(s), quad)
+    return torch.cat([one - gamma, gamma], dim=-1)
