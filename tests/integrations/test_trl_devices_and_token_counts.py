@@ -9,6 +9,7 @@ a row that claims to be an empty sequence but cannot be read is refused with ``s
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from collections import defaultdict
@@ -141,18 +142,28 @@ def test_exo_pair_makes_its_label_smoothing_on_the_scores_device_not_the_default
 # ------------------------------------------------------------------ num_tokens over the processes
 class _Accelerator:
     """A stand-in for ``accelerate.Accelerator`` on ``num_processes`` ranks that each counted the same
-    tokens: ``reduce`` follows accelerate's (a tensor only; ``"sum"`` sums, the default ``"mean"``
-    divides the sum by the number of processes)."""
+    tokens: ``reduce`` follows ``Accelerator.reduce`` (a tensor only; ``"sum"``, the method's default,
+    sums; ``"mean"`` divides the sum by the number of processes). The default is checked against
+    accelerate's own signature below, so the stand-in cannot drift from it."""
 
     def __init__(self, num_processes: int) -> None:
         self.num_processes, self.calls = num_processes, []
 
-    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"reduce needs a tensor, got {type(tensor).__name__}")
         self.calls.append(reduction)
         summed = tensor * self.num_processes
         return summed // self.num_processes if reduction == "mean" else summed
+
+
+def test_the_stand_in_reduce_has_accelerates_default() -> None:
+    """``Accelerator.reduce``'s default reduction is ``"sum"`` (``accelerate.utils.reduce``'s is ``"mean"``):
+    the stand-in above must default the same way, or the test below would pin a call's spelling."""
+    from accelerate import Accelerator
+
+    theirs = inspect.signature(Accelerator.reduce).parameters["reduction"].default
+    assert inspect.signature(_Accelerator.reduce).parameters["reduction"].default == theirs == "sum"
 
 
 @pytest.mark.parametrize(("processes", "tp_size"), [(2, 1), (3, 1), (3, 2)])
