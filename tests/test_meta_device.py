@@ -8,14 +8,24 @@ device. On a CPU-only machine a forgotten ``device=`` is otherwise invisible; on
 host-device copy, or an error. With ``nonfinite="ignore"`` the step must finish; with a checking policy
 it stops at its one host read, the finiteness check of the finished direction (``test_optimizer.py``
 covers what that check does).
+
+Also on ``meta``: a step after the first copies nothing from the host; GradScaler's flags from a second
+device are gathered on the direction's; the edit guard's flag is on the device asked for; weights given
+as a ``meta`` tensor are refused as not real numbers.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from cagrad_clip import ConflictAverseOptimizer
+from cagrad_clip._storage.base import GradGuard
 from tests.contract.cases import MICRO, WEIGHTS, losses_of, make_data, make_model
 from tests.contract.paths import PATHS, GradientPath, dtype_name
 
@@ -85,3 +95,70 @@ def test_a_checking_policy_stops_at_its_one_host_read() -> None:
     opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weights=WEIGHTS[path.m], c=0.8)
     with pytest.raises(RuntimeError, match="meta tensors"):
         opt.step(losses_of(model, x, y))
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Records every operation that reads a CPU tensor and returns a ``meta`` one: a host-to-device copy
+    (on an accelerator, a transfer from host memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type == "meta" for t in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+def test_after_the_first_step_a_step_copies_nothing_from_the_host() -> None:
+    """The normalised weights are copied to the parameters' device once (the first step); the second and
+    third steps on ``meta`` parameters read no CPU tensor into a device one."""
+    path = PATHS[0]
+    model, x, y = _meta_model(path, torch.float32)
+    opt = ConflictAverseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weights=WEIGHTS[path.m], c=0.8, nonfinite="ignore")
+    opt.zero_grad()
+    opt.step(losses_of(model, x, y))
+    for _ in range(2):
+        with _HostToDevice() as mode:
+            opt.zero_grad()
+            opt.step(losses_of(model, x, y))
+        assert mode.copies == []
+
+
+def test_a_grad_scaler_flag_from_a_frozen_host_parameter_joins_the_others_on_the_device() -> None:
+    """A frozen CPU parameter that still holds a ``.grad`` gives ``GradScaler`` a second device's Inf flag
+    next to the ``meta`` parameters' one: the flags are gathered on the direction's device, so the step
+    gets as far as its one host read of the verdict (which raises on ``meta``: ``NotImplementedError``),
+    not to a ``torch.stack`` of tensors on two devices."""
+    w = nn.Parameter(torch.ones(3, device="meta"))
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+    frozen.grad = torch.ones(2)
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w, frozen], lr=0.1), weights=[0.5, 0.5], nonfinite="ignore")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # the scale lives on the CPU, as when the scaler served CPU losses first
+    opt.backward([scaler.scale((w * 2).sum()), scaler.scale((w * w).sum())], combine=False)
+    with pytest.raises(NotImplementedError, match="meta"):
+        scaler.step(opt)
+
+
+def test_the_edited_flag_of_a_guard_over_no_grad_is_on_the_requested_device() -> None:
+    """``GradGuard.edited`` returns a 0-d bool on the device it is given, also when no parameter has a
+    ``.grad`` (its fingerprint, the empty one, is made on the CPU)."""
+    params = [nn.Parameter(torch.ones(3, device="meta"))]
+    guard = GradGuard()
+    guard.record(params)
+    guard.seal(params)
+    flag = guard.edited(params, torch.device("meta"))
+    assert flag.device == torch.device("meta") and flag.dtype == torch.bool and flag.shape == ()
+
+
+def test_weights_given_as_a_meta_tensor_are_refused_as_not_real_numbers() -> None:
+    """User weights are brought to the CPU to be checked: a ``meta`` tensor (no values to copy) is refused
+    with the ``TypeError`` that names weights which are not real numbers."""
+    p = nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="real numbers"):
+        ConflictAverseOptimizer(torch.optim.SGD([p], lr=0.1), weights=torch.ones(2, device="meta"))

@@ -19,6 +19,8 @@
   length warn nothing; losses that reach no parameter leave ``.grad`` ``None``.
 * The fingerprint of ``.grad`` is its float32 (or better) 2-norm: in-place edits below half
   precision's resolution, or that keep the sum of cubes, are caught.
+* DDP's "mark a variable ready only once" error in an objective's pass is explained (``no_sync()``),
+  chained from DDP's; a zeroed ``.grad`` no objective reaches stays zero under a NaN direction.
 """
 
 from __future__ import annotations
@@ -602,6 +604,50 @@ def test_a_runtime_error_raised_in_an_objectives_backward_comes_through_as_it_wa
     with pytest.raises(RuntimeError) as info:
         opt.backward(losses)
     assert info.value is error
+
+
+# what DDP's reducer raises when its gradient hooks fire in more than one backward pass of a step
+DDP_READY_TWICE = (
+    "Expected to mark a variable ready only once. This error is caused by one of the following reasons: 1) Use of a "
+    "module parameter outside the `forward` function."
+)
+
+
+@pytest.mark.parametrize("store", ["direct", "accumulator"])
+def test_ddps_ready_only_once_error_in_an_objectives_backward_is_explained(store) -> None:
+    """A hook on the first objective raises DDP's "Expected to mark a variable ready only once" (what
+    DDP's reducer raises when it syncs inside the per-objective passes): the caller gets a new
+    ``RuntimeError`` that tells them to run the forward under ``model.no_sync()``, chained from DDP's."""
+    options = {"accumulate_dtype": F64} if store == "accumulator" else {}
+    w = nn.Parameter(torch.ones(3))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w], lr=0.1), weights=[0.5, 0.5], **options)
+    error = RuntimeError(DDP_READY_TWICE)
+    losses = [(w * 2).sum(), (w * w).sum()]
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        raise error
+
+    losses[0].register_hook(hook)
+    with pytest.raises(RuntimeError, match=r"model\.no_sync\(\)") as info:
+        opt.backward(losses)
+    assert info.value is not error and info.value.__cause__ is error
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+
+
+def test_a_parameter_no_objective_reaches_keeps_its_zeroed_grad_when_the_direction_is_nan() -> None:
+    """Default store, ``nonfinite="ignore"``: ``u`` is reached in a first step, so
+    ``zero_grad(set_to_none=False)`` leaves it a zero ``.grad``; the next step's objectives reach only
+    ``w`` and one is infinite (NaN coefficients, a NaN direction on ``w``). As with
+    ``sum(losses).backward()``, ``u.grad`` stays the zeros and ``u`` does not move."""
+    w, u = nn.Parameter(torch.ones(2, dtype=F64)), nn.Parameter(torch.ones(3, dtype=F64))
+    opt = ConflictAverseOptimizer(torch.optim.SGD([w, u], lr=0.1), weights=[0.5, 0.5], nonfinite="ignore")
+    opt.step([(w * 2).sum() + u.sum(), (w * w).sum()])
+    u_before = u.detach().clone()
+    opt.zero_grad(set_to_none=False)
+    opt.step([(w * float("inf")).sum(), (w * w).sum()])
+    assert w.detach().isnan().all()
+    assert torch.equal(u.grad, torch.zeros(3, dtype=F64))
+    assert torch.equal(u.detach(), u_before)
 
 
 @needs_fsdp2
