@@ -154,25 +154,29 @@ class AccumulatorStore(GradientStore):
         return out
 
     def _add_to_external(self, combination: list[Tensor]) -> Tensor:
-        """``.grad = kept + combination`` where ``.grad`` held something when the window began."""
+        """``.grad = kept + combination`` where ``.grad`` held something when the window began and an
+        objective reached the parameter (an unreached one's kept ``.grad`` stays as it was, as with
+        ``sum(losses).backward()``, even when the direction is NaN)."""
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         kept, added = [], []
         for p, e, d, reached in zip(self.params, self.external, combination, self.recorder.reached):
             if e is not None:
-                kept.append(e)
-                added.append(d)
+                if reached:
+                    kept.append(e)
+                    added.append(d)
                 p.grad = e
-            else:
-                p.grad = d if reached else None
-            if reached and e is None:
+            elif reached:
+                p.grad = d
                 finite = finite & torch.isfinite(d).all()
+            else:
+                p.grad = None
         return self.add_to_kept(kept, added, finite)
 
     def unwrite(self) -> None:
         """Before more accumulation: kept ``.grad`` loses the combination (the rows are untouched)."""
         assert self.rows is not None and self.coefficients is not None
         combination = self._combination_per_parameter(self.coefficients)
-        kept = [(e, d) for e, d in zip(self.external, combination) if e is not None]
+        kept = [(e, d) for e, d, reached in zip(self.external, combination, self.recorder.reached) if e is not None and reached]
         if kept:
             torch._foreach_sub_([e for e, _ in kept], [d for _, d in kept])
         for p, e in zip(self.params, self.external):

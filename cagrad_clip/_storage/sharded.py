@@ -158,8 +158,9 @@ class ShardedStore(GradientStore):
         for p, e, local, reached in zip(self.params, self.external, self._combination(coefficients), self.reached):
             local = local.to(p.dtype)
             if e is not None:
-                kept.append(e.to_local())  # type: ignore[attr-defined]
-                added.append(local)
+                if reached:  # an unreached parameter's kept .grad stays as it was (a NaN direction included)
+                    kept.append(e.to_local())  # type: ignore[attr-defined]
+                    added.append(local)
             elif reached:
                 p.grad = type(p).from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())  # type: ignore[attr-defined]
                 finite = finite & torch.isfinite(local).all()
@@ -170,12 +171,12 @@ class ShardedStore(GradientStore):
     def unwrite(self) -> None:
         assert self.coefficients is not None
         kept, added = [], []
-        for p, e, local in zip(self.params, self.external, self._combination(self.coefficients)):
-            if e is not None:
+        for p, e, local, reached in zip(self.params, self.external, self._combination(self.coefficients), self.reached):
+            if e is None:
+                p.grad = None
+            elif reached:
                 kept.append(e.to_local())  # type: ignore[attr-defined]
                 added.append(local.to(p.dtype))
-            else:
-                p.grad = None
         if kept:
             torch._foreach_sub_(kept, added)
         self.coefficients = None

@@ -634,20 +634,39 @@ def test_ddps_ready_only_once_error_in_an_objectives_backward_is_explained(store
     assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
 
 
-def test_a_parameter_no_objective_reaches_keeps_its_zeroed_grad_when_the_direction_is_nan() -> None:
-    """Default store, ``nonfinite="ignore"``: ``u`` is reached in a first step, so
+class _TwoParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.u = nn.Parameter(torch.ones(2, dtype=F64)), nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, first: bool) -> list[torch.Tensor]:  # through forward, so FSDP2 gathers and reduce-scatters
+        if first:
+            return [(self.w * 2).sum() + self.u.sum(), (self.w * self.w).sum()]
+        return [(self.w * float("inf")).sum(), (self.w * self.w).sum()]
+
+
+@pytest.mark.parametrize("store", ["direct", "accumulator", "low_memory", pytest.param("sharded", marks=needs_fsdp2)])
+def test_a_parameter_no_objective_reaches_keeps_its_zeroed_grad_when_the_direction_is_nan(store: str) -> None:
+    """Every store that keeps ``.grad`` (``memory="low"`` refuses it), ``nonfinite="ignore"``: ``u`` is reached in a first step, so
     ``zero_grad(set_to_none=False)`` leaves it a zero ``.grad``; the next step's objectives reach only
     ``w`` and one is infinite (NaN coefficients, a NaN direction on ``w``). As with
-    ``sum(losses).backward()``, ``u.grad`` stays the zeros and ``u`` does not move."""
-    w, u = nn.Parameter(torch.ones(2, dtype=F64)), nn.Parameter(torch.ones(3, dtype=F64))
-    opt = ConflictAverseOptimizer(torch.optim.SGD([w, u], lr=0.1), weights=[0.5, 0.5], nonfinite="ignore")
-    opt.step([(w * 2).sum() + u.sum(), (w * w).sum()])
-    u_before = u.detach().clone()
-    opt.zero_grad(set_to_none=False)
-    opt.step([(w * float("inf")).sum(), (w * w).sum()])
-    assert w.detach().isnan().all()
-    assert torch.equal(u.grad, torch.zeros(3, dtype=F64))
-    assert torch.equal(u.detach(), u_before)
+    ``sum(losses).backward()``, ``u.grad`` stays the zeros and ``u`` does not move. (The accumulator and
+    FSDP2 stores used to add the NaN combination, ``a @ 0``, to every kept ``.grad``, reached or not.)"""
+    options = {"accumulate_dtype": F64} if store == "accumulator" else {}
+    with one_rank_group() if store == "sharded" else contextlib.nullcontext():
+        model = _TwoParams()
+        if store == "sharded":
+            model = sharded(model)
+        w, u = model.w, model.u
+        opt = ConflictAverseOptimizer(torch.optim.SGD([w, u], lr=0.1), weights=[0.5, 0.5], nonfinite="ignore", **options)
+        opt.step(model(True))
+        u_before = u.detach().clone()
+        opt.zero_grad(set_to_none=False)
+        opt.step(model(False))
+        local = (lambda t: t.to_local()) if store == "sharded" else (lambda t: t)
+        assert local(w.detach()).isnan().all()
+        assert torch.equal(local(u.grad), torch.zeros(3, dtype=F64))
+        assert torch.equal(local(u.detach()), local(u_before))
 
 
 @needs_fsdp2
