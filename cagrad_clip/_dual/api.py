@@ -173,7 +173,9 @@ def solve_cagrad(
             problem with up to 12 objectives, see :func:`auto_solver`; else ``"frank_wolfe"``),
             ``"exact"`` (closed-form KKT solve on every support, ``m <= 12``) or ``"frank_wolfe"``.
         max_iter: pairwise Frank-Wolfe iterations; ``None`` uses :func:`default_max_iter`.
-            Only the ``"frank_wolfe"`` solver iterates.
+            Only the ``"frank_wolfe"`` solver iterates. For ``m = 2`` every solver takes the exact edge
+            search, except that ``max_iter=0`` takes Frank-Wolfe's start (every face, in closed form):
+            also exact, but where several duals are optimal it may return another of them.
         validate: check the values of tensor ``weights`` on the host (a device sync for CUDA
             tensors). Shapes and the options are always checked. Skipped under ``torch.compile``.
             Pass ``False`` on a hot path with weights already checked.
