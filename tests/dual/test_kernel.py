@@ -329,18 +329,19 @@ def test_non_finite_gram_poisons_only_its_problem(solver: str, bad: float, where
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", SOLVERS)
-def test_compiled_fullgraph_agrees_with_eager(solver: str) -> None:
+@pytest.mark.parametrize(("solver", "m"), [(solver, 3) for solver in SOLVERS] + [("auto", 2)])
+def test_compiled_fullgraph_agrees_with_eager(solver: str, m: int) -> None:
     """``solve_with_settings`` (the optimizer's hot path) compiles with fullgraph=True: no graph break,
     no host sync. The suite's only compiles of the solver: the exact solver (the default for one
     problem) through inductor; Frank-Wolfe, whose unrolled iterations take inductor minutes on a
-    small CPU, through ``aot_eager`` (the same graph capture, without code generation)."""
+    small CPU, through ``aot_eager`` (the same graph capture, without code generation); ``m = 2``'s
+    edge search (every solver's path there) through ``aot_eager``."""
     torch._dynamo.reset()
     settings = CAGradSettings(c=0.4, solver=solver)
     backend = "inductor" if solver == "exact" else "aot_eager"
     compiled = torch.compile(lambda H, w: solve_with_settings(H, w, settings).coefficients, fullgraph=True, backend=backend)
     rng = np.random.default_rng(8)
-    m, B = 3, 8
+    B = 8
     Hs = np.stack([(lambda G: G.T @ G)(random_gradients(rng, m, int(rng.integers(1, 5)))) for _ in range(B)])
     W = rng.dirichlet(np.ones(m), size=B)
     try:
