@@ -216,3 +216,33 @@ def test_the_tests_that_detected_a_functions_earlier_mutants_are_its_next_mutant
     ]
     assert mutmut_plugin.function_of("m.xǁCǁf__mutmut_12") == "m.xǁCǁf"
     assert mutmut_plugin.killers(lines, "m.x_f") == {"t::a", "t::b"}
+
+
+def test_a_timeout_is_confirmed_once_and_not_rerun_while_it_is_the_same_mutation(tmp_path: Path, monkeypatch) -> None:
+    """The first call reruns every timed-out mutant alone and records those that time out again; a later
+    call (``--resume``) reruns only a timeout whose mutation changed or that was never confirmed."""
+    state = {"m.x_f__mutmut_1": -24, "m.x_f__mutmut_2": -24, "m.x_f__mutmut_3": 1}
+    again = {"m.x_f__mutmut_1": -24, "m.x_f__mutmut_2": 0}  # what the lone rerun gives each
+    lines = {"m.x_f__mutmut_1": ("k += 1", "k = 1"), "m.x_f__mutmut_2": ("a < b", "a <= b")}
+    runs: list[list[str]] = []
+
+    def fake_mutmut(*args: str, check: bool = True) -> None:
+        names = [a for a in args if a.startswith("m.")]
+        runs.append(names)
+        state.update({name: again[name] for name in names})
+
+    monkeypatch.setattr(mutation, "CONFIRMED", tmp_path / "confirmed.json")
+    monkeypatch.setattr(mutation, "results", lambda: {"m.py": dict(state)})
+    monkeypatch.setattr(mutation, "changed_lines", lambda name, module: lines[name])
+    monkeypatch.setattr(mutation, "mutmut", fake_mutmut)
+
+    mutation.confirm_timeouts()
+    assert runs == [["m.x_f__mutmut_1", "m.x_f__mutmut_2"]]
+    assert json.loads((tmp_path / "confirmed.json").read_text()) == {"m.x_f__mutmut_1": ["k += 1", "k = 1"]}
+
+    mutation.confirm_timeouts()  # mutmut_1 is still a timeout, already confirmed: nothing runs
+    assert len(runs) == 1
+
+    lines["m.x_f__mutmut_1"] = ("k += 2", "k = 2")  # an edit gave the number to another mutation
+    mutation.confirm_timeouts()
+    assert runs[-1] == ["m.x_f__mutmut_1"]

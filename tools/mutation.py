@@ -42,6 +42,7 @@ MUTANTS = ROOT / "mutants"
 STATS = MUTANTS / "mutmut-stats.json"
 DURATIONS = MUTANTS / "mutation-durations.json"  # each test's full cost, written by tests/mutmut_plugin.py
 TIMES = MUTANTS / "mutation-times.jsonl"  # one line per mutant run: its seconds (tests/mutmut_plugin.py)
+CONFIRMED = MUTANTS / "confirmed-timeouts.json"  # {mutant: [original, mutant]}: timeouts seen twice
 VERDICTS = ROOT / "tools" / "mutation_verdicts"  # one TOML file per area: [mutant."<name>"] verdict, why
 
 # mutmut's statuses (``mutmut.stats.status_by_exit_code``) as this report counts them
@@ -417,11 +418,27 @@ def times() -> int:
 def confirm_timeouts() -> None:
     """Run every timed-out mutant once more, one at a time: mutmut's limit is CPU time, which a loaded
     machine inflates (30 of a 209-mutant sample timed out under load, 29 of them survived on an idle
-    machine). A mutant counts as timed out only if it does so twice."""
-    timed_out = [name for codes in results().values() for name, code in codes.items() if status_by_exit_code[code] == "timeout"]
-    if timed_out:
-        print(f"confirming {len(timed_out)} timeouts", flush=True)
-        mutmut("run", "--max-children", "1", *timed_out)
+    machine). A mutant counts as timed out only if it does so twice.
+
+    A mutant that timed out again is recorded in ``CONFIRMED`` with its changed lines, and a later call
+    (``--resume``) does not run it a third time while it is still the same mutation: each confirmation
+    runs the mutant's tests to a CPU limit of five times their cost (minutes for a solver mutant).
+    """
+    timed_out = {
+        name: module for module, codes in results().items() for name, code in codes.items() if status_by_exit_code[code] == "timeout"
+    }
+    confirmed = json.loads(CONFIRMED.read_text()) if CONFIRMED.exists() else {}
+    mutation = {name: list(changed_lines(name, module)) for name, module in timed_out.items()}
+    todo = [name for name in timed_out if confirmed.get(name) != mutation[name]]
+    if len(todo) < len(timed_out):
+        print(f"{len(timed_out) - len(todo)} timeouts already confirmed (the same mutation timed out twice before)", flush=True)
+    if not todo:
+        return
+    print(f"confirming {len(todo)} timeouts", flush=True)
+    mutmut("run", "--max-children", "1", *todo)
+    codes = {name: code for module in results().values() for name, code in module.items()}
+    confirmed.update({name: mutation[name] for name in todo if status_by_exit_code[codes[name]] == "timeout"})
+    CONFIRMED.write_text(json.dumps(confirmed, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":
