@@ -384,7 +384,8 @@ def test_two_opposite_gradients_at_c_from_one_give_the_zero_direction(
     trust region, every other conflict-free direction is orthogonal to ``g_1`` and so farther from ``g0``:
     the direction is 0, to the dtype's rounding of the weighted gradients (``sum_i w_i ||g_i||``, not
     ``||g0||``, which cancels when ``w_1 ||g_1|| = w_2 ||g_2||``). Before the edge search's fix, 86 of
-    4 000 such float64 problems got a direction up to 11 ``||g0||`` long."""
+    4 000 such float64 solves got a direction up to 11 ``sum_i w_i ||g_i||`` long
+    (``python -m benchmarks.opposite_pairs``)."""
     g1 = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     G = torch.stack([g1, -(10.0**log_ratio) * g1], 1)
     w = torch.tensor([w1, 1.0 - w1], dtype=torch.float64)
